@@ -1,0 +1,1 @@
+"""pacsvault: the daemon (config, catalog, DICOM services, CLI)."""

@@ -1,0 +1,33 @@
+"""The composition root: the only place that builds engines, backends and services."""
+from __future__ import annotations
+
+from archive.catalog.engine import make_engine, schema_is_current, upgrade
+from archive.catalog.uow import Catalog
+from archive.config.schema import Settings
+from archive.errors import CatalogError
+from tiers.fs import FilesystemBackend
+
+
+def open_catalog(settings: Settings, migrate: bool = False) -> Catalog:
+    engine = make_engine(settings.catalog.url)
+    try:
+        if migrate:
+            upgrade(engine)
+        elif not schema_is_current(engine):
+            raise CatalogError("schema is missing or older than this version: "
+                               "run 'pacsvault init' (it migrates an existing catalog)")
+    except CatalogError:
+        engine.dispose()
+        raise
+    except Exception as e:
+        engine.dispose()
+        raise CatalogError(f"cannot open the catalog: {type(e).__name__}: {e}") from None
+    return Catalog(engine)
+
+
+def open_sites(settings: Settings) -> list[FilesystemBackend]:
+    return [
+        FilesystemBackend(s.name, s.path, min_free_bytes=settings.ingest.min_free_bytes,
+                          verify_read=settings.ingest.verify_read)
+        for s in settings.sites
+    ]

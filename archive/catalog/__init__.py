@@ -1,0 +1,1 @@
+"""The catalog: what was received, and where every copy of it lives."""

@@ -1,0 +1,117 @@
+"""Catalog tables (SQLAlchemy 2 typed mappings).
+
+Indexes follow the lookups that must stay fast at 10 million instances:
+ingest (instance by SOP UID, study/series by UID), repair (copies by site and
+state, oldest first), tiering and restore (instances by study).
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets BIGINT.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))          # PHI: catalog only
+    issuer: Mapped[str] = mapped_column(String(64), default="")
+    name: Mapped[str] = mapped_column(String(324), default="")   # PHI: catalog only
+    birth_date: Mapped[str] = mapped_column(String(8), default="")
+    sex: Mapped[str] = mapped_column(String(16), default="")
+    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patient"),)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_fk: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    study_date: Mapped[str] = mapped_column(String(8), default="", index=True)
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    accession: Mapped[str] = mapped_column(String(16), default="", index=True)
+    description: Mapped[str] = mapped_column(String(64), default="")
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_access_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    series_number: Mapped[str] = mapped_column(String(12), default="")
+
+
+class Instance(Base):
+    """One received object. A SOP Instance UID received again with different
+    bytes becomes a further version (conflict=True); nothing is overwritten."""
+
+    __tablename__ = "instances"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    sop_uid: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    sop_class: Mapped[str] = mapped_column(String(64))
+    transfer_syntax: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    conflict: Mapped[bool] = mapped_column(Boolean, default=False)
+    __table_args__ = (
+        UniqueConstraint("sop_uid", "version", name="uq_instance_version"),
+        Index("ix_instances_study", "study_fk"),
+        Index("ix_instances_series", "series_fk"),
+        Index("ix_instances_received", "received_at"),
+    )
+
+
+class Copy(Base):
+    """Where one copy of an instance lives. state: ok | missing | corrupt."""
+
+    __tablename__ = "copies"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    instance_fk: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    location: Mapped[str] = mapped_column(String(64))     # site or tier name
+    key: Mapped[str] = mapped_column(String(512))
+    state: Mapped[str] = mapped_column(String(16))
+    verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (
+        UniqueConstraint("instance_fk", "location", name="uq_copy_location"),
+        # under-replicated queue: WHERE location=? AND state='missing' ORDER BY id
+        Index("ix_copies_location_state", "location", "state", "id"),
+    )
+
+
+class Peer(Base):
+    """A DICOM peer allowed to associate: AE title + source address (+ port)."""
+
+    __tablename__ = "peers"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (UniqueConstraint("ae_title", "host", name="uq_peer"),)

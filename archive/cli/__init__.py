@@ -1,0 +1,1 @@
+"""The `pacsvault` command line (click). One module per verb group."""

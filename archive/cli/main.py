@@ -1,0 +1,34 @@
+"""Entry point: `pacsvault [--config FILE] VERB ...`."""
+from __future__ import annotations
+
+import click
+
+from archive.cli import peers, serve, setup, status
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config", metavar="FILE", default=None,
+              help="Config file (default $PACSVAULT_CONFIG or ./pacsvault.toml).")
+@click.version_option(package_name="pacsvault")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None) -> None:
+    """pacsvault: mirrored DICOM archive with object tiering and disaster recovery.
+
+    A PACS pushes studies with C-STORE; every object is written to two online
+    sites, verified by SHA-256 and cataloged before it is acknowledged.
+    """
+    ctx.obj = {"config": config}
+
+
+cli.add_command(setup.init)
+cli.add_command(peers.peer)
+cli.add_command(serve.serve)
+cli.add_command(status.status)
+
+
+def main() -> None:
+    cli(prog_name="pacsvault")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""`pacsvault init [DIR]`: write a default config and create what it names."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from archive.bootstrap import open_catalog, open_sites
+from archive.cli.common import handle_errors
+from archive.config.load import DEFAULT_NAME, default_config_text, load_settings
+from archive.errors import ConfigError
+
+
+@click.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--config", "config", metavar="FILE", default=None,
+              help="Initialize what an existing config names instead of writing a new one.")
+@handle_errors
+def init(directory: Path, config: str | None) -> None:
+    """Write DIR/pacsvault.toml (DIR defaults to .) and create sites and catalog.
+
+    The embedded default keeps everything under DIR: two site directories, the
+    SQLite catalog and the spool. Running init again on an existing install
+    creates anything missing and migrates the catalog schema; it never
+    overwrites a config or a site.
+    """
+    if config:
+        path = Path(config)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / DEFAULT_NAME
+        if not path.exists():
+            path.write_text(default_config_text())
+            click.echo(f"wrote {path}")
+        else:
+            click.echo(f"{path} exists; keeping it")
+    settings = load_settings(path)
+    for site in open_sites(settings):
+        try:
+            site.initialize()
+        except Exception as e:
+            raise ConfigError(f"sites.{site.name}: cannot initialize {site.root}: {e}") from None
+        click.echo(f"site {site.name}: {site.root}")
+    settings.ingest.spool_dir.mkdir(parents=True, exist_ok=True)
+    catalog = open_catalog(settings, migrate=True)
+    catalog.close()
+    click.echo(f"catalog ready ({settings.catalog.url.split('://', 1)[0]})")
+    click.echo("next: pacsvault peer add AE_TITLE HOST   then   pacsvault serve")

@@ -1,0 +1,43 @@
+"""`pacsvault status [--json]`."""
+from __future__ import annotations
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from archive.bootstrap import open_catalog, open_sites
+from archive.cli.common import config_option, emit_json, handle_errors, settings_from
+from archive.status import collect
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@config_option
+@click.pass_context
+@handle_errors
+def status(ctx: click.Context, as_json: bool, config: str | None) -> None:
+    """Objects, studies and bytes per site, site health, under-replicated copies."""
+    settings = settings_from(ctx, config)
+    catalog = open_catalog(settings)
+    try:
+        st = collect(settings, catalog, open_sites(settings))
+    finally:
+        catalog.close()
+    if as_json:
+        emit_json(st)
+        return
+    console = Console()
+    table = Table(title=f"pacsvault {st['ae_title']}: {st['instances']} instances, "
+                        f"{st['studies']} studies, {st['bytes']} bytes")
+    for col in ("site", "health", "objects", "studies", "bytes", "missing", "corrupt"):
+        table.add_column(col)
+    for s in st["sites"]:
+        table.add_row(s["name"], s["health"], str(s["objects"]), str(s["studies"]),
+                      str(s["bytes"]), str(s["missing"]), str(s["corrupt"]))
+    console.print(table)
+    if st["under_replicated"]:
+        console.print(f"[yellow]{st['under_replicated']} copies under-replicated; oldest "
+                      f"{st['oldest_under_replicated_age_s']:.0f}s; repaired when the site returns[/]")
+    if st["conflicts"]:
+        console.print(f"[yellow]{st['conflicts']} instances received again with different "
+                      f"content (both versions kept)[/]")

@@ -1,0 +1,1 @@
+"""DICOM network services (pynetdicom) and Part 10 handling."""

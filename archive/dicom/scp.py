@@ -1,0 +1,115 @@
+"""The DICOM listener: C-ECHO and C-STORE for every storage SOP class.
+
+* Every storage abstract syntax is accepted (pynetdicom's unrestricted storage
+  service), so retired and private classes that legacy archives hold are kept,
+  in whatever transfer syntax the peer proposes first; the bytes are stored as
+  received, never re-encoded.
+* Received data sets are spooled to our own directory in chunks (never held in
+  memory whole, a 2 GiB object included); a crash leaves the spool to be swept.
+* Peers not on the allow-list are refused at association (A-ASSOCIATE-RJ,
+  "calling AE title not recognized") before any data is exchanged.
+* The listening socket sets SO_REUSEPORT, so several worker processes share the
+  port and the kernel spreads associations over them (one GIL each).
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import tempfile
+from pathlib import Path
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from archive.config.schema import DicomSettings
+from archive.dicom.status import CANNOT_UNDERSTAND, store_status
+from archive.ingest import IngestService, StoreRequest
+from archive.peers import PeerRegistry
+
+log = logging.getLogger("pacsvault.dicom")
+
+# A-ASSOCIATE-RJ: rejected-permanent, by the service user, with a diagnostic.
+_REJECT_PERMANENT, _SERVICE_USER = 0x01, 0x01
+_CALLING_AE_NOT_RECOGNIZED = 0x03
+
+
+def configure_pynetdicom(spool_dir: Path) -> None:
+    """Process-wide pynetdicom settings; called once by the serving process."""
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    # pynetdicom spools with NamedTemporaryFile in the process temp dir; keep those
+    # files (patient data) under our spool, which is swept at start-up.
+    tempfile.tempdir = str(spool_dir)
+    # pynetdicom's INFO/DEBUG lines can carry identifiers: keep them out of our log.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+class _ReusePortServer(ThreadedAssociationServer):
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def make_handlers(ingest: IngestService, peers: PeerRegistry) -> list:
+    def on_requested(event) -> None:  # noqa: ANN001
+        assoc = event.assoc
+        try:
+            # At EVT_REQUESTED only the raw A-ASSOCIATE-RQ primitive is filled in.
+            calling = str(assoc.requestor.primitive.calling_ae_title or "")
+            address = assoc.requestor.address
+            ok, reason = peers.check(calling, address)
+        except Exception:  # fail closed: a broken check never lets a peer in
+            log.exception("peer check failed; refusing association")
+            ok, reason = False, "peer check failed"
+        if not ok:
+            log.warning("association refused: %s", reason)
+            assoc.acse.send_reject(_REJECT_PERMANENT, _SERVICE_USER, _CALLING_AE_NOT_RECOGNIZED)
+            assoc.is_rejected = True  # tells pynetdicom not to negotiate after us
+            assoc.kill()
+
+    def on_c_store(event) -> int:  # noqa: ANN001
+        req = event.request
+        try:
+            path = Path(event.dataset_path)
+        except AttributeError:
+            return CANNOT_UNDERSTAND
+        result = ingest.store(StoreRequest(
+            spool=path,
+            sop_class=str(req.AffectedSOPClassUID or ""),
+            sop_instance=str(req.AffectedSOPInstanceUID or ""),
+            transfer_syntax=str(event.context.transfer_syntax),
+            calling_ae=str(event.assoc.requestor.ae_title).strip(),
+        ))
+        return store_status(result.outcome)
+
+    return [(evt.EVT_REQUESTED, on_requested), (evt.EVT_C_STORE, on_c_store)]
+
+
+def make_ae(settings: DicomSettings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.add_supported_context(Verification)
+    ae.network_timeout = settings.network_timeout_s
+    ae.acse_timeout = min(30, settings.network_timeout_s)
+    ae.dimse_timeout = settings.network_timeout_s
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.maximum_associations = settings.max_associations
+    ae.require_called_aet = settings.check_called_ae
+    return ae
+
+
+def start_listener(settings: DicomSettings, port: int, ingest: IngestService,
+                   peers: PeerRegistry) -> tuple[AE, ThreadedAssociationServer]:
+    """Bind and serve in a background thread. Returns (ae, server)."""
+    import threading
+
+    ae = make_ae(settings)
+    server = ae.make_server(
+        (settings.bind, port),
+        evt_handlers=make_handlers(ingest, peers),
+        server_class=_ReusePortServer,
+    )
+    thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
+    thread.start()
+    return ae, server

@@ -1,0 +1,82 @@
+"""A small read-only HTTP endpoint: /healthz, /status (JSON), /metrics (Prometheus).
+
+Only GET is served; every other method, path or malformed request gets a plain
+error. It binds to loopback by default (see [http] in the config).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger("pacsvault.http")
+
+
+class _StatusCollector:
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self.status = status
+
+    def collect(self):  # noqa: ANN201
+        st = self.status()
+        yield GaugeMetricFamily("pacsvault_instances", "Instances in the catalog",
+                                value=st["instances"])
+        yield GaugeMetricFamily("pacsvault_under_replicated",
+                                "Copies missing on a site (repair queue length)",
+                                value=st["under_replicated"])
+        age = GaugeMetricFamily("pacsvault_under_replicated_oldest_age_seconds",
+                                "Age of the oldest under-replicated object")
+        age.add_metric([], st["oldest_under_replicated_age_s"] or 0.0)
+        yield age
+        healthy = GaugeMetricFamily("pacsvault_site_healthy", "1 if the site takes writes",
+                                    labels=["site"])
+        objects = GaugeMetricFamily("pacsvault_site_objects", "Verified copies on the site",
+                                    labels=["site"])
+        for s in st["sites"]:
+            healthy.add_metric([s["name"]], 1.0 if s["healthy"] else 0.0)
+            objects.add_metric([s["name"]], s["objects"])
+        yield healthy
+        yield objects
+
+
+def start_http(bind: str, port: int, status: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer:
+    registry = CollectorRegistry()
+    registry.register(_StatusCollector(status))
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "pacsvault"
+        sys_version = ""
+
+        def log_message(self, fmt: str, *args: Any) -> None:  # requests carry no PHI, but stay quiet
+            log.debug("http %s", fmt % args)
+
+        def _send(self, code: int, body: bytes, ctype: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802
+            path = self.path.split("?", 1)[0]
+            try:
+                if path == "/healthz":
+                    self._send(200, b"ok\n", "text/plain")
+                elif path == "/status":
+                    self._send(200, json.dumps(status()).encode(), "application/json")
+                elif path == "/metrics":
+                    self._send(200, generate_latest(registry), "text/plain; version=0.0.4")
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+            except Exception:
+                log.exception("http handler failed")
+                self._send(500, b"internal error\n", "text/plain")
+
+    server = ThreadingHTTPServer((bind, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server

@@ -1,0 +1,218 @@
+"""Ingest: one received object in, a verified mirrored copy and a catalog row out.
+
+Ordering (docs/formats/site-layout.md, "Write ordering"):
+1. validate the command and the data set (UIDs, SOP class/instance agreement)
+2. look up earlier versions: identical bytes are acknowledged without a new copy
+3. write and verify on every healthy site (replication.mirror)
+4. zero verified copies: refuse (out of resources), no row
+5. commit instance + copies (a failed site's copy is 'missing': the repair queue)
+6. only then report success to the DICOM layer
+"""
+from __future__ import annotations
+
+import enum
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from archive import failpoints, phi
+from archive.catalog import repo
+from archive.catalog.models import Copy, Instance
+from archive.catalog.uow import Catalog
+from archive.clock import Clock, utcnow
+from archive.dicom.attributes import ReceivedAttributes, read_attributes
+from archive.dicom.part10 import SpooledObject, dataset_offset, file_meta
+from archive.errors import InvalidInput
+from archive.uids import validate_uid
+from replication.mirror import CopyOutcome, MirrorWriter
+from tiers.layout import instance_key
+
+log = logging.getLogger("pacsvault.ingest")
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"            # identical bytes already stored
+    INVALID = "invalid"                # cannot understand the object
+    MISMATCH = "mismatch"              # data set does not match the command's SOP class/instance
+    NO_COPY = "no_copy"                # no site could take a verified copy
+    CATALOG_DOWN = "catalog_down"      # copies written but the row could not be committed
+
+
+@dataclass
+class StoreResult:
+    outcome: Outcome
+    reason: str = ""
+    instance_id: int | None = None
+    conflict: bool = False
+    missing_sites: list[str] = field(default_factory=list)
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.outcome in (Outcome.STORED, Outcome.DUPLICATE)
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    spool: Path
+    sop_class: str            # from the C-STORE command
+    sop_instance: str
+    transfer_syntax: str      # negotiated for the presentation context
+    calling_ae: str
+
+
+class _LRU(OrderedDict):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, k, v) -> None:  # noqa: ANN001
+        self[k] = v
+        self.move_to_end(k)
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+class IngestService:
+    def __init__(self, catalog: Catalog, mirror: MirrorWriter, clock: Clock = utcnow) -> None:
+        self.catalog = catalog
+        self.mirror = mirror
+        self.clock = clock
+        # study_uid -> study id, series_uid -> series id: rows are never deleted,
+        # so a cached id stays valid; saves three SELECTs per object of a study.
+        self._studies: _LRU = _LRU(4096)
+        self._series: _LRU = _LRU(8192)
+
+    # -- validation ------------------------------------------------------------
+    def _validate(self, req: StoreRequest) -> tuple[ReceivedAttributes, SpooledObject]:
+        sop_class = validate_uid(req.sop_class, "Affected SOP Class")
+        sop_uid = validate_uid(req.sop_instance, "Affected SOP Instance")
+        ts = validate_uid(req.transfer_syntax, "Transfer Syntax")
+        attrs = read_attributes(req.spool)
+        if attrs.sop_uid != sop_uid:
+            raise _Mismatch("SOP Instance UID in the data set differs from the command")
+        if attrs.sop_class != sop_class:
+            raise _Mismatch("SOP Class UID in the data set differs from the command")
+        with open(req.spool, "rb") as f:
+            offset = dataset_offset(f)
+            f.seek(0, 2)
+            length = f.tell() - offset
+        if length <= 0:
+            raise InvalidInput("empty data set")
+        obj = SpooledObject(req.spool, offset, length, file_meta(sop_class, sop_uid, ts))
+        obj.compute_sha256()
+        return attrs, obj
+
+    # -- the use case ------------------------------------------------------------
+    def store(self, req: StoreRequest) -> StoreResult:
+        failpoints.hit("ingest.received")
+        tok = phi.token(req.sop_instance if isinstance(req.sop_instance, str) else None)
+        try:
+            attrs, obj = self._validate(req)
+        except _Mismatch as e:
+            log.warning("C-STORE from %s refused (object %s): %s", req.calling_ae, tok, e)
+            return StoreResult(Outcome.MISMATCH, str(e))
+        except InvalidInput as e:
+            log.warning("C-STORE from %s refused (object %s): %s", req.calling_ae, tok, e)
+            return StoreResult(Outcome.INVALID, str(e))
+
+        with self.catalog.unit() as uow:
+            versions = repo.versions_of(uow.session, attrs.sop_uid)
+        if any(sha == obj.sha256 for _, sha in versions):
+            log.info("duplicate of stored object %s from %s acknowledged", tok, req.calling_ae)
+            return StoreResult(Outcome.DUPLICATE)
+
+        conflict = bool(versions)
+        key = instance_key(attrs.study_uid, attrs.sop_uid, obj.sha256 if conflict else None)
+        outcomes = self.mirror.write(key, obj)
+        if any(o.exists_different for o in outcomes) and not conflict:
+            # Another file sits at the first-version key (a crash before commit, or a
+            # concurrent different object): never replace it; use a content-addressed key.
+            key = instance_key(attrs.study_uid, attrs.sop_uid, obj.sha256)
+            outcomes = self.mirror.write(key, obj)
+        verified = [o for o in outcomes if o.ok]
+        if not verified:
+            reasons = "; ".join(f"{o.site}: {o.error}" for o in outcomes)
+            log.error("C-STORE from %s refused (object %s): no verified copy (%s)",
+                      req.calling_ae, tok, reasons)
+            return StoreResult(Outcome.NO_COPY, reasons)
+
+        failpoints.hit("ingest.before_commit")
+        try:
+            result = self._commit(req, attrs, obj, key, outcomes)
+        except (OperationalError, IntegrityError) as e:
+            log.error("C-STORE from %s refused (object %s): catalog commit failed: %s",
+                      req.calling_ae, tok, type(e).__name__)
+            return StoreResult(Outcome.CATALOG_DOWN, "catalog commit failed")
+        failpoints.hit("ingest.after_commit")
+        if result.missing_sites:
+            log.warning("object %s stored under-replicated: missing on %s",
+                        tok, ",".join(result.missing_sites))
+        if result.conflict:
+            log.warning("object %s received again with different content from %s: "
+                        "kept both versions (conflict flagged)", tok, req.calling_ae)
+        return result
+
+    def _commit(self, req: StoreRequest, attrs: ReceivedAttributes, obj: SpooledObject,
+                key: str, outcomes: list[CopyOutcome]) -> StoreResult:
+        now = self.clock()
+        for attempt in range(3):
+            try:
+                with self.catalog.unit() as uow:
+                    s = uow.session
+                    versions = repo.versions_of(s, attrs.sop_uid)
+                    if any(sha == obj.sha256 for _, sha in versions):
+                        return StoreResult(Outcome.DUPLICATE)
+                    study_fk, series_fk = self._ensure_parents(s, attrs, req.calling_ae, now)
+                    inst = Instance(
+                        sop_uid=attrs.sop_uid,
+                        version=max((v for v, _ in versions), default=0) + 1,
+                        series_fk=series_fk, study_fk=study_fk,
+                        sop_class=attrs.sop_class,
+                        transfer_syntax=validate_uid(req.transfer_syntax, "Transfer Syntax"),
+                        size=obj.size, sha256=obj.sha256, received_at=now,
+                        calling_ae=req.calling_ae[:16], conflict=bool(versions),
+                    )
+                    s.add(inst)
+                    s.flush()
+                    for o in outcomes:
+                        s.add(Copy(instance_fk=inst.id, location=o.site, key=key,
+                                   state="ok" if o.ok else "missing",
+                                   verified_at=now if o.ok else None))
+                    uow.commit()
+                    return StoreResult(
+                        Outcome.STORED, instance_id=inst.id, conflict=inst.conflict,
+                        missing_sites=[o.site for o in outcomes if not o.ok])
+            except IntegrityError:
+                # A concurrent worker committed a version of the same SOP Instance UID,
+                # or a cached parent id is stale: retry with fresh lookups.
+                self._studies.clear()
+                self._series.clear()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _ensure_parents(self, s, attrs: ReceivedAttributes, calling_ae: str, now) -> tuple[int, int]:  # noqa: ANN001
+        study_fk = self._studies.get(attrs.study_uid)
+        if study_fk is None:
+            patient_fk = repo.ensure_patient(s, attrs.patient_id, attrs.issuer, attrs.patient_name,
+                                             attrs.birth_date, attrs.sex)
+            study_fk = repo.ensure_study(
+                s, attrs.study_uid, patient_fk, now, study_date=attrs.study_date,
+                study_time=attrs.study_time, accession=attrs.accession,
+                description=attrs.study_description, calling_ae=calling_ae[:16])
+            self._studies.put(attrs.study_uid, study_fk)
+        series_fk = self._series.get(attrs.series_uid)
+        if series_fk is None:
+            series_fk = repo.ensure_series(s, attrs.series_uid, study_fk, attrs.modality,
+                                           attrs.series_number)
+            self._series.put(attrs.series_uid, series_fk)
+            repo.touch_study(s, study_fk, now)
+        return study_fk, series_fk
+
+
+class _Mismatch(InvalidInput):
+    """{}"""

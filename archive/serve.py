@@ -1,0 +1,183 @@
+"""`pacsvault serve`: the supervisor process and its DICOM worker processes.
+
+The supervisor migrates the catalog, sweeps the spool and the sites' temp
+directories (a crash may have left patient data there), starts N DICOM workers
+that share the port (SO_REUSEPORT), runs the repair loop and the HTTP endpoint,
+and restarts a worker that dies. SIGTERM: workers stop accepting, let open
+associations finish (up to dicom.shutdown_grace_s), then everything exits 0.
+Workers die with the supervisor (PR_SET_PDEATHSIG), so kill -9 of the
+supervisor is a clean model of a power cut.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+from archive.bootstrap import open_catalog, open_sites
+from archive.config.schema import Settings
+
+log = logging.getLogger("pacsvault.serve")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _sweep_dir(d: Path) -> int:
+    n = 0
+    if d.is_dir():
+        for entry in d.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | None") -> None:
+    """One DICOM worker: listener + ingest. Runs until SIGTERM."""
+    _die_with_parent()
+    setup_logging()
+    from archive.dicom.scp import configure_pynetdicom, start_listener
+    from archive.ingest import IngestService
+    from archive.peers import PeerRegistry
+    from replication.mirror import MirrorWriter
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    spool = settings.ingest.spool_dir / f"w{index}"
+    spool.mkdir(parents=True, exist_ok=True)
+    _sweep_dir(spool)
+    configure_pynetdicom(spool)
+    catalog = open_catalog(settings)
+    mirror = MirrorWriter(open_sites(settings), timeout_s=settings.ingest.site_timeout_s,
+                          retry_after_s=settings.ingest.site_retry_after_s)
+    ingest = IngestService(catalog, mirror)
+    peers = PeerRegistry(catalog, settings.dicom.allow_any_peer)
+    ae, server = start_listener(settings.dicom, port, ingest, peers)
+    if ready is not None:
+        ready.put(index)
+    stop.wait()
+    server.shutdown()  # stop accepting; open associations carry on
+    deadline = time.monotonic() + settings.dicom.shutdown_grace_s
+    while ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for assoc in ae.active_associations:
+        log.warning("aborting an association still open after the shutdown grace period")
+        assoc.abort()
+    mirror.close()
+    catalog.close()
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, dicom_port: int, http_port: int, workers: int) -> None:
+        self.settings = settings
+        self.dicom_port = dicom_port
+        self.http_port = http_port
+        self.workers = workers
+        self.stop = threading.Event()
+        self._procs: dict[int, mp.Process] = {}
+        self._ctx = mp.get_context("spawn")
+
+    def _spawn(self, index: int, ready: "mp.Queue") -> None:
+        p = self._ctx.Process(target=worker_main, name=f"pacsvault-dicom-{index}",
+                             args=(self.settings, self.dicom_port, index, ready), daemon=False)
+        p.start()
+        self._procs[index] = p
+
+    def _repair_loop(self, catalog, sites) -> None:  # noqa: ANN001
+        from replication.repair import repair_missing
+
+        scratch = self.settings.ingest.spool_dir / "repair"
+        while not self.stop.wait(self.settings.ingest.repair_interval_s):
+            try:
+                repair_missing(catalog, sites, scratch)
+            except Exception:
+                log.exception("repair pass failed; will retry")
+
+    def run(self) -> int:
+        from archive.http import start_http
+        from archive.status import collect
+
+        s = self.settings
+        catalog = open_catalog(s, migrate=True)
+        sites = open_sites(s)
+        for site in sites:
+            swept = site.sweep_temp()
+            h = site.health()
+            log.info("site %s at %s: %s%s", site.name, site.root, h.reason,
+                     f" (removed {swept} temp files left by a crash)" if swept else "")
+            if not h.ok:
+                log.error("site %s is not usable: %s; accepting on the other sites, "
+                          "copies will be repaired when it returns", site.name, h.reason)
+        s.ingest.spool_dir.mkdir(parents=True, exist_ok=True)
+        _sweep_dir(s.ingest.spool_dir)
+
+        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+
+        http = None
+        if self.http_port:
+            http = start_http(s.http.bind, self.http_port, lambda: collect(s, catalog, sites))
+        ready = self._ctx.Queue()
+        for i in range(self.workers):
+            self._spawn(i, ready)
+        started = 0
+        deadline = time.monotonic() + 60
+        while started < self.workers and time.monotonic() < deadline and not self.stop.is_set():
+            try:
+                ready.get(timeout=0.5)
+                started += 1
+            except Exception:
+                if any(not p.is_alive() for p in self._procs.values()):
+                    log.error("a DICOM worker failed to start")
+                    self._terminate()
+                    return 1
+        log.info("pacsvault listening: DICOM %s:%d as %s (%d workers), HTTP %s",
+                 s.dicom.bind, self.dicom_port, s.dicom.ae_title, self.workers,
+                 f"{s.http.bind}:{self.http_port}" if self.http_port else "off")
+        repair = threading.Thread(target=self._repair_loop, args=(catalog, sites),
+                                  name="repair", daemon=True)
+        repair.start()
+        while not self.stop.wait(1.0):
+            for i, p in list(self._procs.items()):
+                if not p.is_alive():
+                    log.error("DICOM worker %d exited (code %s); restarting", i, p.exitcode)
+                    self._spawn(i, ready)
+        log.info("SIGTERM: finishing open associations")
+        self._terminate()
+        if http is not None:
+            http.shutdown()
+        repair.join(timeout=10)
+        catalog.close()
+        log.info("pacsvault stopped")
+        return 0
+
+    def _terminate(self) -> None:
+        for p in self._procs.values():
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+        grace = self.settings.dicom.shutdown_grace_s + 15
+        for p in self._procs.values():
+            p.join(timeout=grace)
+            if p.is_alive():
+                p.kill()

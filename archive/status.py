@@ -1,0 +1,64 @@
+"""What `pacsvault status` reports: per-site counts and health, replication debt."""
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+
+from archive.catalog import repo
+from archive.catalog.models import Instance, Study
+from archive.catalog.uow import Catalog
+from archive.clock import Clock, utcnow
+from archive.config.schema import Settings
+from tiers.backend import Backend
+
+
+def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
+            clock: Clock = utcnow) -> dict[str, Any]:
+    with catalog.unit() as uow:
+        s = uow.session
+        by_loc = repo.counts_by_location(s)
+        studies_by_loc = repo.studies_by_location(s)
+        instances = s.scalar(select(func.count()).select_from(Instance)) or 0
+        total_bytes = s.scalar(select(func.coalesce(func.sum(Instance.size), 0))) or 0
+        studies = s.scalar(select(func.count()).select_from(Study)) or 0
+        conflicts = s.scalar(select(func.count()).select_from(Instance)
+                             .where(Instance.conflict.is_(True))) or 0
+        oldest = repo.oldest_missing(s)
+    site_rows = []
+    under = 0
+    for site in sites:
+        h = site.health()
+        counts = by_loc.get(site.name, {})
+        missing = counts.get("missing", 0)
+        under += missing
+        site_rows.append({
+            "name": site.name,
+            "path": str(getattr(site, "root", "")),
+            "healthy": h.ok,
+            "health": h.reason,
+            "free_bytes": h.free_bytes,
+            "objects": counts.get("ok", 0),
+            "bytes": counts.get("bytes_ok", 0),
+            "studies": studies_by_loc.get(site.name, 0),
+            "missing": missing,
+            "corrupt": counts.get("corrupt", 0),
+        })
+    oldest_age = None
+    if oldest is not None:
+        if oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=clock().tzinfo)
+        oldest_age = max(0.0, (clock() - oldest).total_seconds())
+    return {
+        "ae_title": settings.dicom.ae_title,
+        "dicom_port": settings.dicom.port,
+        "catalog": settings.catalog.url.split("://", 1)[0],
+        "instances": instances,
+        "studies": studies,
+        "bytes": int(total_bytes),
+        "conflicts": conflicts,
+        "under_replicated": under,
+        "oldest_under_replicated_age_s": oldest_age,
+        "sites": site_rows,
+        "healthy": all(r["healthy"] for r in site_rows) and under == 0,
+    }

@@ -1,0 +1,1 @@
+"""Mirrored writes to the online sites, repair of missing copies."""

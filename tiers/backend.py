@@ -1,0 +1,90 @@
+"""The one storage contract every site and tier implements.
+
+A Backend stores immutable objects under keys made by tiers.layout from
+validated UIDs. Its obligations:
+
+* ``put`` is durable on return: data and directory entry are on stable storage,
+  and the stored bytes were read back and matched the expected SHA-256. On any
+  failure nothing is visible under the key (temp names are never listed).
+* ``open``/``stat`` raise ObjectNotFound for a missing key; a short read is an error.
+* ``health`` never raises: it says whether the backend can take writes now.
+
+This module imports nothing from the catalog or the DICOM stack: a reader of a
+site must never need the catalog (the media describe themselves).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, Protocol
+
+from archive.errors import PacsvaultError
+
+
+class BackendError(PacsvaultError):
+    """{} failed on {}: {}"""
+
+    retryable = False
+    exit_code = 21
+
+
+class Unavailable(BackendError):
+    """{} failed on {}: unavailable: {}"""
+
+    retryable = True
+
+
+class StorageFull(BackendError):
+    """{} failed on {}: storage full: {}"""
+
+
+class ObjectNotFound(BackendError):
+    """{} failed on {}: not found: {}"""
+
+
+class ObjectExists(BackendError):
+    """{} failed on {}: a different object already exists under {}"""
+
+
+class CopyCorrupt(BackendError):
+    """{} failed on {}: read-back does not match the expected SHA-256: {}"""
+
+    exit_code = 90
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    sha256: str | None = None  # known when the backend just verified it
+
+
+@dataclass(frozen=True)
+class SiteHealth:
+    ok: bool
+    reason: str
+    free_bytes: int | None = None
+
+
+class Payload(Protocol):
+    """Bytes to store, openable once per destination (sites are written in parallel)."""
+
+    size: int
+    sha256: str
+
+    def open(self) -> BinaryIO: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def put(self, key: str, payload: Payload, *, replace: bool = False) -> ObjectInfo: ...
+
+    def open(self, key: str) -> BinaryIO: ...
+
+    def stat(self, key: str) -> ObjectInfo: ...
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def health(self) -> SiteHealth: ...

@@ -1,0 +1,277 @@
+"""A backend on a mounted directory: an online site (local disk, NAS, SAN, NFS).
+
+Write ordering for ``put`` (the reason for each step is the comment beside it):
+
+1. create ``tmp/<random>.tmp`` exclusively and write the payload
+2. fsync the file                           data on stable storage
+3. drop its pages from the cache and re-read it, comparing SHA-256
+                                             proves the device holds the right bytes
+4. make parent directories, fsync each new one's parent
+5. rename into place                         atomic: readers see all or nothing
+6. fsync the destination directory           the name itself is durable
+
+A crash before 5 leaves only a file in ``tmp/``, which ``sweep_temp`` removes at
+start-up (it may hold patient data, so it must not linger). A site is usable
+only while its ``PACSVAULT-SITE.json`` marker is present: an unmounted NAS
+leaves an empty mount point, and writing into it would fill the root disk with
+copies nobody will find.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import secrets
+import threading
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from archive import failpoints
+from tiers.backend import (
+    BackendError,
+    CopyCorrupt,
+    ObjectExists,
+    ObjectInfo,
+    ObjectNotFound,
+    Payload,
+    SiteHealth,
+    StorageFull,
+    Unavailable,
+)
+from tiers.layout import LAYOUT_VERSION
+
+MARKER = "PACSVAULT-SITE.json"
+CHUNK = 1024 * 1024
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # some NFS servers refuse fsync on directories
+            raise
+    finally:
+        os.close(fd)
+
+
+class FilesystemBackend:
+    def __init__(self, name: str, root: Path, *, min_free_bytes: int = 0,
+                 verify_read: str = "device") -> None:
+        self.name = name
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self.drop_cache = verify_read == "device"
+        self._known_dirs: set[Path] = set()
+        self._dir_lock = threading.Lock()
+
+    # -- set-up ------------------------------------------------------------
+    def initialize(self) -> None:
+        """Create the site (idempotent). Refuses a marker naming another site."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        marker = self.root / MARKER
+        if marker.exists():
+            found = json.loads(marker.read_text())
+            if found.get("site") != self.name:
+                raise BackendError("initialize", self.name,
+                                   f"{marker} belongs to site {found.get('site')!r}")
+            return
+        for sub in ("objects", "tmp"):
+            (self.root / sub).mkdir(exist_ok=True)
+        doc = {
+            "format": "pacsvault-site",
+            "version": LAYOUT_VERSION,
+            "site": self.name,
+            "site_id": str(uuid.uuid4()),
+            "layout": "objects/<sha256(study)[0:2]>/<sha256(study)[2:4]>/<study-uid>/"
+                      "<sha256(sop)[0]>/<sop-uid>[.<sha256(file)[0:16]>].dcm",
+        }
+        tmp = self.root / (MARKER + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.rename(tmp, marker)
+        _fsync_dir(self.root)
+
+    def sweep_temp(self) -> int:
+        """Remove files a crash left in tmp/ (never visible objects). Returns the count."""
+        removed = 0
+        tmpdir = self.root / "tmp"
+        if not (self.root / MARKER).exists() or not tmpdir.is_dir():
+            return 0
+        for entry in os.scandir(tmpdir):
+            if entry.name.endswith(".tmp"):
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    # -- health --------------------------------------------------------------
+    def health(self) -> SiteHealth:
+        try:
+            if not (self.root / MARKER).is_file():
+                return SiteHealth(False, f"{MARKER} missing (unmounted or not initialized)")
+            st = os.statvfs(self.root)
+            free = st.f_bavail * st.f_frsize
+            if not os.access(self.root / "tmp", os.W_OK):
+                return SiteHealth(False, "not writable", free)
+            if free < self.min_free_bytes:
+                return SiteHealth(False, f"full ({free} bytes free)", free)
+            return SiteHealth(True, "ok", free)
+        except OSError as e:
+            return SiteHealth(False, f"I/O error: {e.strerror}")
+
+    # -- objects -------------------------------------------------------------
+    def _path(self, key: str) -> Path:
+        # Keys come from tiers.layout; this is a second fence, not the first.
+        if key.startswith("/") or ".." in key.split("/") or "\x00" in key:
+            raise BackendError("resolve", self.name, "key escapes the site")
+        return self.root / key
+
+    def _ensure_dir(self, d: Path) -> None:
+        if d in self._known_dirs:
+            return
+        with self._dir_lock:
+            missing = []
+            p = d
+            while not p.exists():
+                missing.append(p)
+                p = p.parent
+            for m in reversed(missing):
+                try:
+                    m.mkdir()
+                except FileExistsError:
+                    pass
+                _fsync_dir(m.parent)  # the new directory entry must survive a crash
+            self._known_dirs.add(d)
+
+    def _classify(self, op: str, e: OSError) -> BackendError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StorageFull(op, self.name, e.strerror)
+        return Unavailable(op, self.name, e.strerror or str(e))
+
+    def put(self, key: str, payload: Payload, *, replace: bool = False) -> ObjectInfo:
+        """Store durably and verified. Without ``replace`` an existing file under
+        ``key`` is never overwritten: identical content is success (idempotent),
+        different content raises ObjectExists."""
+        final = self._path(key)
+        if not (self.root / MARKER).is_file():
+            raise Unavailable("put", self.name, f"{MARKER} missing")
+        tmp = self.root / "tmp" / f"{secrets.token_hex(12)}.tmp"
+        fd = -1
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)  # RDWR: verified by re-reading
+            written = 0
+            with payload.open() as src:
+                while True:
+                    chunk = src.read(CHUNK)
+                    if not chunk:
+                        break
+                    view = memoryview(chunk)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                        written += n
+            if written != payload.size:
+                raise BackendError("put", self.name, f"wrote {written} of {payload.size} bytes")
+            os.fsync(fd)
+            failpoints.hit("mirror.after_temp_write")
+            actual = self._hash_fd(fd)
+            if actual != payload.sha256:
+                raise CopyCorrupt("put", self.name, key)
+            os.close(fd)
+            fd = -1
+            self._ensure_dir(final.parent)
+            if replace:
+                os.rename(tmp, final)
+            else:
+                try:
+                    # link() fails if the name exists, unlike rename(): two writers
+                    # racing on one key can never replace each other's copy.
+                    os.link(tmp, final)
+                except FileExistsError:
+                    if self.sha256(key) != payload.sha256:
+                        raise ObjectExists("put", self.name, key) from None
+            _fsync_dir(final.parent)
+            return ObjectInfo(key, written, actual)
+        except OSError as e:
+            raise self._classify("put", e) from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if tmp.exists():
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+    def _hash_fd(self, fd: int) -> str:
+        if self.drop_cache:
+            # Written pages are clean after fsync, so DONTNEED evicts them and the
+            # read below comes from the device, not from what we just wrote to memory.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        h = hashlib.sha256()
+        offset = 0
+        while True:
+            chunk = os.pread(fd, CHUNK, offset)
+            if not chunk:
+                break
+            h.update(chunk)
+            offset += len(chunk)
+        return h.hexdigest()
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise ObjectNotFound("open", self.name, key) from None
+        except OSError as e:
+            raise self._classify("open", e) from None
+
+    def sha256(self, key: str) -> str:
+        """Hash a stored object (read from the device when verify_read='device')."""
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except FileNotFoundError:
+            raise ObjectNotFound("read", self.name, key) from None
+        except OSError as e:
+            raise self._classify("read", e) from None
+        try:
+            return self._hash_fd(fd)
+        finally:
+            os.close(fd)
+
+    def stat(self, key: str) -> ObjectInfo:
+        try:
+            return ObjectInfo(key, os.stat(self._path(key)).st_size)
+        except FileNotFoundError:
+            raise ObjectNotFound("stat", self.name, key) from None
+        except OSError as e:
+            raise self._classify("stat", e) from None
+
+    def list(self, prefix: str = "objects/") -> Iterator[ObjectInfo]:
+        base = self.root
+        start = self._path(prefix.rstrip("/")) if prefix else base
+        if not start.exists():
+            return
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                if fn.endswith(".tmp"):
+                    continue
+                full = Path(dirpath) / fn
+                yield ObjectInfo(str(full.relative_to(base)), full.stat().st_size)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+            _fsync_dir(path.parent)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise self._classify("delete", e) from None
