@@ -25,6 +25,7 @@ from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.dicom.attributes import ReceivedAttributes, read_attributes
 from archive.dicom.part10 import SpooledObject, dataset_offset, file_meta
+from archive.dicom.walk import check_complete
 from archive.errors import InvalidInput
 from archive.uids import validate_uid
 from replication.mirror import CopyOutcome, MirrorWriter
@@ -100,8 +101,9 @@ class IngestService:
             offset = dataset_offset(f)
             f.seek(0, 2)
             length = f.tell() - offset
-        if length <= 0:
-            raise InvalidInput("empty data set")
+            if length <= 0:
+                raise InvalidInput("empty data set")
+            check_complete(f, offset, length, ts)
         obj = SpooledObject(req.spool, offset, length, file_meta(sop_class, sop_uid, ts))
         obj.compute_sha256()
         return attrs, obj

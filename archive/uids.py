@@ -58,9 +58,9 @@ def validate_uid(raw: object, what: str = "SOP Instance", strict: bool = False) 
         raise InvalidUID(what, "empty")
     if len(uid) > 64:
         raise InvalidUID(what, f"longer than 64 characters ({len(uid)})")
-    if not _UID_RE.match(uid):
+    if not _UID_RE.fullmatch(uid):
         raise InvalidUID(what, f"not digits separated by single dots ({_describe(uid)})")
-    if strict and not all(_STRICT_COMPONENT.match(c) for c in uid.split(".")):
+    if strict and not all(_STRICT_COMPONENT.fullmatch(c) for c in uid.split(".")):
         raise InvalidUID(what, "component with a leading zero")
     return uid
 
@@ -74,7 +74,7 @@ def validate_ae_title(raw: object) -> str:
             raise InvalidAETitle("not ASCII") from None
     if not isinstance(raw, str):
         raise InvalidAETitle(_describe(raw))
-    if not _AE_RE.match(raw) or "\\" in raw:
+    if not _AE_RE.fullmatch(raw) or "\\" in raw:
         raise InvalidAETitle("must be 1-16 printable ASCII characters without backslash")
     ae = raw.strip(" ")
     if not ae:

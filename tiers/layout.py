@@ -38,7 +38,7 @@ def instance_key(study_uid: str, sop_uid: str, conflict_sha256: str | None = Non
     name = sop_uid
     if conflict_sha256 is not None:
         tag = conflict_sha256[:16]
-        if not _HEX16.match(tag):
+        if not _HEX16.fullmatch(tag):
             raise ValueError("conflict tag must be hex")
         name = f"{sop_uid}.{tag}"
     return f"{study_prefix(study_uid)}{_h(sop_uid)[0]}/{name}.dcm"

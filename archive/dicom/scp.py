@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 
 from pynetdicom import AE, _config, evt
@@ -44,6 +45,10 @@ def configure_pynetdicom(spool_dir: Path) -> None:
     tempfile.tempdir = str(spool_dir)
     # pynetdicom's INFO/DEBUG lines can carry identifiers: keep them out of our log.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom warns (and logs) with the offending value quoted, which may be a
+    # patient's name: keep its chatter out of the daemon's output entirely.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 class _ReusePortServer(ThreadedAssociationServer):

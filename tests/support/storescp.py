@@ -1,0 +1,98 @@
+"""Run dcmtk ``storescp +xa`` (accept every transfer syntax it knows) on loopback.
+
+It writes each received object to ``outdir`` (no fsync: dcmtk does not offer
+one) and forks one child per association, so parallel associations are served in
+parallel. ``TCP_NODELAY=1`` is always in its environment (dcmtk keeps Nagle's
+algorithm on otherwise). Ready when ``echoscu`` gets an answer.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.daemon import dcmtk_env, echoscu, free_port
+
+
+def storescp_binary() -> str | None:
+    return shutil.which("storescp")
+
+
+@dataclass
+class StoreSCP:
+    workdir: Path
+    aet: str = "STORESCP"
+    port: int = 0
+    fork: bool = True
+    promiscuous: bool = True   # accept unknown (private, retired) SOP classes too
+    proc: subprocess.Popen | None = None
+
+    @property
+    def outdir(self) -> Path:
+        return self.workdir / "received"
+
+    def start(self, timeout: float = 30) -> "StoreSCP":
+        binary = storescp_binary()
+        if binary is None:
+            raise FileNotFoundError("dcmtk storescp is not installed")
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        args = [binary, "+xa", "-aet", self.aet, "-od", str(self.outdir), "-dhl"]
+        if self.fork:
+            args.append("--fork")
+        if self.promiscuous:
+            args.append("-pm")
+        args.append(str(self.port))
+        self.log_path = self.workdir / "storescp.log"
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env(),
+                                     start_new_session=True, cwd=self.workdir)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"storescp exited {self.proc.returncode}:\n{self.log()}")
+            if echoscu(self.port, aec=self.aet).returncode == 0:
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"storescp did not answer C-ECHO within {timeout}s:\n{self.log()}")
+
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM the process group (the listener and any forked children), then SIGKILL."""
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+    def __enter__(self) -> "StoreSCP":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log(self) -> str:
+        path = getattr(self, "log_path", None)
+        return path.read_text(errors="replace") if path and path.exists() else ""
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.outdir.iterdir() if p.is_file())
+
+
+def start_storescp(workdir: Path, **kwargs) -> StoreSCP:  # noqa: ANN003
+    return StoreSCP(workdir, **kwargs).start()
+
+
+__all__ = ["StoreSCP", "start_storescp", "storescp_binary", "free_port", "dcmtk_env"]

@@ -1,0 +1,114 @@
+"""Ingest in-process: real sites, real SQLite catalog, injected site failures."""
+from pathlib import Path
+
+import pytest
+
+from archive.catalog.engine import make_engine, upgrade
+from archive.catalog.uow import Catalog
+from archive.ingest import IngestService, Outcome, StoreRequest
+from replication.mirror import MirrorWriter
+from replication.repair import repair_missing
+from tests.support.dataset import make_instance, write_raw_part10
+from tests.support.verify import audit
+from tiers.backend import Unavailable
+from tiers.fs import MARKER, FilesystemBackend
+
+
+class FailingSite(FilesystemBackend):
+    """A site whose writes fail while ``down`` is set (a fault wrapper)."""
+    down = False
+
+    def put(self, key, payload, *, replace=False):
+        if self.down:
+            raise Unavailable("put", self.name, "injected")
+        return super().put(key, payload, replace=replace)
+
+
+@pytest.fixture
+def env(tmp_path: Path):
+    url = f"sqlite:///{tmp_path}/c.db"
+    engine = make_engine(url)
+    upgrade(engine)
+    catalog = Catalog(engine)
+    a = FailingSite("site-a", tmp_path / "a")
+    b = FailingSite("site-b", tmp_path / "b")
+    a.initialize(), b.initialize()
+    mirror = MirrorWriter([a, b], timeout_s=10, retry_after_s=0)
+    yield url, catalog, a, b, IngestService(catalog, mirror), tmp_path
+    mirror.close()
+    catalog.close()
+
+
+def req(made, ae="TEST"):
+    return StoreRequest(made.path, made.sop_class, made.sop_uid, made.transfer_syntax, ae)
+
+
+def test_store_duplicate_and_conflict(env):
+    url, catalog, a, b, ingest, tmp = env
+    m1 = make_instance(tmp / "1.dcm", size=2000)
+    assert ingest.store(req(m1)).outcome is Outcome.STORED
+    assert ingest.store(req(m1)).outcome is Outcome.DUPLICATE
+    m2 = make_instance(tmp / "2.dcm", size=3000, study_uid=m1.study_uid,
+                       series_uid=m1.series_uid, sop_uid=m1.sop_uid)
+    r = ingest.store(req(m2))
+    assert r.outcome is Outcome.STORED and r.conflict
+    res = audit(url, {"site-a": a.root, "site-b": b.root})
+    assert res.instances == 2 and res.ok_copies == 4 and not res.bad
+    files = sorted(p.name for p in a.root.rglob("*.dcm"))
+    assert len(files) == 2 and files[0] != files[1]
+
+
+def test_one_site_down_then_repaired(env):
+    url, catalog, a, b, ingest, tmp = env
+    b.down = True
+    made = [make_instance(tmp / f"{i}.dcm", size=1000) for i in range(5)]
+    for m in made:
+        r = ingest.store(req(m))
+        assert r.outcome is Outcome.STORED and r.missing_sites == ["site-b"]
+    res = audit(url, {"site-a": a.root, "site-b": b.root})
+    assert res.missing_copies == 5 and res.ok_copies == 5 and not res.bad
+    b.down = False
+    rep = repair_missing(catalog, [a, b], tmp / "scratch")
+    assert rep.repaired == 5
+    res = audit(url, {"site-a": a.root, "site-b": b.root})
+    assert res.missing_copies == 0 and res.ok_copies == 10 and not res.bad
+
+
+def test_no_site_means_no_ack_and_no_row(env):
+    url, catalog, a, b, ingest, tmp = env
+    a.down = b.down = True
+    r = ingest.store(req(make_instance(tmp / "x.dcm")))
+    assert r.outcome is Outcome.NO_COPY and not r.acknowledged
+    assert audit(url, {"site-a": a.root, "site-b": b.root}).instances == 0
+
+
+def test_repair_never_copies_a_corrupt_source(env):
+    url, catalog, a, b, ingest, tmp = env
+    b.down = True
+    m = make_instance(tmp / "x.dcm", size=5000)
+    ingest.store(req(m))
+    b.down = False
+    victim = next(a.root.rglob("*.dcm"))
+    data = bytearray(victim.read_bytes())
+    data[-10] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    rep = repair_missing(catalog, [a, b], tmp / "scratch")
+    assert rep.repaired == 0
+    assert not list(b.root.rglob("*.dcm"))
+
+
+def test_invalid_objects_refused_without_files(env):
+    url, catalog, a, b, ingest, tmp = env
+    bad = write_raw_part10(tmp / "bad.dcm", "1.2.840.10008.5.1.4.1.1.2", "1.2.3",
+                           "1.2.840.10008.1.2.1", b"\x08\x00\x18\x00UI\xff\x7fgarbage")
+    r = ingest.store(StoreRequest(bad, "1.2.840.10008.5.1.4.1.1.2", "1.2.3",
+                                  "1.2.840.10008.1.2.1", "T"))
+    assert r.outcome is Outcome.INVALID
+    m = make_instance(tmp / "m.dcm")
+    r = ingest.store(StoreRequest(m.path, "1.2.840.10008.5.1.4.1.1.4", m.sop_uid,
+                                  m.transfer_syntax, "T"))
+    assert r.outcome is Outcome.MISMATCH
+    r = ingest.store(StoreRequest(m.path, m.sop_class, "1.2.999", m.transfer_syntax, "T"))
+    assert r.outcome is Outcome.MISMATCH
+    assert not list(a.root.rglob("*.dcm")) and not list(b.root.rglob("*.dcm"))
+    assert (a.root / MARKER).exists()
