@@ -80,8 +80,6 @@ class Orthanc:
             "DicomModalitiesInDatabase": False,
             "DicomScuTimeout": 60,
             "SaveJobs": False,
-            "StableAge": 3600,                 # no stable-study housekeeping mid-run
-            "MetricsEnabled": False,
             "OrthancExplorerEnabled": False,
             "WebDavEnabled": False,
             "HttpTimeout": 120,
