@@ -33,3 +33,11 @@ def test_spread_is_bounded():
 
     c = Counter(instance_key(f"1.2.{i}", "1.2.3").split("/")[1:3].__str__() for i in range(20000))
     assert max(c.values()) < 10
+
+
+def test_worked_example_from_the_format_spec():
+    # docs/formats/site-layout.md section 8
+    assert instance_key("1.2.3", "1.2.3.4") == "objects/c4/7f/1.2.3/6/1.2.3.4.dcm"
+    from archive.dicom.part10 import file_meta
+
+    assert len(file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1")) == 128 + 4 + 176
