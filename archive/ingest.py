@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from archive import failpoints, phi
 from archive.catalog import repo
 from archive.catalog.models import Copy, Instance
+from archive.catalog.group_commit import GroupCommitter
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.dicom.attributes import ReceivedAttributes, read_attributes
@@ -82,6 +83,7 @@ class IngestService:
         self.catalog = catalog
         self.mirror = mirror
         self.clock = clock
+        self.committer = GroupCommitter(catalog)
         # study_uid -> study id, series_uid -> series id: rows are never deleted,
         # so a cached id stays valid; saves three SELECTs per object of a study.
         self._studies: _LRU = _LRU(4096)
@@ -92,20 +94,20 @@ class IngestService:
         sop_class = validate_uid(req.sop_class, "Affected SOP Class")
         sop_uid = validate_uid(req.sop_instance, "Affected SOP Instance")
         ts = validate_uid(req.transfer_syntax, "Transfer Syntax")
-        attrs = read_attributes(req.spool)
-        if attrs.sop_uid != sop_uid:
-            raise _Mismatch("SOP Instance UID in the data set differs from the command")
-        if attrs.sop_class != sop_class:
-            raise _Mismatch("SOP Class UID in the data set differs from the command")
-        with open(req.spool, "rb") as f:
+        with open(req.spool, "rb") as f:  # one open: parse, frame-check, hash
+            attrs = read_attributes(f)
+            if attrs.sop_uid != sop_uid:
+                raise _Mismatch("SOP Instance UID in the data set differs from the command")
+            if attrs.sop_class != sop_class:
+                raise _Mismatch("SOP Class UID in the data set differs from the command")
             offset = dataset_offset(f)
             f.seek(0, 2)
             length = f.tell() - offset
             if length <= 0:
                 raise InvalidInput("empty data set")
             check_complete(f, offset, length, ts)
-        obj = SpooledObject(req.spool, offset, length, file_meta(sop_class, sop_uid, ts))
-        obj.compute_sha256()
+            obj = SpooledObject(req.spool, offset, length, file_meta(sop_class, sop_uid, ts))
+            obj.compute_sha256(f)
         return attrs, obj
 
     # -- the use case ------------------------------------------------------------
@@ -161,33 +163,34 @@ class IngestService:
     def _commit(self, req: StoreRequest, attrs: ReceivedAttributes, obj: SpooledObject,
                 key: str, outcomes: list[CopyOutcome]) -> StoreResult:
         now = self.clock()
+        ts = validate_uid(req.transfer_syntax, "Transfer Syntax")
+
+        def work(s) -> StoreResult:  # noqa: ANN001 - runs inside the group commit
+            versions = repo.versions_of(s, attrs.sop_uid)
+            if any(sha == obj.sha256 for _, sha in versions):
+                return StoreResult(Outcome.DUPLICATE)
+            study_fk, series_fk = self._ensure_parents(s, attrs, req.calling_ae, now)
+            inst = Instance(
+                sop_uid=attrs.sop_uid,
+                version=max((v for v, _ in versions), default=0) + 1,
+                series_fk=series_fk, study_fk=study_fk,
+                sop_class=attrs.sop_class, transfer_syntax=ts,
+                size=obj.size, sha256=obj.sha256, received_at=now,
+                calling_ae=req.calling_ae[:16], conflict=bool(versions),
+            )
+            s.add(inst)
+            s.flush()
+            for o in outcomes:
+                s.add(Copy(instance_fk=inst.id, location=o.site, key=key,
+                           state="ok" if o.ok else "missing",
+                           verified_at=now if o.ok else None))
+            s.flush()
+            return StoreResult(Outcome.STORED, instance_id=inst.id, conflict=inst.conflict,
+                               missing_sites=[o.site for o in outcomes if not o.ok])
+
         for attempt in range(3):
             try:
-                with self.catalog.unit() as uow:
-                    s = uow.session
-                    versions = repo.versions_of(s, attrs.sop_uid)
-                    if any(sha == obj.sha256 for _, sha in versions):
-                        return StoreResult(Outcome.DUPLICATE)
-                    study_fk, series_fk = self._ensure_parents(s, attrs, req.calling_ae, now)
-                    inst = Instance(
-                        sop_uid=attrs.sop_uid,
-                        version=max((v for v, _ in versions), default=0) + 1,
-                        series_fk=series_fk, study_fk=study_fk,
-                        sop_class=attrs.sop_class,
-                        transfer_syntax=validate_uid(req.transfer_syntax, "Transfer Syntax"),
-                        size=obj.size, sha256=obj.sha256, received_at=now,
-                        calling_ae=req.calling_ae[:16], conflict=bool(versions),
-                    )
-                    s.add(inst)
-                    s.flush()
-                    for o in outcomes:
-                        s.add(Copy(instance_fk=inst.id, location=o.site, key=key,
-                                   state="ok" if o.ok else "missing",
-                                   verified_at=now if o.ok else None))
-                    uow.commit()
-                    return StoreResult(
-                        Outcome.STORED, instance_id=inst.id, conflict=inst.conflict,
-                        missing_sites=[o.site for o in outcomes if not o.ok])
+                return self.committer.run(work)
             except IntegrityError:
                 # A concurrent worker committed a version of the same SOP Instance UID,
                 # or a cached parent id is stale: retry with fresh lookups.
@@ -214,6 +217,10 @@ class IngestService:
             self._series.put(attrs.series_uid, series_fk)
             repo.touch_study(s, study_fk, now)
         return study_fk, series_fk
+
+
+    def close(self) -> None:
+        self.committer.close()
 
 
 class _Mismatch(InvalidInput):

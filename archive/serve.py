@@ -67,7 +67,7 @@ def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | No
     spool = settings.ingest.spool_dir / f"w{index}"
     spool.mkdir(parents=True, exist_ok=True)
     _sweep_dir(spool)
-    configure_pynetdicom(spool)
+    configure_pynetdicom(spool, settings.dicom.reactor_sleep_s)
     catalog = open_catalog(settings)
     mirror = MirrorWriter(open_sites(settings), timeout_s=settings.ingest.site_timeout_s,
                           retry_after_s=settings.ingest.site_retry_after_s)
@@ -84,6 +84,7 @@ def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | No
     for assoc in ae.active_associations:
         log.warning("aborting an association still open after the shutdown grace period")
         assoc.abort()
+    ingest.close()
     mirror.close()
     catalog.close()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -58,10 +59,11 @@ def _text(ds: pydicom.Dataset, keyword: str, width: int) -> str:
     return text[:width]
 
 
-def read_attributes(path: Path) -> ReceivedAttributes:
+def read_attributes(source: Path | BinaryIO) -> ReceivedAttributes:
     """Parse the catalog attributes from a Part 10 file; raise InvalidInput if unusable."""
     try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=_TAGS)
+        ds = pydicom.dcmread(source if not isinstance(source, Path) else str(source),
+                             stop_before_pixels=True, specific_tags=_TAGS)
         ds.get("SOPInstanceUID")  # force decoding of what we asked for
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, NotImplementedError) as e:
         raise InvalidInput(f"data set cannot be parsed ({type(e).__name__})") from None

@@ -81,9 +81,12 @@ class SpooledObject:
     def size(self) -> int:
         return len(self.meta) + self.length
 
-    def compute_sha256(self) -> str:
+    def compute_sha256(self, f: BinaryIO | None = None) -> str:
+        """Hash meta + data set; ``f`` is an already open handle on the spool file."""
         h = hashlib.sha256(self.meta)
-        with open(self.spool, "rb") as f:
+        own = f is None
+        f = open(self.spool, "rb") if f is None else f
+        try:
             f.seek(self.offset)
             remaining = self.length
             while remaining:
@@ -92,6 +95,9 @@ class SpooledObject:
                     raise InvalidInput("spool file shrank while hashing")
                 h.update(chunk)
                 remaining -= len(chunk)
+        finally:
+            if own:
+                f.close()
         self.sha256 = h.hexdigest()
         return self.sha256
 

@@ -112,3 +112,39 @@ def test_invalid_objects_refused_without_files(env):
     assert r.outcome is Outcome.MISMATCH
     assert not list(a.root.rglob("*.dcm")) and not list(b.root.rglob("*.dcm"))
     assert (a.root / MARKER).exists()
+
+
+def test_group_commit_batches_and_isolates_failures(tmp_path):
+    import threading
+
+    from sqlalchemy import text
+
+    from archive.catalog.group_commit import GroupCommitter
+
+    engine = make_engine(f"sqlite:///{tmp_path}/g.db")
+    upgrade(engine)
+    gc = GroupCommitter(Catalog(engine))
+    results, errors = [], []
+
+    def job(i):
+        def work(s):
+            if i == 3:
+                s.execute(text("INSERT INTO no_such_table VALUES (1)"))
+            s.execute(text("INSERT INTO peers (ae_title, host, port, created_at) "
+                           "VALUES (:a, 'h', NULL, '2024-01-01')"), {"a": f"AE{i}"})
+            return i
+        try:
+            results.append(gc.run(work))
+        except Exception as e:
+            errors.append((i, type(e).__name__))
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gc.close()
+    assert sorted(results) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert [i for i, _ in errors] == [3]
+    with engine.connect() as c:
+        assert c.execute(text("SELECT count(*) FROM peers")).scalar() == 9

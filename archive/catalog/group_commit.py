@@ -1,0 +1,90 @@
+"""Group commit: the catalog rows of concurrent C-STOREs share one transaction.
+
+Each C-STORE may be acknowledged only after its row is committed, and every
+commit costs a disk flush (SQLite WAL with synchronous=FULL, PostgreSQL with
+synchronous_commit=on). When several associations store at once, one thread
+commits whatever rows are waiting in a single transaction, so N objects cost
+one flush instead of N, and each caller still returns only after the commit
+that holds its row. A failing batch is retried one row at a time, so one bad
+row never fails the others.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable
+
+from sqlalchemy.orm import Session
+
+from archive.catalog.uow import Catalog
+
+Work = Callable[[Session], Any]
+
+
+class _Item:
+    __slots__ = ("work", "result", "error", "done")
+
+    def __init__(self, work: Work) -> None:
+        self.work = work
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
+class GroupCommitter:
+    def __init__(self, catalog: Catalog, max_batch: int = 64) -> None:
+        self.catalog = catalog
+        self.max_batch = max_batch
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
+        self._thread.start()
+
+    def run(self, work: Work) -> Any:
+        """Run ``work(session)`` in a committed transaction; returns its result or raises."""
+        item = _Item(work)
+        self._queue.put(item)
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                batch.append(nxt)
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Item]) -> None:
+        try:
+            with self.catalog.unit() as uow:
+                results = [it.work(uow.session) for it in batch]
+                uow.commit()
+            for it, r in zip(batch, results):
+                it.result = r
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, never swallowed
+            if len(batch) == 1:
+                batch[0].error = e
+            else:
+                for it in batch:
+                    self._commit([it])
+                return
+        finally:
+            # By now every item has its result or error (a failed batch was retried
+            # item by item above), so every caller can be released.
+            for it in batch:
+                it.done.set()
