@@ -5,6 +5,7 @@ from datetime import datetime
 
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from archive.catalog.models import Copy, Instance, Patient, Peer, Series, Study
@@ -55,7 +56,7 @@ def ensure_series(session: Session, series_uid: str, study_fk: int, modality: st
     return found
 
 
-def versions_of(session: Session, sop_uid: str) -> list[tuple[int, str]]:
+def versions_of(session: Session | Connection, sop_uid: str) -> list[tuple[int, str]]:
     """(version, sha256) of every stored version of a SOP Instance UID."""
     rows = session.execute(
         select(Instance.version, Instance.sha256).where(Instance.sop_uid == sop_uid)

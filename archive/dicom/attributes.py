@@ -48,6 +48,65 @@ class ReceivedAttributes:
     series_number: str
 
 
+CATALOG_TAGS = frozenset(int(t) for t in _TAGS)
+_KEYWORDS = {
+    0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID", 0x00080020: "StudyDate",
+    0x00080030: "StudyTime", 0x00080050: "AccessionNumber", 0x00080060: "Modality",
+    0x00081030: "StudyDescription", 0x00100010: "PatientName", 0x00100020: "PatientID",
+    0x00100021: "IssuerOfPatientID", 0x00100030: "PatientBirthDate", 0x00100040: "PatientSex",
+    0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID", 0x00200011: "SeriesNumber",
+}
+# Text VRs whose bytes depend on the Specific Character Set (PS3.5 6.1.2.3).
+_CHARSET_DEPENDENT = {"PatientName", "PatientID", "IssuerOfPatientID", "StudyDescription",
+                      "AccessionNumber"}
+
+
+def attributes_from_raw(raw: dict[int, bytes]) -> ReceivedAttributes:
+    """Build the attributes from raw top-level values collected by walk.check_complete.
+
+    Same result as read_attributes, without a second parse of the object.
+    """
+    from pydicom.charset import convert_encodings, decode_bytes
+
+    charset = raw.get(0x00080005, b"").decode("ascii", "replace").strip(" \x00")
+    try:
+        encodings = convert_encodings([c.strip() for c in charset.split("\\")] if charset else [])
+    except Exception:
+        encodings = ["iso8859"]
+    values: dict[str, str] = {}
+    for tag, kw in _KEYWORDS.items():
+        b = raw.get(tag)
+        if b is None:
+            continue
+        if kw in _CHARSET_DEPENDENT:
+            try:
+                text = decode_bytes(b, encodings, {0x5C, 0x3D, 0x5E})  # \ = ^ reset the encoding
+            except Exception:
+                text = b.decode("latin-1")
+        else:
+            text = b.decode("ascii", "replace")
+        values[kw] = text.replace("\x00", "").strip()
+
+    def uid(kw: str, what: str) -> str:
+        return validate_uid(values.get(kw), what)
+
+    def text(kw: str, width: int) -> str:
+        return values.get(kw, "")[:width]
+
+    return ReceivedAttributes(
+        sop_class=uid("SOPClassUID", "SOP Class"),
+        sop_uid=uid("SOPInstanceUID", "SOP Instance"),
+        study_uid=uid("StudyInstanceUID", "Study Instance"),
+        series_uid=uid("SeriesInstanceUID", "Series Instance"),
+        patient_id=text("PatientID", 64), issuer=text("IssuerOfPatientID", 64),
+        patient_name=text("PatientName", 324), birth_date=text("PatientBirthDate", 8),
+        sex=text("PatientSex", 16), study_date=text("StudyDate", 8),
+        study_time=text("StudyTime", 16), accession=text("AccessionNumber", 16),
+        study_description=text("StudyDescription", 64), modality=text("Modality", 16),
+        series_number=text("SeriesNumber", 12),
+    )
+
+
 def _text(ds: pydicom.Dataset, keyword: str, width: int) -> str:
     try:
         value = ds.get(keyword, "")
@@ -61,6 +120,8 @@ def _text(ds: pydicom.Dataset, keyword: str, width: int) -> str:
 
 def read_attributes(source: Path | BinaryIO) -> ReceivedAttributes:
     """Parse the catalog attributes from a Part 10 file; raise InvalidInput if unusable."""
+    if not isinstance(source, Path):
+        source.seek(0)
     try:
         ds = pydicom.dcmread(source if not isinstance(source, Path) else str(source),
                              stop_before_pixels=True, specific_tags=_TAGS)

@@ -30,9 +30,11 @@ class Truncated(InvalidInput):
 
 
 class _Walker:
-    def __init__(self, f: BinaryIO, end: int) -> None:
+    def __init__(self, f: BinaryIO, end: int, wanted: frozenset[int]) -> None:
         self.f = f
         self.end = end
+        self.wanted = wanted
+        self.found: dict[int, bytes] = {}
 
     def read(self, n: int) -> bytes:
         b = self.f.read(n)
@@ -70,7 +72,13 @@ class _Walker:
                     return
                 raise Truncated("unexpected item delimiter")
             if length != _UNDEFINED:
-                self.skip(length)
+                if depth == 0 and tag in self.wanted and length <= 1024:
+                    # Top-level attributes the catalog needs are read on the way past.
+                    if self.f.tell() + length > self.end:
+                        raise Truncated("a value runs past the end of the data set")
+                    self.found[tag] = self.read(length)
+                else:
+                    self.skip(length)
                 continue
             if vr == b"UN":  # undefined-length UN holds implicit little endian (PS3.5 6.2.2)
                 self.items(False, True, depth + 1)
@@ -103,26 +111,33 @@ class _Walker:
             self.skip(length)
 
 
-def check_complete(f: BinaryIO, offset: int, length: int, transfer_syntax: str) -> None:
-    """Raise Truncated unless the data set at ``offset`` is whole and well framed."""
+def check_complete(f: BinaryIO, offset: int, length: int, transfer_syntax: str,
+                   wanted: frozenset[int] = frozenset()) -> dict[int, bytes] | None:
+    """Raise Truncated unless the data set at ``offset`` is whole and well framed.
+
+    Returns the raw values of the ``wanted`` top-level tags met on the way (tag as
+    ``group << 16 | element``), or None for deflated syntaxes, which are not walked.
+    """
     if transfer_syntax in DEFLATED:
-        return  # framing is checked by inflating when the attributes are read
+        return None  # framing is checked by inflating when the attributes are read
     explicit = transfer_syntax != IMPLICIT_LE
     little = transfer_syntax != EXPLICIT_BE
     try:
-        _walk(f, offset, length, explicit, little)
+        return _walk(f, offset, length, explicit, little, wanted)
     except Truncated:
         if not explicit:
             raise
         # Some senders encode implicit VR under an explicit transfer syntax; pydicom
         # and the archive's readers tolerate it, so accept a data set that tiles
         # exactly as implicit VR. Truncation still fails both ways.
-        _walk(f, offset, length, False, little)
+        return _walk(f, offset, length, False, little, wanted)
 
 
-def _walk(f: BinaryIO, offset: int, length: int, explicit: bool, little: bool) -> None:
+def _walk(f: BinaryIO, offset: int, length: int, explicit: bool, little: bool,
+          wanted: frozenset[int]) -> dict[int, bytes]:
     f.seek(offset)
-    w = _Walker(f, offset + length)
+    w = _Walker(f, offset + length, wanted)
     w.elements(explicit, little, 0, until_item_end=False)
     if f.tell() != offset + length:
         raise Truncated("trailing bytes after the last element")
+    return w.found
