@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,16 +73,28 @@ class StoreRequest:
     calling_ae: str
 
 
-class _LRU(OrderedDict):
+class _LRU:
+    """A small thread-safe LRU map (association threads share one ingest service)."""
+
     def __init__(self, size: int) -> None:
-        super().__init__()
         self.size = size
+        self._d: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, k):  # noqa: ANN001, ANN201
+        with self._lock:
+            return self._d.get(k)
 
     def put(self, k, v) -> None:  # noqa: ANN001
-        self[k] = v
-        self.move_to_end(k)
-        if len(self) > self.size:
-            self.popitem(last=False)
+        with self._lock:
+            self._d[k] = v
+            self._d.move_to_end(k)
+            if len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
 
 
 class IngestService:
@@ -171,11 +184,12 @@ class IngestService:
         now = self.clock()
         ts = validate_uid(req.transfer_syntax, "Transfer Syntax")
 
-        def work(s) -> StoreResult:  # noqa: ANN001 - runs inside the group commit
+        def work(s) -> tuple[StoreResult, list]:  # noqa: ANN001 - runs inside the group commit
             versions = repo.versions_of(s, attrs.sop_uid)
             if any(sha == obj.sha256 for _, sha in versions):
-                return StoreResult(Outcome.DUPLICATE)
-            study_fk, series_fk = self._ensure_parents(s, attrs, req.calling_ae, now)
+                return StoreResult(Outcome.DUPLICATE), []
+            learned: list = []
+            study_fk, series_fk = self._ensure_parents(s, attrs, req.calling_ae, now, learned)
             # Core inserts: the ORM's unit-of-work bookkeeping costs more than the SQL.
             instance_id = s.execute(insert(Instance).returning(Instance.id), dict(
                 sop_uid=attrs.sop_uid,
@@ -190,11 +204,11 @@ class IngestService:
                      state="ok" if o.ok else "missing", verified_at=now if o.ok else None)
                 for o in outcomes])
             return StoreResult(Outcome.STORED, instance_id=instance_id, conflict=bool(versions),
-                               missing_sites=[o.site for o in outcomes if not o.ok])
+                               missing_sites=[o.site for o in outcomes if not o.ok]), learned
 
         for attempt in range(3):
             try:
-                return self.committer.run(work)
+                result, learned = self.committer.run(work)
             except IntegrityError:
                 # A concurrent worker committed a version of the same SOP Instance UID,
                 # or a cached parent id is stale: retry with fresh lookups.
@@ -202,9 +216,17 @@ class IngestService:
                 self._series.clear()
                 if attempt == 2:
                     raise
+                continue
+            # Only ids from a committed transaction may be cached: SQLite reuses the
+            # rowid of a rolled-back row, and a stale id would file an object under
+            # another patient's study.
+            for cache, uid, fk in learned:
+                cache.put(uid, fk)
+            return result
         raise AssertionError("unreachable")
 
-    def _ensure_parents(self, s, attrs: ReceivedAttributes, calling_ae: str, now) -> tuple[int, int]:  # noqa: ANN001
+    def _ensure_parents(self, s, attrs: ReceivedAttributes, calling_ae: str, now,  # noqa: ANN001
+                        learned: list) -> tuple[int, int]:
         study_fk = self._studies.get(attrs.study_uid)
         if study_fk is None:
             patient_fk = repo.ensure_patient(s, attrs.patient_id, attrs.issuer, attrs.patient_name,
@@ -213,12 +235,12 @@ class IngestService:
                 s, attrs.study_uid, patient_fk, now, study_date=attrs.study_date,
                 study_time=attrs.study_time, accession=attrs.accession,
                 description=attrs.study_description, calling_ae=calling_ae[:16])
-            self._studies.put(attrs.study_uid, study_fk)
+            learned.append((self._studies, attrs.study_uid, study_fk))
         series_fk = self._series.get(attrs.series_uid)
         if series_fk is None:
             series_fk = repo.ensure_series(s, attrs.series_uid, study_fk, attrs.modality,
                                            attrs.series_number)
-            self._series.put(attrs.series_uid, series_fk)
+            learned.append((self._series, attrs.series_uid, series_fk))
             repo.touch_study(s, study_fk, now)
         return study_fk, series_fk
 

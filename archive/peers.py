@@ -8,6 +8,7 @@ sent back); an SCU's source port is ephemeral, so it is not compared.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import threading
 import time
@@ -21,6 +22,8 @@ from archive.catalog.models import Peer
 from archive.catalog.uow import Catalog
 from archive.errors import InvalidInput
 from archive.uids import validate_ae_title
+
+log = logging.getLogger("pacsvault.peers")
 
 
 @dataclass(frozen=True)
@@ -47,13 +50,15 @@ def resolve(host: str) -> set[str]:
         pass
     try:
         return {normalize_ip(info[4][0]) for info in socket.getaddrinfo(host, None)}
-    except OSError:
+    except (OSError, ValueError):  # ValueError: IDNA UnicodeError, embedded NUL
         return set()
 
 
 def validate_host(host: str) -> str:
     host = host.strip()
-    if not host or len(host) > 255 or any(c.isspace() or c in "/\\@" for c in host):
+    if (not host or len(host) > 253
+            or any(c.isspace() or not c.isprintable() or c in "/\\@" for c in host)
+            or any(not 0 < len(p) <= 63 for p in host.rstrip(".").split("."))):
         raise InvalidInput("host must be an IP address or a host name")
     return host
 
@@ -114,7 +119,9 @@ class PeerRegistry:
             if time.monotonic() - self._loaded_at > self.ttl_s:
                 try:
                     self._refresh()
-                except Exception:  # catalog briefly unreachable: keep the last list
+                except Exception as e:  # catalog briefly unreachable: keep the last list
+                    log.warning("cannot reload the peer list (%s); keeping the previous one",
+                                type(e).__name__)
                     if self._loaded_at < 0:
                         return False, "peer list unavailable"
             allowed = self._allowed

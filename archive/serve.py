@@ -89,6 +89,43 @@ def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | No
     catalog.close()
 
 
+class _StatusSnapshot:
+    """Status for /status and /metrics, recomputed in the background.
+
+    Counting every copy is O(n) (tens of seconds at 10 million instances), so a
+    Prometheus scrape must never trigger it: requests get the latest snapshot,
+    which carries its own age.
+    """
+
+    def __init__(self, compute, stop: threading.Event, every_s: float = 30.0) -> None:  # noqa: ANN001
+        self._compute = compute
+        self._value: dict = {}
+        self._lock = threading.Lock()
+        self._refresh()
+        threading.Thread(target=self._loop, args=(stop, every_s), name="status",
+                         daemon=True).start()
+
+    def _refresh(self) -> None:
+        started = time.monotonic()
+        try:
+            value = self._compute()
+        except Exception:
+            log.exception("status refresh failed")
+            return
+        value["computed_in_s"] = round(time.monotonic() - started, 3)
+        value["as_of_unix"] = time.time()
+        with self._lock:
+            self._value = value
+
+    def _loop(self, stop: threading.Event, every_s: float) -> None:
+        while not stop.wait(every_s):
+            self._refresh()
+
+    def get(self) -> dict:
+        with self._lock:
+            return dict(self._value)
+
+
 class Supervisor:
     def __init__(self, settings: Settings, dicom_port: int, http_port: int, workers: int) -> None:
         self.settings = settings
@@ -138,7 +175,8 @@ class Supervisor:
 
         http = None
         if self.http_port:
-            http = start_http(s.http.bind, self.http_port, lambda: collect(s, catalog, sites))
+            snapshot = _StatusSnapshot(lambda: collect(s, catalog, sites), self.stop)
+            http = start_http(s.http.bind, self.http_port, snapshot.get)
         ready = self._ctx.Queue()
         for i in range(self.workers):
             self._spawn(i, ready)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, true
 
 from archive.catalog import repo
 from archive.catalog.models import Instance, Study
@@ -23,7 +23,7 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         total_bytes = s.scalar(select(func.coalesce(func.sum(Instance.size), 0))) or 0
         studies = s.scalar(select(func.count()).select_from(Study)) or 0
         conflicts = s.scalar(select(func.count()).select_from(Instance)
-                             .where(Instance.conflict.is_(True))) or 0
+                             .where(Instance.conflict == true())) or 0
         oldest = repo.oldest_missing(s)
     site_rows = []
     under = 0

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -85,6 +86,9 @@ class Instance(Base):
         Index("ix_instances_study", "study_fk"),
         Index("ix_instances_series", "series_fk"),
         Index("ix_instances_received", "received_at"),
+        # Conflicts are rare: a partial index makes counting them free.
+        Index("ix_instances_conflict", "id", sqlite_where=text("conflict = 1"),
+              postgresql_where=text("conflict")),
     )
 
 
@@ -102,6 +106,9 @@ class Copy(Base):
         UniqueConstraint("instance_fk", "location", name="uq_copy_location"),
         # under-replicated queue: WHERE location=? AND state='missing' ORDER BY id
         Index("ix_copies_location_state", "location", "state", "id"),
+        # The repair queue and the oldest under-replicated object, without a full scan.
+        Index("ix_copies_missing", "location", "id", sqlite_where=text("state = 'missing'"),
+              postgresql_where=text("state = 'missing'")),
     )
 
 

@@ -102,6 +102,9 @@ def studies_by_location(session: Session) -> dict[str, int]:
 
 
 def oldest_missing(session: Session) -> datetime | None:
-    q = (select(func.min(Instance.received_at)).join(Copy, Copy.instance_fk == Instance.id)
-         .where(Copy.state == "missing"))
+    """Received time of the oldest under-replicated object (ids grow with time, so the
+    smallest missing copy id per site, found through ix_copies_missing, is enough)."""
+    firsts = (select(func.min(Copy.instance_fk).label("i")).where(Copy.state == "missing")
+              .group_by(Copy.location).subquery())
+    q = select(func.min(Instance.received_at)).where(Instance.id.in_(select(firsts.c.i)))
     return session.scalar(q)

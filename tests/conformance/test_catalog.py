@@ -265,14 +265,15 @@ def test_odd_strings_are_stored(env: Env, case: str) -> None:
     assert env.ingest.store(req(m)).outcome is Outcome.DUPLICATE
 
 
+def _failing_commit(self: UnitOfWork) -> None:
+    """A catalog that fails at COMMIT (disk full, I/O error, lost connection)."""
+    raise OperationalError("COMMIT", {}, Exception("injected: database or disk is full"))
+
+
 def test_catalog_failure_at_commit_is_not_acknowledged(env: Env, monkeypatch) -> None:  # noqa: ANN001
     m = make_instance(env.tmp / "in" / "1.dcm", size=2000)
     real = UnitOfWork.commit
-
-    def failing(self):  # noqa: ANN001
-        raise OperationalError("COMMIT", {}, Exception("injected: disk I/O error"))
-
-    monkeypatch.setattr(UnitOfWork, "commit", failing)
+    monkeypatch.setattr(UnitOfWork, "commit", _failing_commit)
     r = env.ingest.store(req(m))
     assert r.outcome is Outcome.CATALOG_DOWN and not r.acknowledged
     monkeypatch.setattr(UnitOfWork, "commit", real)
@@ -288,17 +289,12 @@ def test_cached_parent_ids_do_not_outlive_a_rolled_back_commit(env: Env, monkeyp
     still open. If that transaction rolls back, SQLite hands the same ids to the
     next new study (INTEGER PRIMARY KEY reuses max(rowid)+1), and the next object
     of the first study is filed under the other patient's study."""
-    if env.dialect == "sqlite":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="archive/ingest.py caches parent ids before commit "
-                                "(fix proposed in the catalog conformance report)"))
     x1 = make_instance(env.tmp / "in" / "x1.dcm", size=2000, patient_id="PAT-X")
     x2 = make_instance(env.tmp / "in" / "x2.dcm", size=2000, patient_id="PAT-X",
                        study_uid=x1.study_uid, series_uid=x1.series_uid)
     y1 = make_instance(env.tmp / "in" / "y1.dcm", size=2000, patient_id="PAT-Y")
     real = UnitOfWork.commit
-    monkeypatch.setattr(UnitOfWork, "commit", lambda self: (_ for _ in ()).throw(
-        OperationalError("COMMIT", {}, Exception("injected: database or disk is full"))))
+    monkeypatch.setattr(UnitOfWork, "commit", _failing_commit)
     assert env.ingest.store(req(x1)).outcome is Outcome.CATALOG_DOWN
     monkeypatch.setattr(UnitOfWork, "commit", real)
     assert env.ingest.store(req(y1)).outcome is Outcome.STORED
@@ -529,13 +525,6 @@ HOSTS = {
     "padded": "  10.0.0.2\t",
 }
 # (case, dialect or None for every dialect): known bugs, fixes proposed in the report.
-HOST_BUGS = {
-    ("nul", "postgresql"): "archive/peers.validate_host lets NUL through; PostgreSQL text "
-                           "cannot hold it (DataError escapes add_peer)",
-    ("long_label", None): "archive/peers.resolve catches only OSError; getaddrinfo raises "
-                          "UnicodeError for a label over 63 characters, so the allow-list "
-                          "stops refreshing (removed peers stay allowed)",
-}
 
 
 @pytest.mark.parametrize("case", sorted(HOSTS))
@@ -543,9 +532,6 @@ def test_peer_host_is_refused_or_stored_exactly(env: Env, case: str, request) ->
     """A host is either refused as invalid input or stored and listed as given
     (stripped), never a database error that differs between backends; and a row
     the daemon cannot resolve never stops the allow-list from being reloaded."""
-    reason = HOST_BUGS.get((case, env.dialect)) or HOST_BUGS.get((case, None))
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     add_peer(env.catalog, "GOOD", "127.0.0.1", None, NOW)
     reg = PeerRegistry(env.catalog, allow_any=False, ttl_s=0)
     assert reg.check("GOOD", "127.0.0.1")[0]
