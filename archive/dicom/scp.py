@@ -141,6 +141,7 @@ def start_listener(settings: DicomSettings, port: int, ingest: IngestService,
         evt_handlers=make_handlers(ingest, peers, settings.reactor_sleep_s),
         server_class=_ReusePortServer,
     )
+    ae._servers.append(server)  # as ae.start_server does; server.shutdown() expects it
     thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
     thread.start()
     return ae, server

@@ -73,5 +73,7 @@ def test_unknown_ae_and_wrong_address_are_refused(daemon, tmp_path: Path):
     assert "Test^Synthetic" not in daemon.log()  # no PHI in the log
 
 
-def test_sigterm_exits_zero(daemon):
+def test_sigterm_exits_zero_without_errors(daemon):
     assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log()
+    assert "pacsvault stopped" in daemon.log()
