@@ -88,3 +88,22 @@ def test_kill9_mid_push_loses_nothing_acknowledged(instance: Path, tmp_path: Pat
         assert site_files(instance) == keys, "sites hold files the catalog does not know"
     finally:
         assert d2.stop() == 0
+
+
+def test_sigterm_mid_push_finishes_in_flight_work(instance: Path, tmp_path: Path):
+    made = make_ct_series(tmp_path / "in", N, size=64 * 1024)
+    port = free_port()
+    d = Daemon(instance, port, free_port(), workers=2).start()
+    acked: list[Path] = []
+    sender = threading.Thread(target=lambda: send_files(
+        port, [m.path for m in made], timeout=30, on_ack=lambda p, s: s == 0 and acked.append(p)))
+    sender.start()
+    while len(acked) < 5:
+        time.sleep(0.01)
+    assert d.stop() == 0
+    sender.join(60)
+    a = audit(sqlite_url(instance.parent), site_paths(instance))
+    by_path = {m.path: m.sop_uid for m in made}
+    assert {by_path[p] for p in acked} <= a.sop_uids
+    assert not a.bad and a.missing_copies == 0
+    assert "Traceback" not in d.log()
