@@ -18,6 +18,8 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+            # Let SQLAlchemy, not pysqlite, decide when transactions begin (see _begin).
+            dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             # WAL: readers never block the writer; synchronous=FULL: a committed
             # catalog row survives power loss, as the C-STORE success promises.
@@ -26,6 +28,16 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=60000")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn) -> None:  # noqa: ANN001
+            # A deferred transaction that reads, then writes after another process
+            # committed, fails at once with SQLITE_BUSY_SNAPSHOT (no busy wait), which
+            # would refuse a C-STORE. Writers ask for the lock up front instead.
+            if conn.get_execution_options().get("sqlite_write"):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.exec_driver_sql("BEGIN")
 
         return engine
     return create_engine(url, pool_size=8, max_overflow=16, pool_pre_ping=True)

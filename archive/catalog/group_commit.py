@@ -71,7 +71,7 @@ class GroupCommitter:
 
     def _commit(self, batch: list[_Item]) -> None:
         try:
-            with self.catalog.unit() as uow:
+            with self.catalog.unit(write=True) as uow:
                 results = [it.work(uow.session) for it in batch]
                 uow.commit()
             for it, r in zip(batch, results):

@@ -12,20 +12,24 @@ class Catalog:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
 
-    def unit(self) -> "UnitOfWork":
-        return UnitOfWork(self._sessions)
+    def unit(self, write: bool = False) -> "UnitOfWork":
+        """A unit of work; ``write=True`` takes SQLite's write lock when it begins."""
+        return UnitOfWork(self._sessions, write)
 
     def close(self) -> None:
         self.engine.dispose()
 
 
 class UnitOfWork:
-    def __init__(self, factory: sessionmaker) -> None:
+    def __init__(self, factory: sessionmaker, write: bool = False) -> None:
         self._factory = factory
+        self._write = write
         self.session: Session
 
     def __enter__(self) -> "UnitOfWork":
         self.session = self._factory()
+        if self._write:
+            self.session.connection(execution_options={"sqlite_write": True})
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,6 +11,8 @@ are limited so hostile nesting cannot exhaust the stack.
 """
 from __future__ import annotations
 
+import io
+import mmap
 import struct
 from typing import BinaryIO
 
@@ -30,42 +32,52 @@ class Truncated(InvalidInput):
 
 
 class _Walker:
-    def __init__(self, f: BinaryIO, end: int, wanted: frozenset[int]) -> None:
-        self.f = f
+    """Walks element headers over a buffer (an mmap of the spool file, or bytes)."""
+
+    def __init__(self, buf, start: int, end: int, wanted: frozenset[int]) -> None:  # noqa: ANN001
+        self.buf = buf
+        self.pos = start
         self.end = end
         self.wanted = wanted
         self.found: dict[int, bytes] = {}
 
     def read(self, n: int) -> bytes:
-        b = self.f.read(n)
-        if len(b) != n:
-            raise Truncated(f"ends inside an element header at offset {self.f.tell()}")
+        if self.pos + n > self.end:
+            raise Truncated(f"ends inside an element header at offset {self.pos}")
+        b = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
         return b
 
     def skip(self, n: int) -> None:
-        pos = self.f.tell() + n
-        if pos > self.end:
+        if self.pos + n > self.end:
             raise Truncated(f"a value of {n} bytes runs past the end of the data set")
-        self.f.seek(pos)
+        self.pos += n
 
     def header(self, explicit: bool, little: bool) -> tuple[int, bytes | None, int]:
         e = "<" if little else ">"
-        group, elem = struct.unpack(e + "HH", self.read(4))
+        if self.pos + 8 > self.end:
+            raise Truncated(f"ends inside an element header at offset {self.pos}")
+        group, elem = struct.unpack_from(e + "HH", self.buf, self.pos)
         tag = (group << 16) | elem
-        if group == 0xFFFE:  # item/delimiter tags never carry a VR
-            return tag, None, struct.unpack(e + "I", self.read(4))[0]
-        if not explicit:
-            return tag, None, struct.unpack(e + "I", self.read(4))[0]
-        vr = self.read(2)
+        if group == 0xFFFE or not explicit:  # items and implicit VR: tag + 4-byte length
+            length = struct.unpack_from(e + "I", self.buf, self.pos + 4)[0]
+            self.pos += 8
+            return tag, None, length
+        vr = bytes(self.buf[self.pos + 4:self.pos + 6])
         if vr in _LONG_VRS:
-            self.read(2)
-            return tag, vr, struct.unpack(e + "I", self.read(4))[0]
-        return tag, vr, struct.unpack(e + "H", self.read(2))[0]
+            if self.pos + 12 > self.end:
+                raise Truncated(f"ends inside an element header at offset {self.pos}")
+            length = struct.unpack_from(e + "I", self.buf, self.pos + 8)[0]
+            self.pos += 12
+            return tag, vr, length
+        length = struct.unpack_from(e + "H", self.buf, self.pos + 6)[0]
+        self.pos += 8
+        return tag, vr, length
 
     def elements(self, explicit: bool, little: bool, depth: int, until_item_end: bool) -> None:
         if depth > _MAX_DEPTH:
             raise Truncated("sequences nested too deeply")
-        while self.f.tell() < self.end:
+        while self.pos < self.end:
             tag, vr, length = self.header(explicit, little)
             if tag == _ITEM_END:
                 if until_item_end:
@@ -74,8 +86,6 @@ class _Walker:
             if length != _UNDEFINED:
                 if depth == 0 and tag in self.wanted and length <= 1024:
                     # Top-level attributes the catalog needs are read on the way past.
-                    if self.f.tell() + length > self.end:
-                        raise Truncated("a value runs past the end of the data set")
                     self.found[tag] = self.read(length)
                 else:
                     self.skip(length)
@@ -135,9 +145,26 @@ def check_complete(f: BinaryIO, offset: int, length: int, transfer_syntax: str,
 
 def _walk(f: BinaryIO, offset: int, length: int, explicit: bool, little: bool,
           wanted: frozenset[int]) -> dict[int, bytes]:
+    # mmap: headers are parsed in place, values are skipped without being read,
+    # so a 2 GiB object costs a few page faults, and a small one no read() calls.
+    try:
+        fileno = f.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        fileno = -1
+    if fileno >= 0:
+        with mmap.mmap(fileno, 0, access=mmap.ACCESS_READ) as buf:
+            if len(buf) < offset + length:
+                raise Truncated("the data set is shorter than announced")
+            return _walk_buffer(buf, offset, length, explicit, little, wanted)
     f.seek(offset)
-    w = _Walker(f, offset + length, wanted)
+    data = f.read(length)
+    return _walk_buffer(data, 0, len(data), explicit, little, wanted)
+
+
+def _walk_buffer(buf, offset: int, length: int, explicit: bool, little: bool,  # noqa: ANN001
+                 wanted: frozenset[int]) -> dict[int, bytes]:
+    w = _Walker(buf, offset, offset + length, wanted)
     w.elements(explicit, little, 0, until_item_end=False)
-    if f.tell() != offset + length:
+    if w.pos != offset + length:
         raise Truncated("trailing bytes after the last element")
     return w.found
