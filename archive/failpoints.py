@@ -15,6 +15,7 @@ Known points (grep for ``failpoints.hit``):
   mirror.after_first_site  one site holds a verified copy, the other not yet
   ingest.before_commit     every site verified, catalog row not committed
   ingest.after_commit      catalog committed, C-STORE response not sent
+  s3.before_complete       every part uploaded and hashed, multipart not completed
 """
 from __future__ import annotations
 

@@ -88,3 +88,12 @@ class Backend(Protocol):
     def delete(self, key: str) -> None: ...
 
     def health(self) -> SiteHealth: ...
+
+
+class RangedReader(Protocol):
+    """Optional ability: read part of an object (a study bundle's one instance)."""
+
+    def open_range(self, key: str, offset: int, length: int) -> BinaryIO:
+        """Exactly ``length`` bytes from ``offset``; a range not wholly inside the
+        object is an error (never a short read)."""
+        ...

@@ -232,6 +232,20 @@ class FilesystemBackend:
         except OSError as e:
             raise self._classify("open", e) from None
 
+    def open_range(self, key: str, offset: int, length: int) -> BinaryIO:
+        """Exactly ``length`` bytes from ``offset`` (tiers.backend.RangedReader)."""
+        import io
+
+        size = self.stat(key).size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise BackendError("read", self.name, f"range {offset}+{length} outside {size} bytes")
+        with self.open(key) as f:
+            f.seek(offset)
+            data = f.read(length)
+        if len(data) != length:
+            raise BackendError("read", self.name, "short read")
+        return io.BytesIO(data)
+
     def sha256(self, key: str) -> str:
         """Hash a stored object (read from the device when verify_read='device')."""
         try:

@@ -119,3 +119,12 @@ def test_sweep_removes_crash_leftovers(site):
     (site.root / "tmp" / "abc.tmp").write_bytes(b"patient data")
     assert site.sweep_temp() == 1
     assert list((site.root / "tmp").iterdir()) == []
+
+
+def test_ranged_read_is_exact_or_an_error(site):
+    site.put(KEY, Bytes(b"0123456789"))
+    assert site.open_range(KEY, 2, 5).read() == b"23456"
+    assert site.open_range(KEY, 0, 10).read() == b"0123456789"
+    for off, n in ((8, 5), (-1, 2), (11, 0)):
+        with pytest.raises(Exception):
+            site.open_range(KEY, off, n)
