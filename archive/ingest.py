@@ -17,12 +17,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import insert
-from sqlalchemy.exc import IntegrityError, OperationalError
-
 from archive import failpoints, phi
 from archive.catalog import repo
-from archive.catalog.models import Copy, Instance
+from archive.catalog.fastpath import DATABASE_ERRORS, INTEGRITY_ERRORS
 from archive.catalog.group_commit import GroupCommitter
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
@@ -166,7 +163,7 @@ class IngestService:
         failpoints.hit("ingest.before_commit")
         try:
             result = self._commit(req, attrs, obj, key, outcomes)
-        except (OperationalError, IntegrityError) as e:
+        except DATABASE_ERRORS as e:
             log.error("C-STORE from %s refused (object %s): catalog commit failed: %s",
                       req.calling_ae, tok, type(e).__name__)
             return StoreResult(Outcome.CATALOG_DOWN, "catalog commit failed")
@@ -184,32 +181,26 @@ class IngestService:
         now = self.clock()
         ts = validate_uid(req.transfer_syntax, "Transfer Syntax")
 
-        def work(s) -> tuple[StoreResult, list]:  # noqa: ANN001 - runs inside the group commit
-            versions = repo.versions_of(s, attrs.sop_uid)
+        def work(tx) -> tuple[StoreResult, list]:  # noqa: ANN001 - inside the group commit
+            versions = tx.versions_of(attrs.sop_uid)
             if any(sha == obj.sha256 for _, sha in versions):
                 return StoreResult(Outcome.DUPLICATE), []
             learned: list = []
-            study_fk, series_fk = self._ensure_parents(s, attrs, req.calling_ae, now, learned)
-            # Core inserts: the ORM's unit-of-work bookkeeping costs more than the SQL.
-            instance_id = s.execute(insert(Instance).returning(Instance.id), dict(
-                sop_uid=attrs.sop_uid,
-                version=max((v for v, _ in versions), default=0) + 1,
-                series_fk=series_fk, study_fk=study_fk,
-                sop_class=attrs.sop_class, transfer_syntax=ts,
-                size=obj.size, sha256=obj.sha256, received_at=now,
-                calling_ae=req.calling_ae[:16], conflict=bool(versions),
-            )).scalar_one()
-            s.execute(insert(Copy), [
-                dict(instance_fk=instance_id, location=o.site, key=key,
-                     state="ok" if o.ok else "missing", verified_at=now if o.ok else None)
-                for o in outcomes])
+            study_fk, series_fk = self._ensure_parents(tx, attrs, req.calling_ae, now, learned)
+            instance_id = tx.insert_instance(
+                sop_uid=attrs.sop_uid, version=max((v for v, _ in versions), default=0) + 1,
+                series_fk=series_fk, study_fk=study_fk, sop_class=attrs.sop_class,
+                transfer_syntax=ts, size=obj.size, sha256=obj.sha256, received_at=now,
+                calling_ae=req.calling_ae[:16], conflict=bool(versions))
+            tx.insert_copies([(instance_id, o.site, key, "ok" if o.ok else "missing",
+                               now if o.ok else None) for o in outcomes])
             return StoreResult(Outcome.STORED, instance_id=instance_id, conflict=bool(versions),
                                missing_sites=[o.site for o in outcomes if not o.ok]), learned
 
         for attempt in range(3):
             try:
                 result, learned = self.committer.run(work)
-            except IntegrityError:
+            except INTEGRITY_ERRORS:
                 # A concurrent worker committed a version of the same SOP Instance UID,
                 # or a cached parent id is stale: retry with fresh lookups.
                 self._studies.clear()
@@ -225,25 +216,23 @@ class IngestService:
             return result
         raise AssertionError("unreachable")
 
-    def _ensure_parents(self, s, attrs: ReceivedAttributes, calling_ae: str, now,  # noqa: ANN001
+    def _ensure_parents(self, tx, attrs: ReceivedAttributes, calling_ae: str, now,  # noqa: ANN001
                         learned: list) -> tuple[int, int]:
         study_fk = self._studies.get(attrs.study_uid)
         if study_fk is None:
-            patient_fk = repo.ensure_patient(s, attrs.patient_id, attrs.issuer, attrs.patient_name,
-                                             attrs.birth_date, attrs.sex)
-            study_fk = repo.ensure_study(
-                s, attrs.study_uid, patient_fk, now, study_date=attrs.study_date,
-                study_time=attrs.study_time, accession=attrs.accession,
-                description=attrs.study_description, calling_ae=calling_ae[:16])
+            patient_fk = tx.ensure_patient(attrs.patient_id, attrs.issuer, attrs.patient_name,
+                                           attrs.birth_date, attrs.sex)
+            study_fk = tx.ensure_study(
+                attrs.study_uid, patient_fk, now, attrs.study_date, attrs.study_time,
+                attrs.accession, attrs.study_description, calling_ae[:16])
             learned.append((self._studies, attrs.study_uid, study_fk))
         series_fk = self._series.get(attrs.series_uid)
         if series_fk is None:
-            series_fk = repo.ensure_series(s, attrs.series_uid, study_fk, attrs.modality,
-                                           attrs.series_number)
+            series_fk = tx.ensure_series(attrs.series_uid, study_fk, attrs.modality,
+                                         attrs.series_number)
             learned.append((self._series, attrs.series_uid, series_fk))
-            repo.touch_study(s, study_fk, now)
+            tx.touch_study(study_fk, now)
         return study_fk, series_fk
-
 
     def close(self) -> None:
         self.committer.close()

@@ -14,11 +14,10 @@ import queue
 import threading
 from typing import Any, Callable
 
-from sqlalchemy.orm import Session
-
+from archive.catalog.fastpath import RawTx
 from archive.catalog.uow import Catalog
 
-Work = Callable[[Session], Any]
+Work = Callable[[RawTx], Any]
 
 
 class _Item:
@@ -40,7 +39,7 @@ class GroupCommitter:
         self._thread.start()
 
     def run(self, work: Work) -> Any:
-        """Run ``work(session)`` in a committed transaction; returns its result or raises."""
+        """Run ``work(tx)`` in a committed transaction; returns its result or raises."""
         item = _Item(work)
         self._queue.put(item)
         item.done.wait()
@@ -71,9 +70,17 @@ class GroupCommitter:
 
     def _commit(self, batch: list[_Item]) -> None:
         try:
-            with self.catalog.unit(write=True) as uow:
-                results = [it.work(uow.session) for it in batch]
-                uow.commit()
+            raw = self.catalog.engine.raw_connection()  # pooled DBAPI connection
+            try:
+                tx = RawTx(raw.driver_connection, self.catalog.engine.dialect.name)
+                tx.begin()
+                results = [it.work(tx) for it in batch]
+                tx.commit()
+            except BaseException:
+                raw.rollback()
+                raise
+            finally:
+                raw.close()  # back to the pool
             for it, r in zip(batch, results):
                 it.result = r
         except BaseException as e:  # noqa: BLE001 - handed to the caller, never swallowed

@@ -9,6 +9,7 @@ bug in pacsvault, not in the test.
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -21,6 +22,7 @@ from sqlalchemy.exc import OperationalError
 from archive.catalog import repo
 from archive.catalog.engine import make_engine, schema_is_current, upgrade
 from archive.catalog.models import Copy, Instance, Patient, Series, Study
+from archive.catalog.fastpath import RawTx
 from archive.catalog.uow import Catalog, UnitOfWork
 from archive.config.schema import CatalogSettings, Settings, SiteSettings
 from archive.dicom.attributes import read_attributes
@@ -265,18 +267,18 @@ def test_odd_strings_are_stored(env: Env, case: str) -> None:
     assert env.ingest.store(req(m)).outcome is Outcome.DUPLICATE
 
 
-def _failing_commit(self: UnitOfWork) -> None:
+def _failing_commit(self: RawTx) -> None:
     """A catalog that fails at COMMIT (disk full, I/O error, lost connection)."""
-    raise OperationalError("COMMIT", {}, Exception("injected: database or disk is full"))
+    raise sqlite3.OperationalError("injected: database or disk is full")
 
 
 def test_catalog_failure_at_commit_is_not_acknowledged(env: Env, monkeypatch) -> None:  # noqa: ANN001
     m = make_instance(env.tmp / "in" / "1.dcm", size=2000)
-    real = UnitOfWork.commit
-    monkeypatch.setattr(UnitOfWork, "commit", _failing_commit)
+    real = RawTx.commit
+    monkeypatch.setattr(RawTx, "commit", _failing_commit)
     r = env.ingest.store(req(m))
     assert r.outcome is Outcome.CATALOG_DOWN and not r.acknowledged
-    monkeypatch.setattr(UnitOfWork, "commit", real)
+    monkeypatch.setattr(RawTx, "commit", real)
     assert env.count(Instance) == env.count(Study) == env.count(Patient) == 0
     # The peer retries; the copies already on the sites are reused.
     assert env.ingest.store(req(m)).outcome is Outcome.STORED
@@ -293,10 +295,10 @@ def test_cached_parent_ids_do_not_outlive_a_rolled_back_commit(env: Env, monkeyp
     x2 = make_instance(env.tmp / "in" / "x2.dcm", size=2000, patient_id="PAT-X",
                        study_uid=x1.study_uid, series_uid=x1.series_uid)
     y1 = make_instance(env.tmp / "in" / "y1.dcm", size=2000, patient_id="PAT-Y")
-    real = UnitOfWork.commit
-    monkeypatch.setattr(UnitOfWork, "commit", _failing_commit)
+    real = RawTx.commit
+    monkeypatch.setattr(RawTx, "commit", _failing_commit)
     assert env.ingest.store(req(x1)).outcome is Outcome.CATALOG_DOWN
-    monkeypatch.setattr(UnitOfWork, "commit", real)
+    monkeypatch.setattr(RawTx, "commit", real)
     assert env.ingest.store(req(y1)).outcome is Outcome.STORED
     assert env.ingest.store(req(x2)).outcome is Outcome.STORED
     rows = env.rows(

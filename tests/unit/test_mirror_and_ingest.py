@@ -127,11 +127,11 @@ def test_group_commit_batches_and_isolates_failures(tmp_path):
     results, errors = [], []
 
     def job(i):
-        def work(s):
+        def work(tx):
             if i == 3:
-                s.execute(text("INSERT INTO no_such_table VALUES (1)"))
-            s.execute(text("INSERT INTO peers (ae_title, host, port, created_at) "
-                           "VALUES (:a, 'h', NULL, '2024-01-01')"), {"a": f"AE{i}"})
+                tx.cur.execute("INSERT INTO no_such_table VALUES (1)")
+            tx.cur.execute("INSERT INTO peers (ae_title, host, port, created_at) "
+                           "VALUES (?, 'h', NULL, '2024-01-01')", (f"AE{i}",))
             return i
         try:
             results.append(gc.run(work))

@@ -1,0 +1,119 @@
+"""The ingest hot path's SQL, on a bare DBAPI connection.
+
+Every C-STORE runs a handful of tiny statements. Through SQLAlchemy each cost
+about 0.3 ms of Python (compilation cache keys, result processing, session
+bookkeeping) against 0.03 ms in SQLite itself; under four associations that
+Python, holding the GIL, was the daemon's ceiling (measured in
+docs/performance.md). These few statements are therefore written once here, for
+both dialects; everything else uses SQLAlchemy. Values are always bound, never
+formatted into SQL. Timestamps are stored exactly as SQLAlchemy stores them, so
+the ORM reads these rows back unchanged.
+"""
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timezone
+from typing import Any
+
+import psycopg
+from sqlalchemy import exc as sa_exc
+
+# What callers catch: a unique/foreign-key violation (a concurrent writer won), and
+# any other database failure (locked, gone, disk full).
+INTEGRITY_ERRORS = (sqlite3.IntegrityError, psycopg.IntegrityError, sa_exc.IntegrityError)
+DATABASE_ERRORS = (sqlite3.Error, psycopg.Error, sa_exc.DBAPIError, sa_exc.OperationalError)
+
+
+class RawTx:
+    def __init__(self, dbapi_conn: Any, dialect: str) -> None:
+        self.conn = dbapi_conn
+        self.sqlite = dialect == "sqlite"
+        self.cur = dbapi_conn.cursor()
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.sqlite else sql.replace("?", "%s")
+
+    def _ts(self, t: datetime) -> Any:
+        if not self.sqlite:
+            return t
+        # SQLAlchemy's SQLite DateTime storage format (naive UTC).
+        return t.astimezone(timezone.utc).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+    def one(self, sql: str, params: tuple) -> Any:
+        self.cur.execute(self._sql(sql), params)
+        row = self.cur.fetchone()
+        return None if row is None else row[0]
+
+    def begin(self) -> None:
+        if self.sqlite:
+            # Take the write lock up front: a deferred transaction that read and then
+            # found another writer's commit fails with SQLITE_BUSY_SNAPSHOT at once.
+            self.cur.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.conn.commit()
+
+    # -- statements ------------------------------------------------------------
+    def versions_of(self, sop_uid: str) -> list[tuple[int, str]]:
+        self.cur.execute(self._sql("SELECT version, sha256 FROM instances WHERE sop_uid = ?"),
+                         (sop_uid,))
+        return [(int(v), s) for v, s in self.cur.fetchall()]
+
+    def ensure_patient(self, patient_id: str, issuer: str, name: str, birth_date: str,
+                       sex: str) -> int:
+        q = "SELECT id FROM patients WHERE patient_id = ? AND issuer = ?"
+        found = self.one(q, (patient_id, issuer))
+        if found is None:
+            self.cur.execute(self._sql(
+                "INSERT INTO patients (patient_id, issuer, name, birth_date, sex) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                (patient_id, issuer, name, birth_date, sex))
+            found = self.one(q, (patient_id, issuer))
+        return int(found)
+
+    def ensure_study(self, study_uid: str, patient_fk: int, now: datetime, study_date: str,
+                     study_time: str, accession: str, description: str, calling_ae: str) -> int:
+        q = "SELECT id FROM studies WHERE study_uid = ?"
+        found = self.one(q, (study_uid,))
+        if found is None:
+            self.cur.execute(self._sql(
+                "INSERT INTO studies (study_uid, patient_fk, study_date, study_time, accession, "
+                "description, calling_ae, first_received_at, last_received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                (study_uid, patient_fk, study_date, study_time, accession, description,
+                 calling_ae, self._ts(now), self._ts(now)))
+            found = self.one(q, (study_uid,))
+        return int(found)
+
+    def touch_study(self, study_fk: int, now: datetime) -> None:
+        self.cur.execute(self._sql("UPDATE studies SET last_received_at = ? WHERE id = ?"),
+                         (self._ts(now), study_fk))
+
+    def ensure_series(self, series_uid: str, study_fk: int, modality: str,
+                      series_number: str) -> int:
+        q = "SELECT id FROM series WHERE series_uid = ?"
+        found = self.one(q, (series_uid,))
+        if found is None:
+            self.cur.execute(self._sql(
+                "INSERT INTO series (series_uid, study_fk, modality, series_number) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                (series_uid, study_fk, modality, series_number))
+            found = self.one(q, (series_uid,))
+        return int(found)
+
+    def insert_instance(self, *, sop_uid: str, version: int, series_fk: int, study_fk: int,
+                        sop_class: str, transfer_syntax: str, size: int, sha256: str,
+                        received_at: datetime, calling_ae: str, conflict: bool) -> int:
+        return int(self.one(
+            "INSERT INTO instances (sop_uid, version, series_fk, study_fk, sop_class, "
+            "transfer_syntax, size, sha256, received_at, calling_ae, conflict) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (sop_uid, version, series_fk, study_fk, sop_class, transfer_syntax, size, sha256,
+             self._ts(received_at), calling_ae, conflict)))
+
+    def insert_copies(self, rows: list[tuple[int, str, str, str, datetime | None]]) -> None:
+        self.cur.executemany(self._sql(
+            "INSERT INTO copies (instance_fk, location, key, state, verified_at) "
+            "VALUES (?, ?, ?, ?, ?)"),
+            [(i, loc, key, state, None if at is None else self._ts(at))
+             for i, loc, key, state, at in rows])
