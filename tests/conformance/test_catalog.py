@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, inspect, select, text, update
-from sqlalchemy.exc import OperationalError
 
 from archive.catalog import repo
 from archive.catalog.engine import make_engine, schema_is_current, upgrade
 from archive.catalog.models import Copy, Instance, Patient, Series, Study
 from archive.catalog.fastpath import RawTx
-from archive.catalog.uow import Catalog, UnitOfWork
+from archive.catalog.uow import Catalog
 from archive.config.schema import CatalogSettings, Settings, SiteSettings
 from archive.dicom.attributes import read_attributes
 from archive.dicom.part10 import dataset_offset

@@ -92,8 +92,8 @@ def test_two_peers_push_one_study_at_once(pg_daemon, tmp_path: Path) -> None:
     """Two associations (two worker processes) create the same new study concurrently."""
     daemon, url = pg_daemon
     first = make_ct_series(tmp_path / "one", 15, size=16 * 1024, seed=3)
-    second = make_ct_series(tmp_path / "two", 15, size=16 * 1024, seed=4,
-                            study_uid=first[0].study_uid)
+    make_ct_series(tmp_path / "two", 15, size=16 * 1024, seed=4,
+                   study_uid=first[0].study_uid)
     results: dict[str, int] = {}
 
     def push(aet: str, d: Path) -> None:
