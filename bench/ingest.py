@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,10 +116,9 @@ def materialize(t: Template, directory: Path, rng: random.Random) -> list[Path]:
 
 
 # -- receivers ---------------------------------------------------------------------------
-def _pgid_cpu_seconds(pgid: int) -> float:
-    """CPU (user+system, including reaped children) of every process in a process group."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+def _pgid_own_cpu() -> dict[int, dict[int, int]]:
+    """pgid -> {pid: own user+system ticks} for every process on the machine."""
+    out: dict[int, dict[int, int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -127,9 +127,70 @@ def _pgid_cpu_seconds(pgid: int) -> float:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # fields[0] is state; pgrp is field 5 of stat
-            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    return total / tick
+        # after the command name: state ppid pgrp ... utime(11) stime(12)
+        out.setdefault(int(fields[2]), {})[int(entry)] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def _own_ticks(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])
+
+
+class CpuMeter:
+    """CPU time (user+system) of a receiver's process group during one round.
+
+    Own times of every process in the group are read at the start and the end.
+    A receiver that forks a short-lived child per association (storescp --fork,
+    whose children are reaped automatically and take their times with them) is
+    also watched every ``interval`` seconds: the root's children are read from
+    /proc/PID/task/PID/children, so at most ``interval`` of a child's CPU is lost.
+    Own times only, so a parent's cutime is never counted twice.
+    """
+
+    def __init__(self, pgid: int, forks_children: bool = False, interval: float = 0.02) -> None:
+        self.pgid, self.forks_children, self.interval = pgid, forks_children, interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample_group(self) -> None:
+        for pid, ticks in _pgid_own_cpu().get(self.pgid, {}).items():
+            self._last[pid] = max(ticks, self._last.get(pid, 0))
+
+    def _sample_children(self) -> None:
+        try:
+            with open(f"/proc/{self.pgid}/task/{self.pgid}/children") as f:
+                pids = [int(x) for x in f.read().split()]
+        except OSError:
+            return
+        for pid in pids:
+            ticks = _own_ticks(pid)
+            if ticks is not None:
+                self._last[pid] = max(ticks, self._last.get(pid, 0))
+
+    def __enter__(self) -> "CpuMeter":
+        self._base = dict(_pgid_own_cpu().get(self.pgid, {}))
+        self._last = dict(self._base)
+        if self.forks_children:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample_children()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample_group()
+        ticks = sum(t - self._base.get(pid, 0) for pid, t in self._last.items())
+        self.seconds = ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Receiver:
@@ -137,6 +198,7 @@ class Receiver:
     aet: str
     port: int
     pgid: int
+    forks_children = False
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
@@ -144,9 +206,6 @@ class Receiver:
     def describe(self) -> dict: return {}
     def log_summary(self) -> dict: return {}
     def after_round(self) -> None: ...
-
-    def cpu(self) -> float:
-        return _pgid_cpu_seconds(self.pgid)
 
 
 class PacsvaultReceiver(Receiver):
@@ -217,6 +276,7 @@ class OrthancReceiver(Receiver):
 
 class StorescpReceiver(Receiver):
     name, aet = "storescp", "STORESCP"
+    forks_children = True
 
     def __init__(self, workdir: Path) -> None:
         self.scp = StoreSCP(workdir, aet="STORESCP", fork=True, promiscuous=False)
@@ -284,7 +344,15 @@ class Run:
     exit_codes: list[int]
     server_cpu_s: float
     client_cpu_s: float
-    loadavg_before: float  # 1-minute load average before the round (is the machine quiet?)
+    loadavg_before: float  # 1-minute load average before the round
+    machine_busy_s: float = 0.0   # CPU time used by everything on the machine during the round
+    steal_s: float = 0.0          # time the hypervisor gave our vCPUs to someone else
+
+    @property
+    def other_cpu_s(self) -> float:
+        """CPU used during the round by neither the receiver nor storescu (other jobs, the
+        kernel's write-back threads, this harness): is the machine quiet?"""
+        return max(0.0, self.machine_busy_s - self.server_cpu_s - self.client_cpu_s)
 
     @property
     def ok(self) -> bool:
@@ -320,14 +388,36 @@ class Result:
     def server_cores(self) -> float:
         return statistics.median(r.server_cpu_s / r.seconds for r in self.runs)
 
+    @property
+    def other_cores(self) -> float:
+        return statistics.median(r.other_cpu_s / r.seconds for r in self.runs)
+
+    @property
+    def steal_cores(self) -> float:
+        return statistics.median(r.steal_s / r.seconds for r in self.runs)
+
+    @property
+    def server_cpu_ms_per_object(self) -> float:
+        return statistics.median(1000 * r.server_cpu_s / r.objects for r in self.runs)
+
     def to_json(self) -> dict:
         return {"system": self.system, "dataset": self.dataset, "associations": self.associations,
                 "objects": self.objects, "bytes": self.bytes, "ok": self.ok,
                 "seconds_median": self.seconds, "objects_per_s": self.objects_per_s,
                 "mb_per_s": self.mb_per_s, "server_cpu_cores": self.server_cores,
-                "server_cpu_ms_per_object": statistics.median(
-                    1000 * r.server_cpu_s / r.objects for r in self.runs),
-                "runs": [asdict(r) | {"ok": r.ok} for r in self.runs]}
+                "server_cpu_ms_per_object": self.server_cpu_ms_per_object,
+                "other_cpu_cores": self.other_cores, "steal_cores": self.steal_cores,
+                "runs": [asdict(r) | {"ok": r.ok, "other_cpu_s": r.other_cpu_s}
+                         for r in self.runs]}
+
+
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, steal) seconds summed over all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v[:8]
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 def _client_cpu() -> float:
@@ -343,13 +433,15 @@ def run_round(r: Receiver, t: Template, associations: int, work: Path, rng: rand
     before = r.count()
     os.sync()
     load = os.getloadavg()[0]
-    cpu0, ccpu0 = r.cpu(), _client_cpu()
-    seconds, codes = push(r, files, associations, logdir)
-    cpu1, ccpu1 = r.cpu(), _client_cpu()
+    ccpu0, m0 = _client_cpu(), _machine_cpu()
+    with CpuMeter(r.pgid, r.forks_children) as meter:
+        seconds, codes = push(r, files, associations, logdir)
+    ccpu1, m1 = _client_cpu(), _machine_cpu()
     stored = r.count() - before
     r.after_round()
     shutil.rmtree(round_dir, ignore_errors=True)
-    return Run(seconds, len(files), t.total_bytes, stored, codes, cpu1 - cpu0, ccpu1 - ccpu0, load)
+    return Run(seconds, len(files), t.total_bytes, stored, codes, meter.seconds, ccpu1 - ccpu0,
+               load, m1[0] - m0[0], m1[1] - m0[1])
 
 
 def ratios(results: list[Result]) -> list[dict]:
@@ -376,7 +468,8 @@ def ratios(results: list[Result]) -> list[dict]:
 def format_table(results: list[Result], rat: list[dict]) -> str:
     rmap = {(x["dataset"], x["associations"]): x for x in rat}
     head = (f"{'system':<10} {'dataset':<10} {'assoc':>5} {'objects':>7} {'objects/s':>10} "
-            f"{'MB/s':>8} {'srv CPU':>7} {'pv/Orthanc':>10} {'pv/storescp':>11}")
+            f"{'MB/s':>8} {'srv CPU':>7} {'ms CPU/obj':>10} {'other':>5} {'steal':>5} "
+            f"{'pv/Orthanc':>10} {'pv/storescp':>11}")
     lines = [head, "-" * len(head)]
 
     def fmt(v: float | None, met: bool | None) -> str:
@@ -392,9 +485,13 @@ def format_table(results: list[Result], rat: list[dict]) -> str:
         lines.append(
             f"{res.system:<10} {DATASETS[res.dataset].label:<10} {res.associations:>5} "
             f"{res.objects:>7} {ops:>10} {res.mb_per_s:>8.1f} {res.server_cores:>6.2f}c "
+            f"{res.server_cpu_ms_per_object:>10.1f} {res.other_cores:>5.2f} {res.steal_cores:>5.2f} "
             f"{fmt(rr.get('pacsvault_vs_orthanc'), rr.get('target_vs_orthanc_met')):>10} "
             f"{fmt(rr.get('pacsvault_vs_storescp'), rr.get('target_vs_storescp_met')):>11}")
-    lines.append("srv CPU: receiver CPU time / wall time (cores busy). "
+    lines.append("srv CPU: receiver CPU time / wall time (cores busy); ms CPU/obj: receiver CPU "
+                 "time per object (user+system, all its processes); other: cores used by "
+                 "anything else (other jobs, kernel write-back, this harness); steal: cores the "
+                 "hypervisor took. Medians of the rounds. "
                  "ok / !: meets / misses the issue's target (>= 1.0 x Orthanc everywhere, "
                  ">= 0.5 x storescp on CT and large).")
     return "\n".join(lines)
@@ -425,7 +522,21 @@ def machine() -> dict:
             "kernel": platform.release(), "python": platform.python_version(),
             "dcmtk": _tool_version(["storescu", "--version"]),
             "orthanc": _tool_version([orthanc_binary() or "Orthanc", "--version"]),
-            "pacsvault": _tool_version([PACSVAULT, "--version"])}
+            "pacsvault": _tool_version([PACSVAULT, "--version"]),
+            "pacsvault_git": _git_revision()}
+
+
+def _git_revision() -> str:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--",
+                                "archive", "tiers", "replication"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (rev or "?") + (" (daemon code modified)" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(a, n) is not None:
             counts[n] = getattr(a, n)
 
+    mach = machine()  # before the daemon starts: the code revision it runs
     work = Path(tempfile.mkdtemp(prefix="pacsvault-bench-", dir=a.workdir))
     logdir = work / "logs"
     logdir.mkdir()
@@ -513,9 +625,12 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{run.objects}, exit codes {run.exit_codes}"),
                               file=sys.stderr)
         if "pacsvault" in receivers:
-            st = receivers["pacsvault"].status()  # type: ignore[attr-defined]
-            report["pacsvault_status"] = {k: st[k] for k in ("instances", "studies", "conflicts",
-                                                             "under_replicated", "healthy")}
+            try:
+                st = receivers["pacsvault"].status()  # type: ignore[attr-defined]
+                report["pacsvault_status"] = {k: st.get(k) for k in (
+                    "instances", "studies", "conflicts", "under_replicated", "healthy")}
+            except Exception as e:  # noqa: BLE001 - report it, keep the measurements
+                report["pacsvault_status"] = {"error": str(e)[:2000]}
     finally:
         for r in receivers.values():
             try:
@@ -534,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": repeat,
         "client": "dcmtk storescu, TCP_NODELAY=1; N associations = N storescu processes, "
                   "each sending 1/N of the files",
-        "machine": machine(),
+        "machine": mach,
         "datasets": {n: {"label": DATASETS[n].label, "objects": len(templates[n].files),
                          "bytes": templates[n].total_bytes,
                          "object_bytes": templates[n].total_bytes // max(1, len(templates[n].files))}
