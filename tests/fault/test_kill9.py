@@ -54,7 +54,13 @@ def test_kill9_mid_push_loses_nothing_acknowledged(instance: Path, tmp_path: Pat
                                   on_ack=lambda p, s: s == 0 and acked.append(p)))
     sender.start()
     if case == "random":
-        time.sleep(rng.uniform(0.2, 1.2))
+        # A random moment, placed by progress rather than by the clock, so that a
+        # faster daemon cannot finish the push before the kill lands.
+        kill_after = rng.randrange(2, N - 10)
+        deadline = time.monotonic() + 60
+        while len(acked) < kill_after and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.02))
     else:
         deadline = time.monotonic() + 60
         while "exited" not in d.log() and time.monotonic() < deadline:  # the worker killed itself
