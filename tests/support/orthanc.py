@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -21,6 +20,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.process import LoggedProcess
 from tests.support.daemon import free_port
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
@@ -41,8 +41,10 @@ class OrthancError(RuntimeError):
 
 
 @dataclass
-class Orthanc:
+class Orthanc(LoggedProcess):
     """One Orthanc process. ``modalities`` maps a symbolic name to (AET, host, port)."""
+
+    stop_timeout = 20  # Orthanc flushes its index on SIGTERM
 
     workdir: Path
     aet: str = "ORTHANC"
@@ -114,27 +116,6 @@ class Orthanc:
         self.stop()
         raise RuntimeError(f"Orthanc did not answer GET /system within {timeout}s:\n{self.log()}")
 
-    def stop(self, timeout: float = 20) -> None:
-        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
-
-    def __enter__(self) -> "Orthanc":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def log(self) -> str:
-        path = getattr(self, "log_path", None)
-        return path.read_text(errors="replace") if path and path.exists() else ""
 
     # -- REST -------------------------------------------------------------------
     @property

@@ -7,14 +7,13 @@ algorithm on otherwise). Ready when ``echoscu`` gets an answer.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.process import LoggedProcess
 from tests.support.daemon import dcmtk_env, echoscu, free_port
 
 
@@ -23,7 +22,7 @@ def storescp_binary() -> str | None:
 
 
 @dataclass
-class StoreSCP:
+class StoreSCP(LoggedProcess):
     workdir: Path
     aet: str = "STORESCP"
     port: int = 0
@@ -62,30 +61,6 @@ class StoreSCP:
         self.stop()
         raise RuntimeError(f"storescp did not answer C-ECHO within {timeout}s:\n{self.log()}")
 
-    def stop(self, timeout: float = 10) -> None:
-        """SIGTERM the process group (the listener and any forked children), then SIGKILL."""
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(10)
-
-    def __enter__(self) -> "StoreSCP":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def log(self) -> str:
-        path = getattr(self, "log_path", None)
-        return path.read_text(errors="replace") if path and path.exists() else ""
 
     def received(self) -> list[Path]:
         return sorted(p for p in self.outdir.iterdir() if p.is_file())
