@@ -1,0 +1,163 @@
+"""Study bundles: many instances in one object, each readable with one ranged GET.
+
+Format ``pacsvault-bundle`` version 1 (docs/formats/study-bundle.md):
+
+    frame 1 .. n   one zstd frame per instance: its Part 10 file, compressed alone
+    manifest       one zstd frame: UTF-8 JSON naming every instance and its frame
+    trailer        one zstd *skippable* frame (64 bytes): where the manifest is
+
+The whole bundle is a valid zstd stream (``zstd -d`` skips the trailer), every
+instance is an independent frame (a flipped byte damages one instance, and one
+instance costs one ranged read), and the index sits at the end so the writer
+never seeks back. Nothing here knows about the catalog or S3: a bundle is read
+with only its bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import BinaryIO, Callable, Iterable
+
+import zstandard
+
+FORMAT = "pacsvault-bundle"
+VERSION = 1
+TRAILER_SIZE = 64
+_SKIPPABLE_MAGIC = 0x184D2A5B          # zstd skippable frame, nibble B
+_TRAILER_MAGIC = b"PVBUNDL1"
+_CHUNK = 1024 * 1024
+
+
+class BundleError(ValueError):
+    """The bytes are not a readable bundle (truncated, tampered, other format)."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One instance to put in a bundle; ``open`` yields its Part 10 bytes."""
+
+    sop_uid: str
+    series_uid: str
+    sop_class: str
+    transfer_syntax: str
+    size: int
+    sha256: str
+    open: Callable[[], BinaryIO]
+    version: int = 1
+
+
+@dataclass
+class Written:
+    size: int = 0
+    sha256: str = ""
+    manifest: dict = field(default_factory=dict)
+
+
+class _HashingWriter:
+    """Counts and hashes everything written to the bundle (its object checksum)."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.h = hashlib.sha256()
+        self.n = 0
+
+    def write(self, b: bytes) -> int:
+        self.out.write(b)
+        self.h.update(b)
+        self.n += len(b)
+        return len(b)
+
+
+def write_bundle(out: BinaryIO, study: dict, members: Iterable[Member], *, level: int = 3,
+                 now: datetime | None = None) -> Written:
+    """Stream a bundle to ``out`` (never seeks). Each member's SHA-256 and size are
+    re-checked while compressing; a mismatch raises BundleError before the manifest
+    is written, so an incomplete bundle has no trailer and is never mistaken for one."""
+    w = _HashingWriter(out)
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    entries = []
+    for m in members:
+        offset = w.n
+        h = hashlib.sha256()
+        size = 0
+        with m.open() as src, cctx.stream_writer(w, size=m.size, closefd=False) as z:
+            while chunk := src.read(_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+                z.write(chunk)
+        if size != m.size or h.hexdigest() != m.sha256:
+            raise BundleError(f"member {len(entries)} does not match its expected size/SHA-256")
+        entries.append({
+            "sop_uid": m.sop_uid, "series_uid": m.series_uid, "sop_class": m.sop_class,
+            "transfer_syntax": m.transfer_syntax, "version": m.version,
+            "size": m.size, "sha256": m.sha256, "offset": offset, "length": w.n - offset,
+        })
+    manifest = {
+        "format": FORMAT, "version": VERSION, "bundle_id": str(uuid.uuid4()),
+        "created_at": (now or datetime.now(timezone.utc)).isoformat(),
+        "study": study, "instances": entries,
+    }
+    frame = cctx.compress(json.dumps(manifest, sort_keys=True, ensure_ascii=False).encode())
+    manifest_offset = w.n
+    w.write(frame)
+    payload = (_TRAILER_MAGIC + struct.pack("<QQ", manifest_offset, len(frame))
+               + hashlib.sha256(frame).digest())
+    w.write(struct.pack("<II", _SKIPPABLE_MAGIC, len(payload)) + payload)
+    return Written(w.n, w.h.hexdigest(), manifest)
+
+
+def parse_trailer(last: bytes, bundle_size: int) -> tuple[int, int, bytes]:
+    """(manifest offset, manifest length, manifest frame SHA-256) from the last 64 bytes."""
+    if len(last) != TRAILER_SIZE:
+        raise BundleError("bundle shorter than its trailer")
+    magic, n = struct.unpack_from("<II", last, 0)
+    if magic != _SKIPPABLE_MAGIC or n != TRAILER_SIZE - 8 or last[8:16] != _TRAILER_MAGIC:
+        raise BundleError("no bundle trailer (truncated, or not a pacsvault bundle)")
+    offset, length = struct.unpack_from("<QQ", last, 16)
+    if offset + length + TRAILER_SIZE != bundle_size:
+        raise BundleError("trailer does not match the bundle's size")
+    return offset, length, last[32:64]
+
+
+def parse_manifest(frame: bytes, sha256: bytes) -> dict:
+    if hashlib.sha256(frame).digest() != sha256:
+        raise BundleError("manifest does not match the SHA-256 in the trailer")
+    try:
+        manifest = json.loads(zstandard.ZstdDecompressor().decompress(frame))
+    except (zstandard.ZstdError, ValueError) as e:
+        raise BundleError(f"manifest unreadable: {type(e).__name__}") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise BundleError("unsupported bundle format or version")
+    return manifest
+
+
+def extract(frame: bytes, entry: dict) -> bytes:
+    """Decompress one instance's frame and check it against the manifest's SHA-256."""
+    try:
+        data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=entry["size"])
+    except zstandard.ZstdError as e:
+        raise BundleError(f"instance frame unreadable: {e}") from None
+    if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise BundleError("instance does not match its SHA-256")
+    return data
+
+
+class BundleReader:
+    """Reads a bundle through ``read_range(offset, length) -> bytes`` (a file, a
+    ranged S3 GET): one read for the trailer, one for the manifest, one per instance."""
+
+    def __init__(self, read_range: Callable[[int, int], bytes], size: int) -> None:
+        self.read_range = read_range
+        self.size = size
+        if size < TRAILER_SIZE:
+            raise BundleError("bundle shorter than its trailer")
+        off, length, sha = parse_trailer(read_range(size - TRAILER_SIZE, TRAILER_SIZE), size)
+        self.manifest = parse_manifest(read_range(off, length), sha)
+        self.by_sop = {(e["sop_uid"], e.get("version", 1)): e for e in self.manifest["instances"]}
+
+    def read(self, entry: dict) -> bytes:
+        return extract(self.read_range(entry["offset"], entry["length"]), entry)
