@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import pg
 from tests.support.daemon import Daemon, free_port, init_instance
+from tests.support.needs import missing
 
 
 @pytest.fixture(autouse=True)
@@ -21,9 +23,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is required in CI (install it with deploy/install.sh --test)")
-        pytest.skip(f"{name} not installed")
+        missing(f"{name} not installed")
     return path
 
 
@@ -49,3 +49,12 @@ def daemon(instance: Path):
 
 def site_paths(config: Path) -> dict[str, Path]:
     return {"site-a": config.parent / "sites" / "a", "site-b": config.parent / "sites" / "b"}
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One real PostgreSQL per test session (catalog suite and serve-on-PostgreSQL)."""
+    pg.require_pg()
+    server = pg.shared_server()
+    yield server
+    pg.stop_shared()

@@ -15,14 +15,6 @@ import pytest
 from tests.support import pg
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[pg.PgServer]:
-    pg.require_pg()
-    server = pg.shared_server()
-    yield server
-    pg.stop_shared()
-
-
 @pytest.fixture
 def pg_url(pg_server: pg.PgServer) -> Iterator[str]:
     """A fresh, empty database on the session's server."""

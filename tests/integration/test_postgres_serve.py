@@ -22,14 +22,6 @@ from tests.support.verify import audit
 pytestmark = [pytest.mark.needs_pg, pytest.mark.needs_dcmtk, pytest.mark.timeout(300)]
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[pg.PgServer]:
-    pg.require_pg()
-    server = pg.shared_server()
-    yield server
-    pg.stop_shared()
-
-
 @pytest.fixture
 def pg_daemon(pg_server: pg.PgServer, tmp_path: Path) -> Iterator[tuple[Daemon, str]]:
     require_tool("storescu")

