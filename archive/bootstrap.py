@@ -31,3 +31,16 @@ def open_sites(settings: Settings) -> list[FilesystemBackend]:
                           verify_read=settings.ingest.verify_read)
         for s in settings.sites
     ]
+
+
+def open_object_tier(settings: Settings):  # noqa: ANN201 - a tiers.backend.Backend
+    """The long-term tier: a local directory (embedded default) or an S3 bucket.
+    Bundles are large and verified once, so the directory tier reads back from
+    the device like the sites do."""
+    o = settings.objects
+    if o.kind == "s3":
+        from tiers.s3 import S3Backend, S3Settings
+
+        return S3Backend(o.name, S3Settings(**o.s3.model_dump()))
+    return FilesystemBackend(o.name, o.path, min_free_bytes=settings.ingest.min_free_bytes,
+                             verify_read=settings.ingest.verify_read)

@@ -16,6 +16,11 @@ Known points (grep for ``failpoints.hit``):
   ingest.before_commit     every site verified, catalog row not committed
   ingest.after_commit      catalog committed, C-STORE response not sent
   s3.before_complete       every part uploaded and hashed, multipart not completed
+  migrate.after_bundle_row bundle built locally, catalog says 'pending', nothing uploaded
+  migrate.after_upload     bundle stored and verified on the tier, catalog still 'pending'
+  migrate.after_tier_commit  tier copies committed, online copies not yet touched
+  migrate.mid_purge        online copies marked 'purging', one file deleted
+  recall.mid_write         some recalled instances written back, others not yet
 """
 from __future__ import annotations
 

@@ -45,6 +45,10 @@ class ObjectExists(BackendError):
     """{} failed on {}: a different object already exists under {}"""
 
 
+class ObjectLocked(BackendError):
+    """{} failed on {}: object is under Object Lock retention: {}"""
+
+
 class CopyCorrupt(BackendError):
     """{} failed on {}: read-back does not match the expected SHA-256: {}"""
 
@@ -56,6 +60,8 @@ class ObjectInfo:
     key: str
     size: int
     sha256: str | None = None  # known when the backend just verified it
+    version_id: str | None = None   # S3 versioned buckets: the version written
+    checksum: str | None = None     # the server's own checksum of what it stored
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,13 @@ class Backend(Protocol):
     def delete(self, key: str) -> None: ...
 
     def health(self) -> SiteHealth: ...
+
+    def verify(self, key: str, sha256: str, size: int, *, checksum: str | None = None,
+               version_id: str | None = None) -> bool:
+        """Does the stored object hold exactly these bytes? Reads it back, or
+        compares the server-computed ``checksum`` recorded at upload (S3).
+        Raises ObjectNotFound when it is gone."""
+        ...
 
 
 class RangedReader(Protocol):

@@ -48,6 +48,11 @@ class Member:
     sha256: str
     open: Callable[[], BinaryIO]
     version: int = 1
+    # Further sources of the same bytes (the mirror copy), tried in order when
+    # one is unreadable or does not match ``sha256``; needs a seekable output.
+    alternatives: tuple[Callable[[], BinaryIO], ...] = ()
+    # More catalog facts for the manifest entry (received_at, calling_ae, ...).
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -55,15 +60,20 @@ class Written:
     size: int = 0
     sha256: str = ""
     manifest: dict = field(default_factory=dict)
+    # (sop_uid, source index, reason) for every source that failed and was skipped.
+    bad_sources: list = field(default_factory=list)
 
 
 class _HashingWriter:
-    """Counts and hashes everything written to the bundle (its object checksum)."""
+    """Counts and hashes everything written to the bundle (its object checksum).
+    ``mark`` saves the hash state at a frame's start, so ``rewind`` can drop a
+    frame whose source turned out bad without re-reading what came before."""
 
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
         self.h = hashlib.sha256()
         self.n = 0
+        self._mark = (0, self.h.copy())
 
     def write(self, b: bytes) -> int:
         self.out.write(b)
@@ -71,33 +81,56 @@ class _HashingWriter:
         self.n += len(b)
         return len(b)
 
+    def mark(self) -> None:
+        self._mark = (self.n, self.h.copy())
+
+    def rewind(self, offset: int) -> None:
+        if offset != self._mark[0]:
+            raise BundleError("can only rewind to the last mark")
+        self.out.seek(offset)
+        self.out.truncate(offset)
+        self.n, self.h = offset, self._mark[1].copy()
+
+    def finish(self) -> str:
+        return self.h.hexdigest()
+
 
 def write_bundle(out: BinaryIO, study: dict, members: Iterable[Member], *, level: int = 3,
-                 now: datetime | None = None) -> Written:
-    """Stream a bundle to ``out`` (never seeks). Each member's SHA-256 and size are
-    re-checked while compressing; a mismatch raises BundleError before the manifest
-    is written, so an incomplete bundle has no trailer and is never mistaken for one."""
+                 now: datetime | None = None, bundle_id: str | None = None) -> Written:
+    """Stream a bundle to ``out``. Each member's SHA-256 and size are re-checked
+    while compressing. On a mismatch (or an unreadable source) a seekable ``out``
+    is cut back to the frame's start and the member's next source is tried;
+    otherwise, or when no source matches, BundleError is raised before the
+    manifest is written, so an incomplete bundle has no trailer and is never
+    mistaken for one. A non-seekable ``out`` is never seeked."""
     w = _HashingWriter(out)
+    seekable = hasattr(out, "seekable") and out.seekable()
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
     entries = []
+    bad: list = []
     for m in members:
         offset = w.n
-        h = hashlib.sha256()
-        size = 0
-        with m.open() as src, cctx.stream_writer(w, size=m.size, closefd=False) as z:
-            while chunk := src.read(_CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-                z.write(chunk)
-        if size != m.size or h.hexdigest() != m.sha256:
-            raise BundleError(f"member {len(entries)} does not match its expected size/SHA-256")
-        entries.append({
+        if seekable:
+            w.mark()
+        sources = (m.open, *m.alternatives)
+        for index, source in enumerate(sources):
+            why = _compress_member(cctx, w, m, source)
+            if why is None:
+                break
+            bad.append((m.sop_uid, index, why))
+            if not seekable or index == len(sources) - 1:
+                raise BundleError(f"member {len(entries)}: no source matches its "
+                                  f"size/SHA-256 ({why})")
+            w.rewind(offset)
+        entry = {
             "sop_uid": m.sop_uid, "series_uid": m.series_uid, "sop_class": m.sop_class,
             "transfer_syntax": m.transfer_syntax, "version": m.version,
             "size": m.size, "sha256": m.sha256, "offset": offset, "length": w.n - offset,
-        })
+        }
+        entry.update({k: v for k, v in m.extra.items() if k not in entry})
+        entries.append(entry)
     manifest = {
-        "format": FORMAT, "version": VERSION, "bundle_id": str(uuid.uuid4()),
+        "format": FORMAT, "version": VERSION, "bundle_id": bundle_id or str(uuid.uuid4()),
         "created_at": (now or datetime.now(timezone.utc)).isoformat(),
         "study": study, "instances": entries,
     }
@@ -107,7 +140,35 @@ def write_bundle(out: BinaryIO, study: dict, members: Iterable[Member], *, level
     payload = (_TRAILER_MAGIC + struct.pack("<QQ", manifest_offset, len(frame))
                + hashlib.sha256(frame).digest())
     w.write(struct.pack("<II", _SKIPPABLE_MAGIC, len(payload)) + payload)
-    return Written(w.n, w.h.hexdigest(), manifest)
+    return Written(w.n, w.finish(), manifest, bad)
+
+
+def _compress_member(cctx: zstandard.ZstdCompressor, w: "_HashingWriter", m: Member,
+                     source: Callable[[], BinaryIO]) -> str | None:
+    """Compress one source as one frame; None if it matched, else why not."""
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with source() as src, cctx.stream_writer(w, size=m.size, closefd=False) as z:
+            while chunk := src.read(_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+                if size > m.size:
+                    break
+                z.write(chunk)
+    except zstandard.ZstdError:  # the source's size differs from the frame header's
+        return "size differs"
+    except OSError as e:         # includes unreadable sources (BackendError is not one)
+        return f"unreadable: {type(e).__name__}"
+    except Exception as e:       # noqa: BLE001 - a backend error from source()
+        if not hasattr(e, "exit_code"):
+            raise
+        return f"unreadable: {e}"
+    if size != m.size:
+        return "size differs"
+    if h.hexdigest() != m.sha256:
+        return "SHA-256 differs"
+    return None
 
 
 def parse_trailer(last: bytes, bundle_size: int) -> tuple[int, int, bytes]:

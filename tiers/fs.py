@@ -224,7 +224,12 @@ class FilesystemBackend:
             offset += len(chunk)
         return h.hexdigest()
 
-    def open(self, key: str) -> BinaryIO:
+    def verify(self, key: str, sha256: str, size: int, *, checksum: str | None = None,
+               version_id: str | None = None) -> bool:
+        """Read the file back (from the device with verify_read='device')."""
+        return self.stat(key).size == size and self.sha256(key) == sha256
+
+    def open(self, key: str, *, version_id: str | None = None) -> BinaryIO:
         try:
             return open(self._path(key), "rb")
         except FileNotFoundError:
@@ -232,7 +237,8 @@ class FilesystemBackend:
         except OSError as e:
             raise self._classify("open", e) from None
 
-    def open_range(self, key: str, offset: int, length: int) -> BinaryIO:
+    def open_range(self, key: str, offset: int, length: int, *,
+                   version_id: str | None = None) -> BinaryIO:
         """Exactly ``length`` bytes from ``offset`` (tiers.backend.RangedReader)."""
         import io
 

@@ -20,6 +20,7 @@ from archive.uids import validate_uid
 
 LAYOUT_VERSION = 1
 _HEX16 = re.compile(r"^[0-9a-f]{16}$")
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 def _h(uid: str) -> str:
@@ -42,3 +43,14 @@ def instance_key(study_uid: str, sop_uid: str, conflict_sha256: str | None = Non
             raise ValueError("conflict tag must be hex")
         name = f"{sop_uid}.{tag}"
     return f"{study_prefix(study_uid)}{_h(sop_uid)[0]}/{name}.dcm"
+
+
+def bundle_key(study_uid: str, bundle_id: str) -> str:
+    """Key of a study bundle on the object tier (docs/formats/study-bundle.md):
+    ``bundles/<S[0:2]>/<S[2:4]>/<study-uid>/<bundle-uuid>.pvb``. No patient data:
+    the study UID is already part of every online key, the rest is random."""
+    study_uid = validate_uid(study_uid, "Study Instance")
+    if not _UUID.fullmatch(bundle_id):
+        raise ValueError("bundle id must be a lowercase UUID")
+    s = _h(study_uid)
+    return f"bundles/{s[0:2]}/{s[2:4]}/{study_uid}/{bundle_id}.pvb"

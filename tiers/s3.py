@@ -69,6 +69,7 @@ from tiers.backend import (
     CopyCorrupt,
     ObjectExists,
     ObjectInfo,
+    ObjectLocked,
     ObjectNotFound,
     Payload,
     SiteHealth,
@@ -87,10 +88,6 @@ READ_CHUNK = MiB
 _THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
               "TooManyRequests", "RequestTimeout", "ServiceUnavailable", "InternalError"}
 _BAD_DIGEST = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
-
-
-class ObjectLocked(BackendError):
-    """{} failed on {}: object is under Object Lock retention: {}"""
 
 
 # -- settings -----------------------------------------------------------------
@@ -339,7 +336,20 @@ class S3Backend:
             return same
         if not self._matches(full, version, payload.sha256, payload.size, composite=composite):
             self._remove_bad(full, key, version)
-        return ObjectInfo(key, payload.size, payload.sha256)
+        single = _b64(bytes.fromhex(payload.sha256)) if self.settings.checksum == "sha256" else None
+        return ObjectInfo(key, payload.size, payload.sha256, version,
+                          composite if composite is not None else single)
+
+    def verify(self, key: str, sha256: str, size: int, *, checksum: str | None = None,
+               version_id: str | None = None) -> bool:
+        """With verify='checksum', compare the server's SHA-256 of the stored
+        object (HEAD, no data transfer) with ``sha256``, or for a multipart
+        object with the composite ``checksum`` recorded at upload; otherwise,
+        or when the server keeps no checksum, read the object back. Naming
+        ``version_id`` checks that version: in a versioned (WORM) bucket a
+        later overwrite cannot hide the version we wrote."""
+        composite = checksum if checksum and "-" in checksum else None
+        return self._matches(self._full(key), version_id, sha256, size, composite=composite)
 
     def _existing(self, full: str, key: str, payload: Payload) -> ObjectInfo | None:
         """None if absent; the info if identical; else ObjectExists / CopyCorrupt."""
@@ -352,7 +362,8 @@ class S3Backend:
         if recorded is not None and recorded != payload.sha256:
             raise ObjectExists("put", self.name, key)
         if self._matches(full, _version_of(head), payload.sha256, payload.size, head=head):
-            return ObjectInfo(key, payload.size, payload.sha256)
+            return ObjectInfo(key, payload.size, payload.sha256, _version_of(head),
+                              head.get("ChecksumSHA256"))
         if recorded == payload.sha256:  # written as ours, but the bytes are not
             raise CopyCorrupt("put", self.name, f"{key} (stored copy damaged; repair with replace)")
         raise ObjectExists("put", self.name, key)
@@ -534,13 +545,15 @@ class S3Backend:
         return self._hash_remote(self._full(key), None)
 
     # -- reads -------------------------------------------------------------------
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str, *, version_id: str | None = None) -> BinaryIO:
         full = self._full(key)
+        vid = {"VersionId": version_id} if version_id else {}
         with self._errors("open", key):
-            body = self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
+            body = self.client.get_object(Bucket=self.bucket, Key=full, **vid)["Body"]
         return io.BufferedReader(_Body(self, key, body), READ_CHUNK)  # type: ignore[return-value]
 
-    def open_range(self, key: str, offset: int, length: int) -> BinaryIO:
+    def open_range(self, key: str, offset: int, length: int, *,
+                   version_id: str | None = None) -> BinaryIO:
         """Exactly ``length`` bytes from ``offset`` (a ranged GET). A range that
         does not lie wholly inside the object is an error, never a short read."""
         if offset < 0 or length < 1:
@@ -548,7 +561,8 @@ class S3Backend:
         full = self._full(key)
         with self._errors("open_range", key):
             r = self.client.get_object(Bucket=self.bucket, Key=full,
-                                       Range=f"bytes={offset}-{offset + length - 1}")
+                                       Range=f"bytes={offset}-{offset + length - 1}",
+                                       **({"VersionId": version_id} if version_id else {}))
         if r.get("ContentLength") != length:  # servers answer a range past the end short
             r["Body"].close()
             raise BackendError("open_range", self.name,

@@ -53,6 +53,7 @@ class Study(Base):
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_access_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    recalled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Series(Base):
@@ -93,7 +94,13 @@ class Instance(Base):
 
 
 class Copy(Base):
-    """Where one copy of an instance lives. state: ok | missing | corrupt."""
+    """Where one copy of an instance lives.
+
+    state: ok | missing (to be repaired) | corrupt | purging (an online copy being
+    deleted after a verified migration) | purged (deleted; the row keeps its key
+    so a recall puts the file back where it was). A copy on the object tier
+    points at its study bundle and the instance's frame in it.
+    """
 
     __tablename__ = "copies"
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -102,6 +109,9 @@ class Copy(Base):
     key: Mapped[str] = mapped_column(String(512))
     state: Mapped[str] = mapped_column(String(16))
     verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    bundle_fk: Mapped[int | None] = mapped_column(ForeignKey("bundles.id"), index=True)
+    frame_offset: Mapped[int | None] = mapped_column(BigInteger)
+    frame_length: Mapped[int | None] = mapped_column(BigInteger)
     __table_args__ = (
         UniqueConstraint("instance_fk", "location", name="uq_copy_location"),
         # under-replicated queue: WHERE location=? AND state='missing' ORDER BY id
@@ -122,3 +132,38 @@ class Peer(Base):
     port: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     __table_args__ = (UniqueConstraint("ae_title", "host", name="uq_peer"),)
+
+
+class Bundle(Base):
+    """One study bundle on the object tier (docs/formats/study-bundle.md).
+
+    state: pending (upload started; on a re-run it is adopted if the stored
+    object verifies, else abandoned) | ok | corrupt | abandoned.
+    """
+
+    __tablename__ = "bundles"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    bundle_uuid: Mapped[str] = mapped_column(String(36), unique=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    location: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(512))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    server_checksum: Mapped[str | None] = mapped_column(String(128))
+    version_id: Mapped[str | None] = mapped_column(String(1024))
+    instances: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retain_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Lease(Base):
+    """A named lock with an expiry, held in the catalog so that two processes
+    (or two daemons sharing one PostgreSQL catalog) never run the same job or
+    touch the same study's tiering at once. A crashed holder's lease expires."""
+
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

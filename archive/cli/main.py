@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from archive.cli import peers, serve, setup, status
+from archive.cli import peers, serve, setup, status, tiering
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,6 +24,8 @@ cli.add_command(setup.init)
 cli.add_command(peers.peer)
 cli.add_command(serve.serve)
 cli.add_command(status.status)
+cli.add_command(tiering.migrate)
+cli.add_command(tiering.recall)
 
 
 def main() -> None:

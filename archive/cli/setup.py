@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from archive.bootstrap import open_catalog, open_sites
+from archive.bootstrap import open_catalog, open_object_tier, open_sites
 from archive.cli.common import handle_errors
 from archive.config.load import DEFAULT_NAME, default_config_text, load_settings
 from archive.errors import ConfigError
@@ -20,7 +20,7 @@ def init(directory: Path, config: str | None) -> None:
     """Write DIR/pacsvault.toml (DIR defaults to .) and create sites and catalog.
 
     The embedded default keeps everything under DIR: two site directories, the
-    SQLite catalog and the spool. Running init again on an existing install
+    object tier directory, the SQLite catalog and the spool. Running init again on an existing install
     creates anything missing and migrates the catalog schema; it never
     overwrites a config or a site.
     """
@@ -41,6 +41,13 @@ def init(directory: Path, config: str | None) -> None:
         except Exception as e:
             raise ConfigError(f"sites.{site.name}: cannot initialize {site.root}: {e}") from None
         click.echo(f"site {site.name}: {site.root}")
+    tier = open_object_tier(settings)
+    try:
+        tier.initialize()
+    except Exception as e:
+        raise ConfigError(f"objects: cannot initialize the object tier {tier.name}: {e}") from None
+    click.echo(f"object tier {tier.name}: {settings.objects.kind} "
+               f"{settings.objects.path if settings.objects.kind == 'directory' else ''}".rstrip())
     settings.ingest.spool_dir.mkdir(parents=True, exist_ok=True)
     catalog = open_catalog(settings, migrate=True)
     catalog.close()

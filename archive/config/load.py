@@ -65,8 +65,10 @@ def resolve(settings: Settings, path: Path) -> Settings:
             url = "sqlite:///" + str(under(Path(rel)))
     sites = tuple(s.model_copy(update={"path": under(s.path)}) for s in settings.sites)
     ingest = settings.ingest.model_copy(update={"spool_dir": under(settings.ingest.spool_dir)})
+    objects = settings.objects.model_copy(update={"path": under(settings.objects.path)})
     return settings.model_copy(
         update={
+            "objects": objects,
             "config_path": path.resolve(),
             "data_dir": data_dir,
             "catalog": settings.catalog.model_copy(update={"url": url}),

@@ -77,6 +77,121 @@ class IngestSettings(_Strict):
     repair_interval_s: float = Field(5, gt=0)
 
 
+class S3TierSettings(_Strict):
+    """tiers.s3.S3Settings as config; credentials only by environment variable NAME."""
+
+    bucket: str
+    endpoint_url: str | None = None
+    prefix: str = ""
+    region: str = "us-east-1"
+    access_key_env: str = "AWS_ACCESS_KEY_ID"
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    storage_class: str | None = None
+    sse: Literal["none", "AES256", "aws:kms"] = "none"
+    kms_key_id: str | None = None
+    object_lock_mode: Literal["none", "GOVERNANCE", "COMPLIANCE"] = "none"
+    retain_days: int = Field(0, ge=0)
+    multipart_threshold: int = Field(16 * 1024 * 1024, ge=1)
+    part_size: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    max_concurrency: int = Field(4, ge=1, le=64)
+    checksum: Literal["sha256", "md5", "none"] = "sha256"
+    verify: Literal["checksum", "readback"] = "checksum"
+    conditional_writes: bool = True
+    max_attempts: int = Field(5, ge=1, le=20)
+    connect_timeout: float = Field(10, gt=0)
+    read_timeout: float = Field(60, gt=0)
+    path_style: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "S3TierSettings":
+        from archive.errors import ConfigError
+        from tiers.s3 import S3Settings
+
+        try:
+            S3Settings(**self.model_dump())
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
+class ObjectTierSettings(_Strict):
+    """The long-term tier. kind="directory" (the embedded default) keeps bundles
+    under ``path``; kind="s3" uses [objects.s3]. Both sit behind one Backend."""
+
+    name: str = Field("objects", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    kind: Literal["directory", "s3"] = "directory"
+    path: Path = Path("objects")
+    s3: S3TierSettings | None = None
+    # zstd level per instance frame: 1 is fastest; images rarely gain much past 3.
+    compression_level: int = Field(3, ge=1, le=19)
+
+    @model_validator(mode="after")
+    def _kind(self) -> "ObjectTierSettings":
+        if self.kind == "s3" and self.s3 is None:
+            raise ValueError("kind = 's3' needs an [objects.s3] table")
+        return self
+
+
+class LifecycleRule(_Strict):
+    """A study matches a rule when EVERY condition the rule sets holds."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
+    older_than_days: int | None = Field(None, ge=0)
+    age_from: Literal["study_date", "received"] = "study_date"
+    not_accessed_days: int | None = Field(None, ge=0)
+    modalities: tuple[str, ...] = ()
+    calling_aes: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _has_condition(self) -> "LifecycleRule":
+        if (self.older_than_days is None and self.not_accessed_days is None
+                and not self.modalities and not self.calling_aes):
+            raise ValueError(f"rule {self.name!r} has no condition (it would move everything)")
+        return self
+
+
+class LifecycleSettings(_Strict):
+    """Which studies move to the object tier (tiers/policy.py)."""
+
+    # Nothing received (or recalled) more recently than this moves, whatever the rules say.
+    min_online_days: int = Field(30, ge=0)
+    # A recalled study stays online at least this long after its recall.
+    keep_recalled_days: int = Field(7, ge=0)
+    never_migrate_studies: tuple[str, ...] = ()
+    never_migrate_patients: tuple[str, ...] = ()
+    rules: tuple[LifecycleRule, ...] = (
+        LifecycleRule(name="older-than-1-year", older_than_days=365),
+    )
+    # Delete the online copies once the object copy is verified (false: copy only).
+    purge_online: bool = True
+    # The daemon runs the policy on this cron schedule (5 fields); "" turns it off.
+    schedule: str = "30 1 * * *"
+    # At most this many studies per run (a run resumes where the last one stopped).
+    max_studies_per_run: int = Field(10_000, ge=1)
+
+    @field_validator("never_migrate_studies")
+    @classmethod
+    def _uids(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from archive.uids import InvalidUID, validate_uid
+
+        try:
+            return tuple(validate_uid(u, "Study Instance") for u in v)
+        except InvalidUID as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if v.strip():
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(v)
+            except ValueError as e:
+                raise ValueError(f"not a 5-field cron expression: {e}") from None
+        return v
+
+
 class Settings(_Strict):
     config_path: Path | None = None
     data_dir: Path = Path(".")
@@ -88,6 +203,8 @@ class Settings(_Strict):
         SiteSettings(name="site-b", path=Path("sites/b")),
     )
     ingest: IngestSettings = IngestSettings()
+    objects: ObjectTierSettings = ObjectTierSettings()
+    lifecycle: LifecycleSettings = LifecycleSettings()
 
     @model_validator(mode="after")
     def _sites_distinct(self) -> "Settings":
@@ -99,4 +216,8 @@ class Settings(_Strict):
         paths = [s.path for s in self.sites]
         if len(set(paths)) != len(paths):
             raise ValueError("sites: two sites share one path; mirrors must be distinct")
+        if self.objects.name in names:
+            raise ValueError("objects.name: must differ from every site name")
+        if self.objects.kind == "directory" and self.objects.path in paths:
+            raise ValueError("objects.path: must differ from every site path")
         return self

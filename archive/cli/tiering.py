@@ -1,0 +1,129 @@
+"""`pacsvault migrate` and `pacsvault recall`: the object tier by hand."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from archive.bootstrap import open_catalog, open_object_tier, open_sites
+from archive.cli.common import config_option, emit_json, handle_errors, settings_from
+from archive.catalog import lease
+from tiers.migrate import Migrator
+from tiers.recall import Recaller
+
+EXIT_INCOMPLETE = 1   # something failed or was damaged: the report says what
+
+
+@contextmanager
+def _progress(label: str, total: int | None, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """A progress bar on a terminal (stderr), nothing in scripts."""
+    if quiet or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    cols = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*cols, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+@click.command()
+@click.option("--study", "studies", metavar="UID", multiple=True,
+              help="Migrate this study now, whatever the policy says (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Print what would move and how many bytes; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+@config_option
+@click.pass_context
+@handle_errors
+def migrate(ctx: click.Context, studies: tuple[str, ...], dry_run: bool, as_json: bool,
+            config: str | None) -> None:
+    """Move aging studies to the object tier, verified, then free their online copies.
+
+    Without --study the [lifecycle] rules of the config pick the studies. Each
+    study becomes one bundle on the object tier; its online copies are deleted
+    only after the bundle has been verified on the tier and every instance in it
+    matches the catalog SHA-256. A run that was interrupted is resumed by the
+    next one. Exits 1 if any study failed or damage was found (see the report).
+    """
+    settings = settings_from(ctx, config)
+    catalog = open_catalog(settings)
+    try:
+        migrator = Migrator(catalog, open_sites(settings), open_object_tier(settings), settings)
+        if studies or dry_run:
+            report = _run(migrator, list(studies) or None, dry_run, as_json)
+        else:
+            # A policy run is a job: one at a time across processes and daemons.
+            with lease.lease(catalog, "job:migrate", what="the migrate job", ttl_s=120):
+                report = _run(migrator, None, False, as_json)
+    finally:
+        catalog.close()
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        _print(report)
+    if not report.ok and not dry_run:
+        sys.exit(EXIT_INCOMPLETE)
+
+
+def _run(migrator: Migrator, studies: list[str] | None, dry_run: bool, quiet: bool):  # noqa: ANN202
+    if dry_run:
+        return migrator.run(studies, dry_run=True)
+    planned = len(studies) if studies else None
+    with _progress("migrating studies", planned, quiet) as advance:
+        migrator.progress = advance
+        return migrator.run(studies)
+
+
+def _print(report) -> None:  # noqa: ANN001
+    t = report.to_json()["totals"]
+    verb = "would move" if report.dry_run else "moved"
+    for s in report.studies:
+        click.echo(f"{s.outcome:9} {s.study_uid}  {s.instances} instances  {s.bytes} bytes"
+                   f"  ({s.reason})")
+    click.echo(f"{verb} {t['studies']} studies, {t['instances']} instances, {t['bytes']} bytes "
+               f"to {report.tier}" + ("" if report.dry_run else
+                                       f"; {t['purged_copies']} online copies freed"
+                                       f" in {t['seconds']}s"))
+    for f in report.findings:
+        click.echo(f"FINDING {f.kind}: study {f.study_uid}"
+                   + (f" instance {f.sop_uid}" if f.sop_uid else "") + f": {f.detail}", err=True)
+    if report.failed:
+        click.echo(f"{report.failed} studies failed; run again once the cause is fixed", err=True)
+
+
+@click.command()
+@click.argument("study_uid")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+@config_option
+@click.pass_context
+@handle_errors
+def recall(ctx: click.Context, study_uid: str, as_json: bool, config: str | None) -> None:
+    """Bring a migrated study back onto the online sites, verified.
+
+    Every instance is read from its study bundle, checked against the catalog
+    SHA-256 and written to each healthy site. The object copy is kept, so when
+    the study ages again it is migrated without re-uploading. Exits 1 if any
+    instance could not be recalled.
+    """
+    settings = settings_from(ctx, config)
+    catalog = open_catalog(settings)
+    try:
+        recaller = Recaller(catalog, open_sites(settings), open_object_tier(settings))
+        with _progress("recalling instances", None, as_json) as advance:
+            recaller.progress = advance
+            report = recaller.recall(study_uid)
+    finally:
+        catalog.close()
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        click.echo(f"recalled {report.recalled} of {report.instances} instances "
+                   f"({report.already_online} already online, {report.bytes} bytes) "
+                   f"to {', '.join(report.sites)} in {report.seconds}s")
+        for f in report.failures:
+            click.echo(f"FAILED {f['sop_uid']}: {f['reason']}", err=True)
+    if not report.ok:
+        sys.exit(EXIT_INCOMPLETE)
