@@ -64,6 +64,7 @@ def migrate(ctx: click.Context, studies: tuple[str, ...], dry_run: bool, as_json
         emit_json(report.to_json())
     else:
         _print(report)
+    _tell(report)
     if not report.ok and not dry_run:
         sys.exit(EXIT_INCOMPLETE)
 
@@ -87,9 +88,16 @@ def _print(report) -> None:  # noqa: ANN001
                f"to {report.tier}" + ("" if report.dry_run else
                                        f"; {t['purged_copies']} online copies freed"
                                        f" in {t['seconds']}s"))
+
+
+def _tell(report) -> None:  # noqa: ANN001
+    """Findings and failures go to stderr in every mode: a cron job's mail shows them."""
     for f in report.findings:
         click.echo(f"FINDING {f.kind}: study {f.study_uid}"
                    + (f" instance {f.sop_uid}" if f.sop_uid else "") + f": {f.detail}", err=True)
+    for s in report.studies:
+        if s.outcome == "failed":
+            click.echo(f"FAILED study {s.study_uid}: {s.reason}", err=True)
     if report.failed:
         click.echo(f"{report.failed} studies failed; run again once the cause is fixed", err=True)
 
@@ -117,13 +125,13 @@ def recall(ctx: click.Context, study_uid: str, as_json: bool, config: str | None
             report = recaller.recall(study_uid)
     finally:
         catalog.close()
+    for f in report.failures:
+        click.echo(f"FAILED instance {f['sop_uid']}: {f['reason']}", err=True)
     if as_json:
         emit_json(report.to_json())
     else:
         click.echo(f"recalled {report.recalled} of {report.instances} instances "
                    f"({report.already_online} already online, {report.bytes} bytes) "
                    f"to {', '.join(report.sites)} in {report.seconds}s")
-        for f in report.failures:
-            click.echo(f"FAILED {f['sop_uid']}: {f['reason']}", err=True)
     if not report.ok:
         sys.exit(EXIT_INCOMPLETE)

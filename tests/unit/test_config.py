@@ -50,3 +50,39 @@ def test_catalog_url_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("PACSVAULT_CATALOG_URL", "postgresql+psycopg://u:secret@db/pv")
     s = load_settings(write(tmp_path, ""))
     assert s.catalog.url == "postgresql+psycopg://u:secret@db/pv"
+
+
+def test_default_has_a_directory_object_tier_and_a_policy(tmp_path):
+    s = load_settings(write(tmp_path, default_config_text()))
+    assert s.objects.kind == "directory" and s.objects.path == tmp_path / "objects"
+    assert s.lifecycle.rules and s.lifecycle.min_online_days == 30
+
+
+@pytest.mark.parametrize("text,key", [
+    ("[objects]\nkind = 's3'\n", "objects"),
+    ("[objects]\nkind = 'tape'\n", "objects.kind"),
+    ("[objects]\ncompression_level = 40\n", "objects.compression_level"),
+    ("[objects]\nname = 'site-a'\n", "objects.name"),
+    ("[objects]\nkind = 's3'\n[objects.s3]\nbucket = 'b'\nobject_lock_mode = 'COMPLIANCE'\n",
+     "object lock needs retain_days"),
+    ("[objects]\nkind = 's3'\n[objects.s3]\nbucket = 'b'\nprefix = '../x'\n", "prefix"),
+    ("[objects]\nkind = 's3'\n[objects.s3]\nbucket = 'b'\naccess_key = 'AKIA'\n",
+     "objects.s3.access_key"),   # keys never in the file: only the names of variables
+    ("[lifecycle]\nschedule = 'every night'\n", "lifecycle.schedule"),
+    ("[lifecycle]\nnever_migrate_studies = ['1.2.abc']\n", "lifecycle.never_migrate_studies"),
+    ("[[lifecycle.rules]]\nname = 'all'\n", "no condition"),
+    ("[[lifecycle.rules]]\nname = 'x'\nolder_than_days = -1\n", "lifecycle.rules.0.older_than_days"),
+    ("[[lifecycle.rules]]\nname = 'x'\nage_from = 'birth'\nolder_than_days = 1\n",
+     "lifecycle.rules.0.age_from"),
+])
+def test_bad_tier_and_policy_config_names_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp_path, text))
+    assert key in str(e.value)
+
+
+def test_s3_tier_config_is_accepted(tmp_path):
+    s = load_settings(write(tmp_path, "[objects]\nkind = 's3'\n[objects.s3]\nbucket = 'pv'\n"
+                                      "endpoint_url = 'http://127.0.0.1:8333'\n"
+                                      "object_lock_mode = 'COMPLIANCE'\nretain_days = 3650\n"))
+    assert s.objects.s3.bucket == "pv" and s.objects.s3.retain_days == 3650
