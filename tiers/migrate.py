@@ -192,6 +192,7 @@ class Migrator:
         t0 = time.monotonic()
         report = MigrateReport(dry_run, self.tier.name)
         if not dry_run:
+            self.sweep_scratch()
             self.finish_interrupted_purges(report)
         report.studies = self.plan(study_uids)
         if dry_run:
@@ -292,6 +293,31 @@ class Migrator:
     def _check_lease(held: lease.HeldLease | None) -> None:
         if held is not None and held.lost:
             raise lease.LeaseHeld("the study", "lease lost during migration")
+
+    def sweep_scratch(self, stale_after_s: float = 3600) -> int:
+        """Remove local bundle files a killed run left (they hold patient data).
+        A file whose bundle is no longer 'pending' is finished with; one with no
+        row yet is being built by a live run unless it is an hour old; 'pending'
+        ones are settled under the study's lease (_settle_pending)."""
+        if not self.scratch.is_dir():
+            return 0
+        files = {p.name.split(".")[0]: p for p in self.scratch.glob("*.pvb.tmp")}
+        if not files:
+            return 0
+        with self.catalog.unit() as uow:
+            states = {u: st for u, st in uow.session.execute(
+                select(Bundle.bundle_uuid, Bundle.state).where(Bundle.bundle_uuid.in_(list(files))))}
+        removed = 0
+        for bundle_uuid, path in files.items():
+            state = states.get(bundle_uuid)
+            try:
+                old = time.time() - path.stat().st_mtime > stale_after_s
+            except FileNotFoundError:
+                continue
+            if (state is not None and state != "pending") or (state is None and old):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     # -- step 1: interrupted purges -------------------------------------------------
     def finish_interrupted_purges(self, report: MigrateReport) -> int:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Iterator
 
-from sqlalchemy import delete, or_, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from archive.catalog.models import Lease
@@ -39,15 +39,35 @@ def new_holder() -> str:
     return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def _dead_local_holder(holder: str) -> bool:
+    """True when ``holder`` names a process on this host that no longer exists
+    (it was killed): its lease need not be waited out. PID reuse can only make
+    us wait for the expiry, never take a live holder's lease."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname()[:64] or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def try_acquire(catalog: Catalog, name: str, holder: str, ttl_s: float,
                 clock: Clock = utcnow) -> bool:
     now = clock()
     until = now + timedelta(seconds=ttl_s)
     with catalog.unit(write=True) as uow:
         s = uow.session
+        current = s.scalar(select(Lease.holder).where(Lease.name == name))
+        stale = [current] if current is not None and _dead_local_holder(current) else []
         r = s.execute(update(Lease)
                       .where(Lease.name == name,
-                             or_(Lease.holder == holder, Lease.expires_at < now))
+                             or_(Lease.holder == holder, Lease.expires_at < now,
+                                 Lease.holder.in_(stale)))
                       .values(holder=holder, expires_at=until))
         if r.rowcount == 1:
             uow.commit()
