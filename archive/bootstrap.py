@@ -44,3 +44,14 @@ def open_object_tier(settings: Settings):  # noqa: ANN201 - a tiers.backend.Back
         return S3Backend(o.name, S3Settings(**o.s3.model_dump()))
     return FilesystemBackend(o.name, o.path, min_free_bytes=settings.ingest.min_free_bytes,
                              verify_read=settings.ingest.verify_read)
+
+
+def open_object_tier_or_none(settings: Settings):  # noqa: ANN201
+    """For reports: the tier, or None when it cannot be built (e.g. its credentials
+    are not in this process's environment); status then says so instead of failing."""
+    from archive.errors import PacsvaultError
+
+    try:
+        return open_object_tier(settings)
+    except PacsvaultError:
+        return None

@@ -41,6 +41,16 @@ class _StatusCollector:
             objects.add_metric([s["name"]], s["objects"])
         yield healthy
         yield objects
+        o = st.get("object_tier")
+        if o:
+            for metric, help_, value in (
+                    ("pacsvault_object_tier_healthy", "1 if the object tier answers", float(o["healthy"])),
+                    ("pacsvault_object_tier_instances", "Instances with a verified object copy", o["objects"]),
+                    ("pacsvault_object_tier_stored_bytes", "Bytes of verified study bundles", o["stored_bytes"]),
+                    ("pacsvault_object_tier_corrupt", "Object copies found damaged", o["corrupt"]),
+                    ("pacsvault_purges_pending", "Online copies whose deletion is unfinished",
+                     o["purges_pending"])):
+                yield GaugeMetricFamily(metric, help_, value=value)
 
 
 def start_http(bind: str, port: int, status: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer:

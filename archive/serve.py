@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from archive.bootstrap import open_catalog, open_sites
+from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
 from archive.config.schema import Settings
 
 log = logging.getLogger("pacsvault.serve")
@@ -175,7 +175,8 @@ class Supervisor:
 
         http = None
         if self.http_port:
-            snapshot = _StatusSnapshot(lambda: collect(s, catalog, sites), self.stop)
+            tier = open_object_tier_or_none(s)
+            snapshot = _StatusSnapshot(lambda: collect(s, catalog, sites, tier=tier), self.stop)
             http = start_http(s.http.bind, self.http_port, snapshot.get)
         ready = self._ctx.Queue()
         for i in range(self.workers):
@@ -197,12 +198,17 @@ class Supervisor:
         repair = threading.Thread(target=self._repair_loop, args=(catalog, sites),
                                   name="repair", daemon=True)
         repair.start()
+        from archive.scheduler import start_scheduler
+
+        scheduler = start_scheduler(s, self.stop)
         while not self.stop.wait(1.0):
             for i, p in list(self._procs.items()):
                 if not p.is_alive():
                     log.error("DICOM worker %d exited (code %s); restarting", i, p.exitcode)
                     self._spawn(i, ready)
         log.info("SIGTERM: finishing open associations")
+        if scheduler is not None:
+            scheduler.shutdown(wait=True)   # a running job stops after its current study
         self._terminate()
         if http is not None:
             http.shutdown()

@@ -6,15 +6,44 @@ from typing import Any
 from sqlalchemy import func, select, true
 
 from archive.catalog import repo
-from archive.catalog.models import Instance, Study
+from archive.catalog.models import Bundle, Copy, Instance, Study
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.config.schema import Settings
 from tiers.backend import Backend
 
 
+def _object_tier(settings: Settings, s, by_loc: dict, studies_by_loc: dict,  # noqa: ANN001
+                 tier: Backend | None) -> dict[str, Any]:
+    name = settings.objects.name
+    counts = by_loc.get(name, {})
+    bundles = {st: (int(n), int(b)) for st, n, b in s.execute(
+        select(Bundle.state, func.count(), func.coalesce(func.sum(Bundle.size), 0))
+        .where(Bundle.location == name).group_by(Bundle.state))}
+    purging = s.scalar(select(func.count()).select_from(Copy).where(Copy.state == "purging")) or 0
+    if tier is None:
+        healthy, reason = False, "not configured"
+    else:
+        h = tier.health()
+        healthy, reason = h.ok, h.reason
+    return {
+        "name": name,
+        "kind": settings.objects.kind,
+        "healthy": healthy,
+        "health": reason,
+        "objects": counts.get("ok", 0),          # instances with a verified object copy
+        "bytes": counts.get("bytes_ok", 0),      # their uncompressed size
+        "studies": studies_by_loc.get(name, 0),
+        "corrupt": counts.get("corrupt", 0),
+        "bundles": bundles.get("ok", (0, 0))[0],
+        "stored_bytes": bundles.get("ok", (0, 0))[1],
+        "corrupt_bundles": bundles.get("corrupt", (0, 0))[0],
+        "purges_pending": purging,
+    }
+
+
 def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
-            clock: Clock = utcnow) -> dict[str, Any]:
+            clock: Clock = utcnow, tier: Backend | None = None) -> dict[str, Any]:
     with catalog.unit() as uow:
         s = uow.session
         by_loc = repo.counts_by_location(s)
@@ -25,6 +54,7 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         conflicts = s.scalar(select(func.count()).select_from(Instance)
                              .where(Instance.conflict == true())) or 0
         oldest = repo.oldest_missing(s)
+        objects = _object_tier(settings, s, by_loc, studies_by_loc, tier)
     site_rows = []
     under = 0
     for site in sites:
@@ -60,5 +90,7 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         "under_replicated": under,
         "oldest_under_replicated_age_s": oldest_age,
         "sites": site_rows,
-        "healthy": all(r["healthy"] for r in site_rows) and under == 0,
+        "object_tier": objects,
+        "healthy": all(r["healthy"] for r in site_rows) and under == 0 and objects["healthy"]
+        and not objects["corrupt"],
     }

@@ -139,8 +139,10 @@ class _FilePayload:
 class Migrator:
     def __init__(self, catalog: Catalog, sites: list[Backend], tier: Backend,
                  settings: Settings, *, clock: Clock = utcnow,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None,
+                 stop: threading.Event | None = None) -> None:
         self.catalog = catalog
+        self.stop = stop or threading.Event()   # set: finish the current study, then return
         self.sites = {s.name: s for s in sites}
         self.tier = tier
         self.settings = settings
@@ -205,6 +207,10 @@ class Migrator:
             report.seconds = time.monotonic() - t0
             return report
         for i, result in enumerate(report.studies):
+            if self.stop.is_set():
+                for rest in report.studies[i:]:
+                    rest.outcome, rest.reason = "skipped", "stopping (daemon shutdown)"
+                break
             try:
                 with lease.lease(self.catalog, study_lease_name(result.study_uid),
                                  what=f"study {phi.token(result.study_uid)}",

@@ -5,7 +5,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from archive.bootstrap import open_catalog, open_sites
+from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
 from archive.cli.common import config_option, emit_json, handle_errors, settings_from
 from archive.status import collect
 
@@ -20,7 +20,8 @@ def status(ctx: click.Context, as_json: bool, config: str | None) -> None:
     settings = settings_from(ctx, config)
     catalog = open_catalog(settings)
     try:
-        st = collect(settings, catalog, open_sites(settings))
+        st = collect(settings, catalog, open_sites(settings),
+                     tier=open_object_tier_or_none(settings))
     finally:
         catalog.close()
     if as_json:
@@ -35,6 +36,11 @@ def status(ctx: click.Context, as_json: bool, config: str | None) -> None:
         table.add_row(s["name"], s["health"], str(s["objects"]), str(s["studies"]),
                       str(s["bytes"]), str(s["missing"]), str(s["corrupt"]))
     console.print(table)
+    o = st["object_tier"]
+    console.print(f"object tier {o['name']} ({o['kind']}): {o['health']}; {o['objects']} instances "
+                  f"of {o['studies']} studies in {o['bundles']} bundles, {o['stored_bytes']} bytes"
+                  + (f"; [red]{o['corrupt']} damaged copies[/]" if o["corrupt"] else "")
+                  + (f"; {o['purges_pending']} online deletions pending" if o["purges_pending"] else ""))
     if st["under_replicated"]:
         console.print(f"[yellow]{st['under_replicated']} copies under-replicated; oldest "
                       f"{st['oldest_under_replicated_age_s']:.0f}s; repaired when the site returns[/]")

@@ -72,6 +72,11 @@ def test_migrate_study_then_recall_is_bit_identical(varied):
     # the bundle key carries no patient data: only the study UID and a random id
     key = s["bundles"][0]
     assert study in key and "TEST-0001" not in key
+    st = json.loads(run_cli(inst.config, "status", "--json").stdout)
+    o = st["object_tier"]
+    assert o["healthy"] and o["objects"] == len(made) and o["bundles"] == 1 and o["studies"] == 1
+    assert o["stored_bytes"] == inst.tier_files()[0].stat().st_size and st["healthy"]
+    assert all(site["objects"] == 0 for site in st["sites"])
 
     rc = recall(inst, study)
     assert rc["ok"] and rc["recalled"] == len(made) and rc["already_online"] == 0

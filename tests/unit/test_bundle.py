@@ -123,3 +123,46 @@ def test_standard_tools_recipe(bundle, tmp_path):
     whole = subprocess.run(["zstd", "-d", "-q", "-c", str(path)], capture_output=True, check=True).stdout
     assert whole.startswith(made[0].path.read_bytes())
     assert size > moff
+
+
+def test_bad_first_source_falls_back_to_the_mirror(tmp_path):
+    import io
+
+    good = b"A" * 5000
+    bad = b"A" * 4999 + b"B"
+    members = [
+        Member("1.2.3", "1.2", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.2.1", len(good),
+               hashlib.sha256(good).hexdigest(), open=lambda: io.BytesIO(bad),
+               alternatives=(lambda: io.BytesIO(good),)),
+        Member("1.2.4", "1.2", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.2.1", 3,
+               hashlib.sha256(b"xyz").hexdigest(), open=lambda: io.BytesIO(b"xyz")),
+    ]
+    with open(tmp_path / "b.pvb", "w+b") as f:
+        w = write_bundle(f, {"study_uid": "1.2"}, members)
+    data = (tmp_path / "b.pvb").read_bytes()
+    assert w.size == len(data) and w.sha256 == hashlib.sha256(data).hexdigest()
+    assert w.bad_sources == [("1.2.3", 0, "SHA-256 differs")]
+    r = BundleReader(lambda o, n: data[o:o + n], len(data))
+    assert [r.read(e) for e in r.manifest["instances"]] == [good, b"xyz"]
+
+
+def test_no_matching_source_or_unseekable_output_refuses(tmp_path):
+    import io
+
+    good = b"C" * 100
+    m = Member("1.2.3", "1.2", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.2.1", 100,
+               hashlib.sha256(good).hexdigest(), open=lambda: io.BytesIO(b"C" * 99),
+               alternatives=(lambda: io.BytesIO(b"D" * 100),))
+    with open(tmp_path / "b.pvb", "w+b") as f, pytest.raises(BundleError, match="no source"):
+        write_bundle(f, {}, [m])
+
+    class Pipe(io.RawIOBase):  # a stream that cannot seek, like a pipe
+        def writable(self):
+            return True
+
+        def write(self, b):
+            return len(b)
+
+    good_second = Member(**{**m.__dict__, "alternatives": (lambda: io.BytesIO(good),)})
+    with pytest.raises(BundleError):
+        write_bundle(Pipe(), {}, [good_second])
