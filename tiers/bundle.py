@@ -207,6 +207,68 @@ def extract(frame: bytes, entry: dict) -> bytes:
     return data
 
 
+class _Limited:
+    """At most ``n`` bytes of ``src`` (one frame of a bundle being read in order)."""
+
+    def __init__(self, src: BinaryIO, n: int) -> None:
+        self.src, self.left = src, n
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        want = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.src.read(want)
+        self.left -= len(data)
+        return data
+
+
+def extract_to(src: BinaryIO, length: int, entry: dict, sink: BinaryIO | None = None) -> None:
+    """Decompress one instance frame of ``length`` bytes read from ``src`` (positioned
+    at the frame) into ``sink``, in bounded memory, checking its size and SHA-256
+    against ``entry``. The frame is consumed whole, so ``src`` ends up at the next one."""
+    limited = _Limited(src, length)
+    h = hashlib.sha256()
+    n = 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(limited, read_size=_CHUNK,
+                                                        closefd=False) as r:
+            while chunk := r.read(_CHUNK):
+                n += len(chunk)
+                if n > entry["size"]:
+                    raise BundleError("instance frame longer than its size")
+                h.update(chunk)
+                if sink is not None:
+                    sink.write(chunk)
+    except zstandard.ZstdError as e:
+        raise BundleError(f"instance frame unreadable: {e}") from None
+    while limited.read(_CHUNK):  # bytes past the frame's end (should be none)
+        raise BundleError("instance frame shorter than its length")
+    if n != entry["size"] or h.hexdigest() != entry["sha256"]:
+        raise BundleError("instance does not match its SHA-256")
+
+
+def skip_to(src: BinaryIO, pos: int, target: int) -> int:
+    """Read forward from ``pos`` to ``target`` (streams cannot seek); returns ``target``."""
+    while pos < target:
+        chunk = src.read(min(target - pos, _CHUNK))
+        if not chunk:
+            raise BundleError("bundle ends before a frame the manifest names")
+        pos += len(chunk)
+    if pos > target:
+        raise BundleError("manifest frames overlap")
+    return pos
+
+
+def check_frames(src: BinaryIO, entries: list[dict]) -> None:
+    """Read a bundle front to back (a file or one GET) and check every listed
+    instance frame against its entry's size and SHA-256, in bounded memory."""
+    pos = 0
+    for entry in sorted(entries, key=lambda e: e["offset"]):
+        pos = skip_to(src, pos, entry["offset"])
+        extract_to(src, entry["length"], entry)
+        pos += entry["length"]
+
+
 class BundleReader:
     """Reads a bundle through ``read_range(offset, length) -> bytes`` (a file, a
     ranged S3 GET): one read for the trailer, one for the manifest, one per instance."""

@@ -239,18 +239,14 @@ class FilesystemBackend:
 
     def open_range(self, key: str, offset: int, length: int, *,
                    version_id: str | None = None) -> BinaryIO:
-        """Exactly ``length`` bytes from ``offset`` (tiers.backend.RangedReader)."""
-        import io
-
+        """Exactly ``length`` bytes from ``offset`` (tiers.backend.RangedReader),
+        streamed from the file: a range not wholly inside it is an error."""
         size = self.stat(key).size
         if offset < 0 or length < 0 or offset + length > size:
             raise BackendError("read", self.name, f"range {offset}+{length} outside {size} bytes")
-        with self.open(key) as f:
-            f.seek(offset)
-            data = f.read(length)
-        if len(data) != length:
-            raise BackendError("read", self.name, "short read")
-        return io.BytesIO(data)
+        f = self.open(key)
+        f.seek(offset)
+        return _RangeFile(f, length)  # type: ignore[return-value]
 
     def sha256(self, key: str) -> str:
         """Hash a stored object (read from the device when verify_read='device')."""
@@ -295,3 +291,29 @@ class FilesystemBackend:
             pass
         except OSError as e:
             raise self._classify("delete", e) from None
+
+
+class _RangeFile:
+    """A file object that ends ``length`` bytes after where it starts."""
+
+    def __init__(self, f: BinaryIO, length: int) -> None:
+        self._f, self._left = f, length
+
+    def read(self, n: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        want = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._f.read(want)
+        if len(data) < want and not data:
+            raise BackendError("read", "site", "file shorter than its size")
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "_RangeFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -22,7 +22,6 @@ or a verified object copy, never neither. A re-run resumes from the catalog.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -43,7 +42,7 @@ from archive.errors import InvalidInput, PacsvaultError
 from archive.uids import validate_uid
 from tiers import policy
 from tiers.backend import Backend, BackendError, ObjectLocked, ObjectNotFound, Unavailable
-from tiers.bundle import BundleError, BundleReader, Member, extract, write_bundle
+from tiers.bundle import BundleError, BundleReader, Member, check_frames, write_bundle
 from tiers.layout import bundle_key
 from tiers.study_state import InstanceRow, StudyState, bundles_of, load, study_fk_of
 
@@ -378,8 +377,9 @@ class Migrator:
                 inst = by_sop.get((entry["sop_uid"], entry.get("version", 1)))
                 if inst is None or inst.sha256 != entry["sha256"] or inst.size != entry["size"]:
                     return None
-                reader.read(entry)
                 out.append((inst, entry))
+            with self.tier.open(b.key, version_id=b.version_id) as f:  # type: ignore[call-arg]
+                check_frames(f, [e for _, e in out])
             return out
         except (BundleError, ObjectNotFound):
             return None
@@ -626,11 +626,7 @@ class _LocalCheck(threading.Thread):
 
     def run(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                for entry in self.manifest["instances"]:
-                    extract(os.pread(fd, entry["length"], entry["offset"]), entry)
-            finally:
-                os.close(fd)
+            with open(self.path, "rb", buffering=1 << 20) as f:
+                check_frames(f, self.manifest["instances"])
         except (BundleError, OSError) as e:
             self.error = str(e)

@@ -15,12 +15,15 @@ recorded; the lifecycle policy keeps it online for ``keep_recalled_days``.
 """
 from __future__ import annotations
 
+import io
 import logging
+import tempfile
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from sqlalchemy import update
@@ -32,7 +35,7 @@ from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.uids import validate_uid
 from tiers.backend import Backend, BackendError, ObjectExists
-from tiers.bundle import BundleError, extract
+from tiers.bundle import BundleError, extract_to, skip_to
 from tiers.layout import instance_key
 from tiers.migrate import STUDY_LEASE_TTL_S, NoSuchStudy, study_lease_name
 from tiers.study_state import InstanceRow, bundles_of, load, study_fk_of
@@ -42,6 +45,11 @@ log = logging.getLogger("pacsvault.recall")
 STREAM_FRACTION = 0.5       # read the whole bundle when at least this share is needed
 QUEUE_DEPTH = 8             # decoded instances waiting for the writers (bounds memory)
 WRITERS = 4
+IN_MEMORY_MAX = 16 * 1024 * 1024   # larger instances are decoded into a scratch file
+
+
+class _Desync(BundleError):
+    """A damaged frame in a sequential read: later frames are read by range."""
 
 
 @dataclass
@@ -80,11 +88,21 @@ class _Bytes:
         return io.BytesIO(self.data)
 
 
+@dataclass(frozen=True)
+class _File:
+    path: Path
+    size: int
+    sha256: str
+
+    def open(self) -> BinaryIO:
+        return open(self.path, "rb")
+
+
 @dataclass
 class _Job:
     inst: InstanceRow
     targets: list[tuple[str, str]]          # (site, key) to write
-    payload: _Bytes | None = None
+    payload: _Bytes | _File | None = None
     error: str = ""                          # could not be read from the object tier
     written: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str, str]] = field(default_factory=list)   # (site, key, why)
@@ -92,8 +110,10 @@ class _Job:
 
 class Recaller:
     def __init__(self, catalog: Catalog, sites: list[Backend], tier: Backend, *,
-                 clock: Clock = utcnow, progress: Callable[[int], None] | None = None) -> None:
+                 scratch: Path | None = None, clock: Clock = utcnow,
+                 progress: Callable[[int], None] | None = None) -> None:
         self.catalog = catalog
+        self.scratch = scratch or Path(tempfile.gettempdir())
         self.sites = sites
         self.tier = tier
         self.clock = clock
@@ -148,6 +168,8 @@ class Recaller:
             if job.payload is not None:
                 for site, key in job.targets:
                     self._put(site_by_name[site], uid, job, key)
+                if isinstance(job.payload, _File):
+                    job.payload.path.unlink(missing_ok=True)
             with lock:
                 done.append(job)
                 n = len(done)
@@ -191,50 +213,68 @@ class Recaller:
             job.failed.append((site.name, key, str(e)))
 
     def _decode(self, b: Bundle, todo: list[_Job]) -> Iterator[_Job]:
-        """Yield each job with its verified bytes (or its error), reading the bundle
-        sequentially when most of it is needed, else frame by frame."""
-        todo = sorted(todo, key=lambda j: j.inst.copies[self.tier.name].frame_offset or 0)
-        need = sum(j.inst.copies[self.tier.name].frame_length or 0 for j in todo)
+        """Yield each job with its verified bytes or its error. The bundle is read
+        in one sequential GET when most of it is needed, else frame by frame; after
+        a damaged frame the rest is read frame by frame."""
+        tier = self.tier.name
+        remaining = sorted(todo, key=lambda j: j.inst.copies[tier].frame_offset or 0)
+        need = sum(j.inst.copies[tier].frame_length or 0 for j in remaining)
         try:
             if need >= STREAM_FRACTION * b.size:
-                yield from self._decode_stream(b, todo)
-            else:
-                for job in todo:
-                    c = job.inst.copies[self.tier.name]
+                with self.tier.open(b.key, version_id=b.version_id) as f:  # type: ignore[call-arg]
+                    pos = 0
+                    while remaining:
+                        job = remaining[0]
+                        c = job.inst.copies[tier]
+                        pos = skip_to(f, pos, c.frame_offset)
+                        try:
+                            self._decode_one(job, f, c.frame_length)
+                        except _Desync:
+                            yield remaining.pop(0)
+                            break
+                        pos += c.frame_length
+                        yield remaining.pop(0)
+            while remaining:
+                job = remaining[0]
+                c = job.inst.copies[tier]
+                try:
                     with self.tier.open_range(b.key, c.frame_offset, c.frame_length,  # type: ignore[attr-defined]
                                               version_id=b.version_id) as f:
-                        frame = f.read()
-                    yield self._verified(job, frame)
-        except BackendError as e:
-            for job in todo:
-                if job.payload is None and not job.error:
-                    job.error = f"object tier: {e}"
-                    yield job
+                        self._decode_one(job, f, c.frame_length)
+                except _Desync:
+                    pass
+                yield remaining.pop(0)
+        except (BackendError, BundleError) as e:
+            for job in remaining:
+                job.error = job.error or f"object tier: {e}"
+                yield job
 
-    def _decode_stream(self, b: Bundle, todo: list[_Job]) -> Iterator[_Job]:
-        pos = 0
-        with self.tier.open(b.key, version_id=b.version_id) as f:  # type: ignore[call-arg]
-            for job in todo:
-                c = job.inst.copies[self.tier.name]
-                while pos < c.frame_offset:  # skip frames not needed
-                    skipped = f.read(min(c.frame_offset - pos, 1 << 20))
-                    if not skipped:
-                        raise BundleError("bundle shorter than the catalog says")
-                    pos += len(skipped)
-                frame = f.read(c.frame_length)
-                pos += len(frame)
-                yield self._verified(job, frame)
-
-    def _verified(self, job: _Job, frame: bytes) -> _Job:
+    def _decode_one(self, job: _Job, src: BinaryIO, length: int) -> None:
+        """Decompress one frame from ``src`` and check it against the CATALOG's
+        size and SHA-256 (not the manifest's); small instances stay in memory,
+        large ones go to a scratch file, so memory stays bounded."""
         inst = job.inst
-        entry = {"size": inst.size, "sha256": inst.sha256}  # the catalog's, not the manifest's
+        entry = {"size": inst.size, "sha256": inst.sha256}
         try:
-            data = extract(frame, entry)
+            if inst.size <= IN_MEMORY_MAX:
+                sink = io.BytesIO()
+                extract_to(src, length, entry, sink)
+                job.payload = _Bytes(sink.getvalue(), inst.sha256)
+            else:
+                self.scratch.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(dir=self.scratch, suffix=".recall.tmp")
+                try:
+                    with open(fd, "wb") as out:
+                        extract_to(src, length, entry, out)
+                except BaseException:
+                    Path(name).unlink(missing_ok=True)
+                    raise
+                job.payload = _File(Path(name), inst.size, inst.sha256)
         except BundleError as e:
             job.error = f"object copy damaged: {e}"
-            return job
-        job.payload = _Bytes(data, inst.sha256)
-        return job
+            # the stream is now somewhere inside this frame: the rest of the bundle
+            # cannot be read in order; ranged reads still can
+            raise _Desync(str(e)) from None
 
     def _record(self, study_fk: int, done: list[_Job], report: RecallReport) -> None:
         now = self.clock()

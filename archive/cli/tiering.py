@@ -119,7 +119,8 @@ def recall(ctx: click.Context, study_uid: str, as_json: bool, config: str | None
     settings = settings_from(ctx, config)
     catalog = open_catalog(settings)
     try:
-        recaller = Recaller(catalog, open_sites(settings), open_object_tier(settings))
+        recaller = Recaller(catalog, open_sites(settings), open_object_tier(settings),
+                            scratch=settings.ingest.spool_dir / "recall")
         with _progress("recalling instances", None, as_json) as advance:
             recaller.progress = advance
             report = recaller.recall(study_uid)

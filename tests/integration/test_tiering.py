@@ -257,3 +257,18 @@ def test_pushed_by_storescu_migrated_and_recalled_while_serving(daemon, tmp_path
     assert len(after) == len(before) + 2 * len(more)
     st = json.loads(run_cli(daemon.config, "status", "--json").stdout)
     assert st["instances"] == len(made) + len(more)
+
+
+def test_large_instance_round_trip_in_bounded_memory(tmp_path):
+    """An instance above the in-memory limit is decoded through a scratch file,
+    which is gone afterwards."""
+    from tiers.recall import IN_MEMORY_MAX
+
+    inst = Install.create(tmp_path / "pv")
+    big = make_instance(tmp_path / "big.dcm", kind="XA", size=IN_MEMORY_MAX + 3_000_000)
+    small = make_instance(tmp_path / "small.dcm", kind="SR", study_uid=big.study_uid)
+    inst.ingest([big, small])
+    before = site_state(inst)
+    assert migrate(inst, "--study", big.study_uid)["ok"]
+    assert recall(inst, big.study_uid)["recalled"] == 2 and site_state(inst) == before
+    assert list((inst.settings.ingest.spool_dir / "recall").glob("*")) == []

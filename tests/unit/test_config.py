@@ -86,3 +86,10 @@ def test_s3_tier_config_is_accepted(tmp_path):
                                       "endpoint_url = 'http://127.0.0.1:8333'\n"
                                       "object_lock_mode = 'COMPLIANCE'\nretain_days = 3650\n"))
     assert s.objects.s3.bucket == "pv" and s.objects.s3.retain_days == 3650
+
+
+def test_production_example_config_is_valid():
+    p = Path(__file__).resolve().parents[2] / "deploy" / "pacsvault.production.toml"
+    s = load_settings(p)
+    assert s.objects.kind == "s3" and s.objects.s3.object_lock_mode == "COMPLIANCE"
+    assert [r.name for r in s.lifecycle.rules] == ["older-than-2-years", "untouched-for-a-year"]
