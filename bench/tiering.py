@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import statistics
 import sys
@@ -80,6 +81,17 @@ def make_study(directory: Path, count: int, pixels: str, seed: int = 7) -> list:
                                   study_uid=study, series_uid=series, rng=rng,
                                   raw_overrides={"PixelData": data}))
     return made
+
+
+def cpu_self() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_of(pid: int) -> float:
+    """CPU seconds used so far by another process (the S3 server)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def drop_cache() -> None:
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         inst = Install.create(work / "pv")
         text = inst.config.read_text().replace('kind = "directory"', 'kind = "s3"')
         if args.level:
-            text = text.replace("compression_level = 3", f"compression_level = {args.level}")
+            text = text.replace("compression_level = 1", f"compression_level = {args.level}")
         text += (f"\n[objects.s3]\nbucket = '{bucket}'\nendpoint_url = '{server.endpoint}'\n"
                  f"prefix = 'bench'\naccess_key_env = '{KEY_ENV}'\nsecret_key_env = '{SECRET_ENV}'\n")
         inst.config.write_text(text)
@@ -162,16 +174,18 @@ def main(argv: list[str] | None = None) -> int:
         rounds = []
         for r in range(repeat):
             drop_cache()
-            t0 = time.perf_counter()
+            c0, s0, t0 = cpu_self(), cpu_of(server.proc.pid), time.perf_counter()
             plain.upload_file(str(same), bucket, f"plain/round{r}.bin", Config=tc)
             t_boto = time.perf_counter() - t0
+            cpu_boto, srv_boto = cpu_self() - c0, cpu_of(server.proc.pid) - s0
 
             drop_cache()
             catalog = inst.catalog()
             try:
-                t0 = time.perf_counter()
+                c0, s0, t0 = cpu_self(), cpu_of(server.proc.pid), time.perf_counter()
                 rep = Migrator(catalog, inst.sites(), tier, settings).run([study])
                 t_pv = time.perf_counter() - t0
+                cpu_pv, srv_pv = cpu_self() - c0, cpu_of(server.proc.pid) - s0
                 assert rep.ok and rep.studies[0].bundled == count, rep.to_json()
                 stored = rep.studies[0].stored_bytes
                 drop_cache()
@@ -186,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                    "boto3_MBps": round(study_bytes / 1e6 / t_boto, 1),
                    "pacsvault_MBps": round(study_bytes / 1e6 / t_pv, 1),
                    "ratio": round(t_boto / t_pv, 3), "recall_s": round(t_recall, 3),
+                   "cpu_s": {"boto3": round(cpu_boto, 2), "pacsvault": round(cpu_pv, 2),
+                             "server_during_boto3": round(srv_boto, 2),
+                             "server_during_pacsvault": round(srv_pv, 2)},
                    "stored_bytes": stored}
             rounds.append(row)
             print(json.dumps(row), flush=True)

@@ -93,6 +93,10 @@ class Backend(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete several keys at once (idempotent); raises on the first failure."""
+        ...
+
     def health(self) -> SiteHealth: ...
 
     def verify(self, key: str, sha256: str, size: int, *, checksum: str | None = None,

@@ -18,6 +18,8 @@ import hashlib
 import json
 import struct
 import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import BinaryIO, Callable, Iterable
@@ -30,6 +32,7 @@ TRAILER_SIZE = 64
 _SKIPPABLE_MAGIC = 0x184D2A5B          # zstd skippable frame, nibble B
 _TRAILER_MAGIC = b"PVBUNDL1"
 _CHUNK = 1024 * 1024
+BUFFERED_MAX = 32 * 1024 * 1024   # members up to this size may be compressed ahead in memory
 
 
 class BundleError(ValueError):
@@ -95,40 +98,69 @@ class _HashingWriter:
         return self.h.hexdigest()
 
 
-def write_bundle(out: BinaryIO, study: dict, members: Iterable[Member], *, level: int = 3,
-                 now: datetime | None = None, bundle_id: str | None = None) -> Written:
+def write_bundle(out: BinaryIO, study: dict, members: Iterable[Member], *, level: int = 1,
+                 now: datetime | None = None, bundle_id: str | None = None,
+                 on_frame: Callable[[int, dict], None] | None = None,
+                 workers: int = 1) -> Written:
     """Stream a bundle to ``out``. Each member's SHA-256 and size are re-checked
-    while compressing. On a mismatch (or an unreadable source) a seekable ``out``
-    is cut back to the frame's start and the member's next source is tried;
-    otherwise, or when no source matches, BundleError is raised before the
-    manifest is written, so an incomplete bundle has no trailer and is never
-    mistaken for one. A non-seekable ``out`` is never seeked."""
+    while compressing; when a source does not match (or cannot be read) the
+    member's next source is tried. When no source matches, BundleError is raised
+    before the manifest is written, so an incomplete bundle has no trailer and is
+    never mistaken for one. ``on_frame(end, entry)`` is called once each instance
+    frame is final and flushed (tiers.growing).
+
+    With ``workers`` > 1, members up to BUFFERED_MAX bytes are read, checked and
+    compressed by that many threads ahead of the writer (hashlib and zstd release
+    the GIL) and written in order; larger members are streamed through the
+    writer, which needs a seekable ``out`` to cut back a frame whose source turns
+    out bad. A non-seekable ``out`` is never seeked."""
     w = _HashingWriter(out)
     seekable = hasattr(out, "seekable") and out.seekable()
     cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
     entries = []
     bad: list = []
-    for m in members:
-        offset = w.n
-        if seekable:
-            w.mark()
-        sources = (m.open, *m.alternatives)
-        for index, source in enumerate(sources):
-            why = _compress_member(cctx, w, m, source)
-            if why is None:
-                break
-            bad.append((m.sop_uid, index, why))
-            if not seekable or index == len(sources) - 1:
-                raise BundleError(f"member {len(entries)}: no source matches its "
-                                  f"size/SHA-256 ({why})")
-            w.rewind(offset)
-        entry = {
-            "sop_uid": m.sop_uid, "series_uid": m.series_uid, "sop_class": m.sop_class,
-            "transfer_syntax": m.transfer_syntax, "version": m.version,
-            "size": m.size, "sha256": m.sha256, "offset": offset, "length": w.n - offset,
-        }
-        entry.update({k: v for k, v in m.extra.items() if k not in entry})
-        entries.append(entry)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="bundle") if workers > 1 else None
+    ahead: deque = deque()
+    todo = iter(members)
+
+    def refill() -> None:
+        while len(ahead) < 2 * workers:
+            m = next(todo, None)
+            if m is None:
+                return
+            fut = (pool.submit(_compress_buffered, level, m)
+                   if pool is not None and m.size <= BUFFERED_MAX else None)
+            ahead.append((m, fut))
+
+    try:
+        refill()
+        while ahead:
+            m, fut = ahead.popleft()
+            refill()
+            offset = w.n
+            if fut is not None:
+                frame, why_list = fut.result()
+                bad.extend((m.sop_uid, i, why) for i, why in why_list)
+                if frame is None:
+                    raise BundleError(f"member {len(entries)}: no source matches its "
+                                      f"size/SHA-256 ({why_list[-1][1]})")
+                w.write(frame)
+            else:
+                _stream_member(cctx, w, m, seekable, bad, len(entries))
+            entry = {
+                "sop_uid": m.sop_uid, "series_uid": m.series_uid, "sop_class": m.sop_class,
+                "transfer_syntax": m.transfer_syntax, "version": m.version,
+                "size": m.size, "sha256": m.sha256, "offset": offset, "length": w.n - offset,
+            }
+            entry.update({k: v for k, v in m.extra.items() if k not in entry})
+            entries.append(entry)
+            if on_frame is not None:
+                if hasattr(out, "flush"):
+                    out.flush()
+                on_frame(w.n, entry)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     manifest = {
         "format": FORMAT, "version": VERSION, "bundle_id": bundle_id or str(uuid.uuid4()),
         "created_at": (now or datetime.now(timezone.utc)).isoformat(),
@@ -141,6 +173,53 @@ def write_bundle(out: BinaryIO, study: dict, members: Iterable[Member], *, level
                + hashlib.sha256(frame).digest())
     w.write(struct.pack("<II", _SKIPPABLE_MAGIC, len(payload)) + payload)
     return Written(w.n, w.finish(), manifest, bad)
+
+
+def _stream_member(cctx: zstandard.ZstdCompressor, w: "_HashingWriter", m: Member,
+                   seekable: bool, bad: list, index_in_bundle: int) -> None:
+    """Compress a member straight into the output, trying its sources in turn."""
+    offset = w.n
+    if seekable:
+        w.mark()
+    sources = (m.open, *m.alternatives)
+    for index, source in enumerate(sources):
+        why = _compress_member(cctx, w, m, source)
+        if why is None:
+            return
+        bad.append((m.sop_uid, index, why))
+        if not seekable or index == len(sources) - 1:
+            raise BundleError(f"member {index_in_bundle}: no source matches its "
+                              f"size/SHA-256 ({why})")
+        w.rewind(offset)
+
+
+def _compress_buffered(level: int, m: Member) -> tuple[bytes | None, list[tuple[int, str]]]:
+    """Read a (small) member whole from its first matching source and compress it:
+    (frame, [(source index, why) for each source that did not match])."""
+    bad = []
+    for index, source in enumerate((m.open, *m.alternatives)):
+        try:
+            with source() as src:
+                data = src.read(m.size + 1)
+                while len(data) <= m.size and (more := src.read(m.size + 1 - len(data))):
+                    data += more
+        except OSError as e:
+            bad.append((index, f"unreadable: {type(e).__name__}"))
+            continue
+        except Exception as e:  # noqa: BLE001 - a backend error from source()
+            if not hasattr(e, "exit_code"):
+                raise
+            bad.append((index, f"unreadable: {e}"))
+            continue
+        if len(data) != m.size:
+            bad.append((index, "size differs"))
+        elif hashlib.sha256(data).hexdigest() != m.sha256:
+            bad.append((index, "SHA-256 differs"))
+        else:
+            cctx = zstandard.ZstdCompressor(level=level, write_checksum=True,
+                                            write_content_size=True)
+            return cctx.compress(data), bad
+    return None, bad
 
 
 def _compress_member(cctx: zstandard.ZstdCompressor, w: "_HashingWriter", m: Member,

@@ -282,6 +282,25 @@ class FilesystemBackend:
                 full = Path(dirpath) / fn
                 yield ObjectInfo(str(full.relative_to(base)), full.stat().st_size)
 
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete several objects, fsyncing each directory once (a study's files
+        share a few directories); idempotent; raises on the first failure."""
+        dirs: set[Path] = set()
+        for key in keys:
+            path = self._path(key)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise self._classify("delete", e) from None
+            dirs.add(path.parent)
+        try:
+            for d in dirs:
+                _fsync_dir(d)
+        except OSError as e:
+            raise self._classify("delete", e) from None
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:

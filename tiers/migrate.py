@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -42,7 +43,17 @@ from archive.errors import InvalidInput, PacsvaultError
 from archive.uids import validate_uid
 from tiers import policy
 from tiers.backend import Backend, BackendError, ObjectLocked, ObjectNotFound, Unavailable
-from tiers.bundle import BundleError, BundleReader, Member, check_frames, write_bundle
+from tiers.bundle import (
+    BundleError,
+    BundleReader,
+    Member,
+    Written,
+    check_frames,
+    extract_to,
+    skip_to,
+    write_bundle,
+)
+from tiers.growing import GrowingFile, WriterFailed
 from tiers.layout import bundle_key
 from tiers.study_state import InstanceRow, StudyState, bundles_of, load, study_fk_of
 
@@ -50,6 +61,11 @@ log = logging.getLogger("pacsvault.migrate")
 
 STUDY_LEASE_TTL_S = 120
 DAMAGE = {"corrupt-bundle", "corrupt-online-copy"}
+# Studies at least this big are compressed and uploaded at once (tiers/growing.py);
+# smaller ones are written first and stored with one PUT.
+STREAM_MIN_BYTES = 16 * 1024 * 1024
+# Threads reading, checking and compressing instances ahead of the bundle writer.
+COMPRESS_WORKERS = 2
 
 
 def study_lease_name(study_uid: str) -> str:
@@ -449,55 +465,88 @@ class Migrator:
         key = bundle_key(state.study.study_uid, bundle_id)
         self.scratch.mkdir(parents=True, exist_ok=True)
         tmp = self.scratch / f"{bundle_id}.pvb.tmp"
-        try:
-            used = {i.sop_uid: self._sources(i) for i in insts}
-            members = [self._member(i, used[i.sop_uid]) for i in insts]
+        used = {i.sop_uid: self._sources(i) for i in insts}
+        members = [self._member(i, used[i.sop_uid]) for i in insts]
+        with self.catalog.unit(write=True) as uow:
+            # Size and SHA-256 follow once the bundle is written, always before
+            # the upload can complete (a streamed upload waits for the end).
+            row = Bundle(bundle_uuid=bundle_id, study_fk=state.study.id,
+                         location=self.tier.name, key=key, size=0, sha256="",
+                         instances=len(insts), state="pending", created_at=self.clock())
+            uow.session.add(row)
+            uow.commit()
+            row_id = row.id
+        failpoints.hit("migrate.after_bundle_row")
+        tmp.touch()          # readers may open it before the writer's first byte
+        growing = GrowingFile(tmp)
+
+        def build() -> Written:
             with open(tmp, "w+b") as f:
-                written = write_bundle(f, state.manifest_study(), members, level=self.level,
-                                       now=self.clock(), bundle_id=bundle_id)
-            for sop_uid, index, why in written.bad_sources:
-                inst = next(i for i in insts if i.sop_uid == sop_uid)
-                site, _ = used[sop_uid][index]
-                self._mark_copy(inst.id, site, "corrupt")
-                report.findings.append(Finding("corrupt-online-copy", state.study.study_uid,
-                                               f"online copy {why}; bundled from the mirror",
-                                               sop_uid=sop_uid, location=site))
-            now = self.clock()
+                w = write_bundle(f, state.manifest_study(), members, level=self.level,
+                                 now=self.clock(), bundle_id=bundle_id, on_frame=growing.publish,
+                                 workers=COMPRESS_WORKERS)
             with self.catalog.unit(write=True) as uow:
-                row = Bundle(bundle_uuid=bundle_id, study_fk=state.study.id,
-                             location=self.tier.name, key=key, size=written.size,
-                             sha256=written.sha256, instances=len(insts), state="pending",
-                             created_at=now)
-                uow.session.add(row)
+                uow.session.execute(update(Bundle).where(Bundle.id == row_id)
+                                    .values(size=w.size, sha256=w.sha256))
                 uow.commit()
-                row_id = row.id
-            failpoints.hit("migrate.after_bundle_row")
-            local = _LocalCheck(tmp, written.size, written.manifest)
-            local.start()
-            try:
-                info = self.tier.put(key, _FilePayload(tmp, written.size, written.sha256))
-            finally:
-                local.join()
+            growing.finish(w.size, w.sha256)
+            return w
+
+        try:
+            if sum(i.size for i in insts) >= STREAM_MIN_BYTES:
+                # Compress, check and upload at once: the upload reads the bundle
+                # while it is being written (tiers/growing.py).
+                writer = _Thread(build, growing)
+                check = _LocalCheck(growing)
+                writer.start()
+                check.start()
+                try:
+                    info = self.tier.put(key, growing)
+                except Exception:
+                    writer.join()
+                    if writer.error is not None:
+                        raise writer.error from None   # the real cause, not its echo
+                    raise
+                finally:
+                    writer.join()
+                    check.join()
+                written = writer.result
+            else:
+                written = build()
+                check = _LocalCheck(growing)
+                check.start()
+                try:
+                    info = self.tier.put(key, _FilePayload(tmp, written.size, written.sha256))
+                finally:
+                    check.join()
             failpoints.hit("migrate.after_upload")
-            if local.error is not None:
+            self._report_bad_sources(state, insts, used, written, report)
+            if check.error is not None:
                 self._set_bundle_state(row_id, "corrupt")
                 try:
                     self.tier.delete(key)
                 except BackendError:
                     pass
-                raise BundleError(f"local bundle failed its own check: {local.error}")
+                raise BundleError(f"local bundle failed its own check: {check.error}")
             self._check_lease(held)
             entries = list(zip(insts, written.manifest["instances"]))
-            with self.catalog.unit(write=True) as uow:
-                uow.session.execute(update(Bundle).where(Bundle.id == row_id).values(
-                    server_checksum=info.checksum, version_id=info.version_id))
-                uow.commit()
             self._commit_bundle(row_id, entries, info.version_id, info.checksum, adopted=False)
             self._verified_now.add(row_id)
             failpoints.hit("migrate.after_tier_commit")
             return bundle_id, key, written.size
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _report_bad_sources(self, state: StudyState, insts: list[InstanceRow],
+                            used: dict[str, list[tuple[str, str]]], written: Written,
+                            report: MigrateReport) -> None:
+        for sop_uid, index, why in written.bad_sources:
+            inst = next(i for i in insts if i.sop_uid == sop_uid)
+            site, _ = used[sop_uid][index]
+            self._mark_copy(inst.id, site, "corrupt")
+            report.findings.append(Finding("corrupt-online-copy", state.study.study_uid,
+                                           f"online copy {why}; bundled from the mirror",
+                                           sop_uid=sop_uid, location=site))
 
     def _member(self, inst: InstanceRow, sources: list[tuple[str, str]]) -> Member:
         opens = [self._opener(site, key) for site, key in sources]
@@ -574,32 +623,35 @@ class Migrator:
 
     def _delete_purging(self, instance_ids: list[int], report: MigrateReport,
                         study_uid: str) -> int:
-        """Delete the files of 'purging' copies; mark each 'purged' once it is gone.
-        A site that is down keeps its rows 'purging' for the next run."""
+        """Delete the files of 'purging' copies, site by site; mark them 'purged'
+        once gone. A site that fails keeps its rows 'purging' for the next run."""
         deleted = 0
         for chunk in _chunks(instance_ids):
             with self.catalog.unit() as uow:
                 rows = list(uow.session.execute(
                     select(Copy.id, Copy.location, Copy.key)
                     .where(Copy.instance_fk.in_(chunk), Copy.state == "purging")))
-            done: list[int] = []
-            down: set[str] = set()
+            by_site: dict[str, list[tuple[int, str]]] = {}
             for copy_id, location, key in rows:
-                site = self.sites.get(location)
-                if site is None or location in down:
-                    continue
-                try:
-                    site.delete(key)
-                except BackendError as e:
-                    down.add(location)
-                    report.findings.append(Finding(
-                        "purge-pending", study_uid,
-                        f"online copy not deleted yet ({e}); retried by the next run",
-                        location=location))
-                    continue
-                done.append(copy_id)
-                deleted += 1
-                if deleted == 1:
+                by_site.setdefault(location, []).append((copy_id, key))
+            done: list[int] = []
+            targets = [(loc, items) for loc, items in by_site.items() if loc in self.sites]
+            # The sites are independent disks: delete on all of them at once.
+            with ThreadPoolExecutor(max(1, len(targets)), thread_name_prefix="purge") as pool:
+                futures = [(loc, items, pool.submit(self.sites[loc].delete_many,
+                                                    [key for _, key in items]))
+                           for loc, items in targets]
+                for location, items, fut in futures:
+                    try:
+                        fut.result()
+                    except BackendError as e:
+                        report.findings.append(Finding(
+                            "purge-pending", study_uid,
+                            f"online copies not deleted yet ({e}); retried by the next run",
+                            location=location))
+                        continue
+                    done += [copy_id for copy_id, _ in items]
+                    deleted += len(items)
                     failpoints.hit("migrate.mid_purge")
             with self.catalog.unit(write=True) as uow:
                 for ids in _chunks(done):
@@ -614,19 +666,41 @@ def _chunks(ids: list[int], n: int = 500):  # noqa: ANN202
         yield ids[i:i + n]
 
 
+class _Thread(threading.Thread):
+    """Runs ``fn``; keeps its result or its exception (and fails the growing file)."""
+
+    def __init__(self, fn, growing: GrowingFile) -> None:  # noqa: ANN001
+        super().__init__(name="bundle-writer", daemon=True)
+        self.fn, self.growing = fn, growing
+        self.result = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+            self.growing.fail(e)
+
+
 class _LocalCheck(threading.Thread):
     """Decompress every frame of the local bundle and check it against the
-    manifest (whose SHA-256s are the catalog's), while the upload runs: what the
-    store verified is these bytes, and these bytes hold the right instances."""
+    manifest entry (whose SHA-256 is the catalog's), following the writer:
+    what the store verified is these bytes, and these bytes hold the right
+    instances."""
 
-    def __init__(self, path: Path, size: int, manifest: dict) -> None:
+    def __init__(self, growing: GrowingFile) -> None:
         super().__init__(name="bundle-check", daemon=True)
-        self.path, self.size, self.manifest = path, size, manifest
+        self.growing = growing
         self.error: str | None = None
 
     def run(self) -> None:
         try:
-            with open(self.path, "rb", buffering=1 << 20) as f:
-                check_frames(f, self.manifest["instances"])
-        except (BundleError, OSError) as e:
+            with self.growing.open() as r:
+                pos = 0
+                for entry in self.growing.entries():
+                    pos = skip_to(r, pos, entry["offset"])
+                    extract_to(r, entry["length"], entry)
+                    pos += entry["length"]
+        except (BundleError, OSError, WriterFailed) as e:
             self.error = str(e)

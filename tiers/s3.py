@@ -177,7 +177,11 @@ def make_client(settings: S3Settings, environ: dict[str, str] | None = None):
         # aws-chunked trailers) breaks older Ceph/MinIO and checks nothing we need.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        s3={"addressing_style": "path" if settings.path_style else "auto"},
+        # UNSIGNED-PAYLOAD even on http: botocore would otherwise hash every byte
+        # once more to sign it, while x-amz-checksum-sha256 (or Content-MD5) on
+        # each request already makes the server check the bytes it received.
+        s3={"addressing_style": "path" if settings.path_style else "auto",
+            "payload_signing_enabled": settings.checksum == "none"},
     )
     return boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
                         config=config, **creds)
@@ -325,7 +329,7 @@ class S3Backend:
             if same is not None:
                 return same
         try:
-            if payload.size >= self.settings.multipart_threshold:
+            if getattr(payload, "streaming", False) or payload.size >= self.settings.multipart_threshold:
                 version, composite = self._put_multipart(full, key, payload, replace=replace)
             else:
                 version, composite = self._put_small(full, key, payload, replace=replace)
@@ -368,9 +372,12 @@ class S3Backend:
             raise CopyCorrupt("put", self.name, f"{key} (stored copy damaged; repair with replace)")
         raise ObjectExists("put", self.name, key)
 
-    def _put_kwargs(self, sha256_hex: str, size: int) -> dict[str, Any]:
+    def _put_kwargs(self, sha256_hex: str | None, size: int | None) -> dict[str, Any]:
         s = self.settings
-        kw: dict[str, Any] = {"Metadata": {"sha256": sha256_hex, "size": str(size)}}
+        # A streamed upload starts before its SHA-256 is known: no metadata then
+        # (the server's own checksum and the catalog still hold it).
+        kw: dict[str, Any] = ({"Metadata": {"sha256": sha256_hex, "size": str(size)}}
+                              if sha256_hex is not None else {})
         if s.storage_class:
             kw["StorageClass"] = s.storage_class
         if s.sse != "none":
@@ -422,7 +429,9 @@ class S3Backend:
     def _put_multipart(self, full: str, key: str, payload: Payload, *,
                        replace: bool) -> tuple[str | None, str | None]:
         s = self.settings
-        create: dict[str, Any] = self._put_kwargs(payload.sha256, payload.size)
+        streaming = getattr(payload, "streaming", False)
+        create: dict[str, Any] = (self._put_kwargs(None, None) if streaming
+                                  else self._put_kwargs(payload.sha256, payload.size))
         if s.checksum == "sha256":
             create["ChecksumAlgorithm"] = "SHA256"
         with self._errors("put", key):
@@ -443,7 +452,10 @@ class S3Backend:
 
     def _upload_parts(self, full: str, key: str, upload_id: str,
                       payload: Payload) -> tuple[list[dict], list[bytes]]:
-        part_size = self._part_size(payload.size)
+        # A streamed payload's size is known only at its end (tiers.growing):
+        # read until EOF with the configured part size, then check.
+        streaming = getattr(payload, "streaming", False)
+        part_size = self.settings.part_size if streaming else self._part_size(payload.size)
         whole = hashlib.sha256()
         digests: list[bytes] = []
         parts: list[dict] = []
@@ -453,10 +465,13 @@ class S3Backend:
                                   thread_name_prefix=f"s3-{self.name}")
         try:
             with payload.open() as src:
-                while total <= payload.size:
+                while streaming or total <= payload.size:
                     data = _read_exact(src, part_size)
                     if not data:
                         break
+                    if len(digests) >= MAX_PARTS:
+                        raise BackendError("put", self.name, f"{key}: more than {MAX_PARTS} "
+                                           f"parts of {part_size} bytes; raise part_size")
                     total += len(data)
                     whole.update(data)
                     digest = hashlib.sha256(data).digest()
@@ -476,6 +491,10 @@ class S3Backend:
             raise BackendError("put", self.name, f"read {total} of {payload.size} bytes")
         if whole.hexdigest() != payload.sha256:  # completing would publish wrong bytes
             raise CopyCorrupt("put", self.name, key)
+        if not parts:  # an empty stream: S3 needs one (empty) part to complete
+            parts.append(self._upload_part(full, key, upload_id, 1, b"",
+                                           hashlib.sha256(b"").digest()))
+            digests.append(hashlib.sha256(b"").digest())
         return parts, digests
 
     def _upload_part(self, full: str, key: str, upload_id: str, number: int,
@@ -599,6 +618,19 @@ class S3Backend:
         point of WORM: a thief with our credentials cannot destroy copies.
         """
         self._delete_full(self._full(key), key, version_id)
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete several keys (current versions), 1,000 per request; idempotent."""
+        for i in range(0, len(keys), 1000):
+            batch = keys[i:i + 1000]
+            objs = [{"Key": self._full(k)} for k in batch]
+            with self._errors("delete", batch[0] if batch else ""):
+                r = self.client.delete_objects(Bucket=self.bucket,
+                                               Delete={"Objects": objs, "Quiet": True})
+            errors = [e for e in r.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+            if errors:
+                raise BackendError("delete", self.name,
+                                   f"{len(errors)} keys not deleted ({errors[0].get('Code')})")
 
     def _delete_full(self, full: str, key: str, version_id: str | None) -> None:
         vid = {"VersionId": version_id} if version_id else {}

@@ -79,14 +79,19 @@ def load(session: Session, study_fk: int) -> StudyState:
         select(Study, Patient).join(Patient, Patient.id == Study.patient_fk)
         .where(Study.id == study_fk)).one()
     series = {s.id: s for s in session.scalars(select(Series).where(Series.study_fk == study_fk))}
-    rows = session.execute(select(Instance).where(Instance.study_fk == study_fk)
-                           .order_by(Instance.series_fk, Instance.id)).scalars()
-    instances = {i.id: InstanceRow(i.id, i.sop_uid, i.version, series[i.series_fk].series_uid,
-                                   i.sop_class, i.transfer_syntax, i.size, i.sha256,
-                                   i.received_at, i.calling_ae, i.conflict) for i in rows}
-    q = (select(Copy).join(Instance, Instance.id == Copy.instance_fk)
-         .where(Instance.study_fk == study_fk))
-    for c in session.scalars(q):
+    # Core rows, not ORM objects: a 50,000-image study loads in a fraction of the time.
+    rows = session.execute(
+        select(Instance.id, Instance.sop_uid, Instance.version, Instance.series_fk,
+               Instance.sop_class, Instance.transfer_syntax, Instance.size, Instance.sha256,
+               Instance.received_at, Instance.calling_ae, Instance.conflict)
+        .where(Instance.study_fk == study_fk).order_by(Instance.series_fk, Instance.id))
+    instances = {r.id: InstanceRow(r.id, r.sop_uid, r.version, series[r.series_fk].series_uid,
+                                   r.sop_class, r.transfer_syntax, r.size, r.sha256,
+                                   r.received_at, r.calling_ae, r.conflict) for r in rows}
+    q = (select(Copy.id, Copy.instance_fk, Copy.location, Copy.key, Copy.state, Copy.bundle_fk,
+                Copy.frame_offset, Copy.frame_length)
+         .join(Instance, Instance.id == Copy.instance_fk).where(Instance.study_fk == study_fk))
+    for c in session.execute(q):
         instances[c.instance_fk].copies[c.location] = CopyRow(
             c.id, c.location, c.key, c.state, c.bundle_fk, c.frame_offset, c.frame_length)
     session.expunge_all()  # plain snapshots: usable after the unit of work ends

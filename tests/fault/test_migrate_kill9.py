@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import run_cli
-from tests.support.dataset import make_varied_study
+from tests.support.dataset import make_ct_series, make_varied_study
 from tests.support.s3fixtures import seaweed  # noqa: F401
 from tests.support.tiering import Install
 from tests.integration.test_tiering_s3 import bundles_in, s3_install
@@ -80,7 +80,9 @@ def test_kill9_directory_tier(tmp_path, point):
 @pytest.mark.needs_s3
 @pytest.mark.parametrize("point", POINTS + ["s3.before_complete"])
 def test_kill9_s3_tier(tmp_path, seaweed, point):
-    made = make_varied_study(tmp_path / "in", per_kind=3, size=400_000)   # ~6.5 MB: multipart
+    # ~19 MB: streamed while compressed, a multipart upload of 4 parts
+    made = make_varied_study(tmp_path / "in", per_kind=3, size=400_000)
+    made += make_ct_series(tmp_path / "ct", 24, size=512 * 1024, study_uid=made[0].study_uid)
     inst, bucket, env = s3_install(tmp_path / "pv", seaweed)
     inst.ingest(made)
     run_case(inst, made[0].study_uid, point, env)

@@ -64,8 +64,8 @@ def catalog_rows(inst: Install, sql: str) -> list[tuple]:
 
 @pytest.fixture
 def big_study(tmp_path):
-    # ~13 MB: a multipart bundle of 3 parts (5 MiB parts above a 6 MiB threshold)
-    return make_ct_series(tmp_path / "ct", 25, size=512 * 1024)
+    # ~19 MB: streamed while compressed (tiers/growing.py), 5 MiB parts: 4 of them
+    return make_ct_series(tmp_path / "ct", 36, size=512 * 1024)
 
 
 def test_multipart_bundle_verified_by_server_checksum_then_recalled(tmp_path, seaweed, big_study):
@@ -78,10 +78,10 @@ def test_multipart_bundle_verified_by_server_checksum_then_recalled(tmp_path, se
     [obj] = bundles_in(seaweed, bucket)
     assert obj["Key"].startswith("pacsvault/bundles/") and "-" in obj["ETag"]   # multipart
     head = seaweed.client().head_object(Bucket=bucket, Key=obj["Key"], ChecksumMode="ENABLED")
-    assert head["ChecksumSHA256"].endswith("-3")
-    assert set(head["Metadata"]) == {"sha256", "size"}                  # no patient data
+    assert head["ChecksumSHA256"].endswith("-4")
+    assert set(head["Metadata"]) <= {"sha256", "size"}                  # no patient data
     [(server_checksum, state)] = catalog_rows(inst, "select server_checksum, state from bundles")
-    assert server_checksum == head["ChecksumSHA256"].split("-")[0] + "-3" and state == "ok"
+    assert server_checksum == head["ChecksumSHA256"].split("-")[0] + "-4" and state == "ok"
 
     rc = cli(inst, env, "recall", study)
     assert rc["ok"] and rc["recalled"] == len(big_study) and site_state(inst) == before
@@ -189,3 +189,23 @@ def test_object_tier_unreachable_fails_fast_and_says_so(tmp_path, seaweed):
     assert len(site_state(inst)) == 4
     p = run_cli(inst.config, "migrate", "--study", made[0].study_uid, check=False)   # no creds
     assert p.returncode == 3 and KEY_ENV in p.stderr and "Traceback" not in p.stderr
+
+
+def test_writer_failing_mid_stream_leaves_nothing_on_the_tier(tmp_path, seaweed, big_study):
+    """Both online copies of one instance are bad: the streamed upload is aborted,
+    nothing is left in the bucket (no object, no parts), and the operator is told."""
+    inst, bucket, env = s3_install(tmp_path / "pv", seaweed)
+    inst.ingest(big_study)
+    victim = big_study[20].sop_uid
+    for s in inst.settings.sites:
+        [f] = [p for p in (s.path / "objects").rglob("*.dcm") if victim in p.name]
+        raw = bytearray(f.read_bytes())
+        raw[-5] ^= 0x01
+        f.write_bytes(bytes(raw))
+    r = cli(inst, env, "migrate", "--study", big_study[0].study_uid, check=False)
+    assert r["_rc"] == 1 and r["studies"][0]["outcome"] == "failed"
+    assert "no source matches" in r["studies"][0]["reason"]
+    assert bundles_in(seaweed, bucket) == []
+    assert seaweed.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert len(site_state(inst)) == 2 * len(big_study)
+    assert list((inst.settings.ingest.spool_dir / "migrate").glob("*")) == []
