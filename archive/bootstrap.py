@@ -47,11 +47,19 @@ def open_object_tier(settings: Settings):  # noqa: ANN201 - a tiers.backend.Back
 
 
 def open_object_tier_or_none(settings: Settings):  # noqa: ANN201
-    """For reports: the tier, or None when it cannot be built (e.g. its credentials
-    are not in this process's environment); status then says so instead of failing."""
+    """For reports: the tier, or a stand-in whose health names why it cannot be
+    opened here (e.g. its credentials are not in this process's environment)."""
     from archive.errors import PacsvaultError
+    from tiers.backend import SiteHealth
 
     try:
         return open_object_tier(settings)
-    except PacsvaultError:
-        return None
+    except PacsvaultError as e:
+        reason = f"cannot open: {e}"
+
+        class _Unopened:
+            name = settings.objects.name
+
+            def health(self) -> SiteHealth:
+                return SiteHealth(False, reason)
+        return _Unopened()

@@ -181,8 +181,8 @@ class Migrator:
                     if fk is None:
                         raise NoSuchStudy(uid)
                     fks.append(fk)
-                facts = {f.study_fk: f for f in policy.candidates(uow.session, site_names,
-                                                                  study_fks=fks)}
+                facts = {f.study_fk: f for f in policy.candidates(
+                    uow.session, site_names, self.tier.name, study_fks=fks)}
                 uids = dict(zip(fks, (validate_uid(u, "Study Instance") for u in study_uids)))
                 out = []
                 for fk in dict.fromkeys(fks):
@@ -193,9 +193,12 @@ class Migrator:
                 return out
             now = self.clock()
             cutoff = now - timedelta(days=self.policy.min_online_days)
-            found = policy.candidates(uow.session, site_names, received_before=cutoff)
+            found = policy.candidates(uow.session, site_names, self.tier.name,
+                                      received_before=cutoff)
         out = []
         for f in found:
+            if not self.policy.purge_online and f.unprotected == 0:
+                continue   # copy-only mode: already on the tier, nothing to do
             d = policy.decide(f, self.policy, now)
             if d.migrate:
                 out.append(StudyResult(f.study_uid, reason=d.reason,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 
-from sqlalchemy import and_, exists, func, select
+from sqlalchemy import and_, case, exists, func, select
 from sqlalchemy.orm import Session
 
 from archive.catalog.models import Copy, Instance, Patient, Series, Study
@@ -42,6 +42,7 @@ class StudyFacts:
     modalities: set[str] = field(default_factory=set)
     online_instances: int = 0
     online_bytes: int = 0
+    unprotected: int = 0     # online instances without a verified object copy yet
 
 
 @dataclass(frozen=True)
@@ -109,18 +110,22 @@ def online_copy(sites: list[str]):  # noqa: ANN201 - a SQL expression
                           Copy.state.in_(("ok", "missing", "corrupt", "purging")))
 
 
-def candidates(session: Session, sites: list[str], *, study_fks: list[int] | None = None,
+def candidates(session: Session, sites: list[str], tier: str, *,
+               study_fks: list[int] | None = None,
                received_before: datetime | None = None) -> list[StudyFacts]:
     """Facts of every study with instances still online (optionally only these
     studies, or only those last received before a time), oldest study id first."""
-    q = (select(Instance.study_fk, func.count(), func.coalesce(func.sum(Instance.size), 0))
+    tier_ok = exists().where(Copy.instance_fk == Instance.id, Copy.location == tier,
+                             Copy.state == "ok")
+    q = (select(Instance.study_fk, func.count(), func.coalesce(func.sum(Instance.size), 0),
+                func.sum(case((tier_ok, 0), else_=1)))
          .where(online_copy(sites)).group_by(Instance.study_fk))
     if study_fks is not None:
         q = q.where(Instance.study_fk.in_(study_fks))
     if received_before is not None:
         q = q.where(exists().where(and_(Study.id == Instance.study_fk,
                                         Study.last_received_at < received_before)))
-    online = {fk: (int(n), int(b)) for fk, n, b in session.execute(q)}
+    online = {fk: (int(n), int(b), int(u or 0)) for fk, n, b, u in session.execute(q)}
     if not online:
         return []
     facts: dict[int, StudyFacts] = {}
@@ -130,11 +135,11 @@ def candidates(session: Session, sites: list[str], *, study_fks: list[int] | Non
             select(Study, Patient.patient_id).join(Patient, Patient.id == Study.patient_fk)
             .where(Study.id.in_(chunk)))
         for st, pid in rows:
-            n, b = online[st.id]
+            n, b, u = online[st.id]
             facts[st.id] = StudyFacts(
                 st.id, st.study_uid, pid, st.study_date, st.calling_ae, st.first_received_at,
                 st.last_received_at, st.last_access_at, st.recalled_at,
-                online_instances=n, online_bytes=b)
+                online_instances=n, online_bytes=b, unprotected=u)
         for fk, modality in session.execute(
                 select(Series.study_fk, Series.modality).where(Series.study_fk.in_(chunk))):
             if modality:

@@ -170,7 +170,8 @@ def test_bad_input_is_refused_cleanly(varied):
     assert rc["ok"] and rc["recalled"] == 0 and rc["already_online"] == len(made)
 
 
-def test_damaged_bundle_is_reported_and_online_copies_kept(varied):
+@pytest.mark.parametrize("damage", ["bit-rot", "truncated", "deleted"])
+def test_damaged_bundle_is_reported_and_online_copies_kept(varied, damage):
     inst, made = varied
     study = made[0].study_uid
     migrate(inst, "--study", study)
@@ -178,8 +179,13 @@ def test_damaged_bundle_is_reported_and_online_copies_kept(varied):
     before = site_state(inst)
     bundle = inst.tier_files()[0]
     raw = bytearray(bundle.read_bytes())
-    raw[len(raw) // 3] ^= 0x40                      # bit rot in the bucket
-    bundle.write_bytes(bytes(raw))
+    if damage == "bit-rot":
+        raw[len(raw) // 3] ^= 0x40
+        bundle.write_bytes(bytes(raw))
+    elif damage == "truncated":
+        bundle.write_bytes(bytes(raw[: len(raw) - 100]))
+    else:
+        bundle.unlink()
 
     r = migrate(inst, "--study", study, check=False)
     assert r["_rc"] == 1 and not r["ok"]
@@ -272,3 +278,48 @@ def test_large_instance_round_trip_in_bounded_memory(tmp_path):
     assert migrate(inst, "--study", big.study_uid)["ok"]
     assert recall(inst, big.study_uid)["recalled"] == 2 and site_state(inst) == before
     assert list((inst.settings.ingest.spool_dir / "recall").glob("*")) == []
+
+
+def test_tier_alone_recovers_everything_after_catalog_and_sites_are_lost(varied, tmp_path):
+    """The media describe themselves: with only the object tier's directory, every
+    migrated instance comes back bit-identical, with its study and patient facts."""
+    import shutil
+
+    from tiers.bundle import BundleReader
+
+    inst, made = varied
+    study = made[0].study_uid
+    before = {Path(k).name: v for k, v in site_state(inst).items() if k.startswith("site-a/")}
+    migrate(inst, "--study", study)
+    tier_root = inst.settings.objects.path
+    for d in ("catalog", "sites"):
+        shutil.rmtree(inst.config.parent / d)
+
+    recovered = {}
+    for bundle in sorted((tier_root / "bundles").rglob("*.pvb")):
+        data = bundle.read_bytes()
+        reader = BundleReader(lambda o, n: data[o:o + n], len(data))
+        m = reader.manifest
+        assert m["study"]["study_uid"] == study and m["study"]["patient"]["patient_id"] == "TEST-0001"
+        assert {s["modality"] for s in m["study"]["series"]} >= {"CT", "MR", "SR"}
+        for entry in m["instances"]:
+            body = reader.read(entry)
+            recovered[f"{entry['sop_uid']}.dcm"] = hashlib.sha256(body).hexdigest()
+            assert entry["calling_ae"] == "STORESCU" and entry["received_at"]
+    assert recovered == before
+
+
+def test_copy_only_mode_keeps_online_copies_and_does_not_repeat(tmp_path):
+    inst = Install.create(tmp_path / "pv")
+    a = make_ct_series(tmp_path / "a", 3, size=5000)
+    inst.ingest(a)
+    text = inst.config.read_text().replace("min_online_days = 30", "min_online_days = 0")
+    inst.config.write_text(text.replace("purge_online = true", "purge_online = false"))
+    before = site_state(inst)
+    r = migrate(inst)
+    assert r["ok"] and r["studies"][0]["bundled"] == 3 and r["studies"][0]["purged"] == 0
+    assert site_state(inst) == before and len(inst.tier_files()) == 1
+    assert migrate(inst)["studies"] == []            # protected already: not picked again
+    late = [make_instance(tmp_path / "late.dcm", kind="SR", study_uid=a[0].study_uid)]
+    inst.ingest(late)
+    assert [s["bundled"] for s in migrate(inst)["studies"]] == [1]

@@ -189,6 +189,9 @@ def test_object_tier_unreachable_fails_fast_and_says_so(tmp_path, seaweed):
     assert len(site_state(inst)) == 4
     p = run_cli(inst.config, "migrate", "--study", made[0].study_uid, check=False)   # no creds
     assert p.returncode == 3 and KEY_ENV in p.stderr and "Traceback" not in p.stderr
+    st = json.loads(run_cli(inst.config, "status", "--json").stdout)    # status still answers
+    assert not st["object_tier"]["healthy"] and KEY_ENV in st["object_tier"]["health"]
+    assert st["healthy"] is False
 
 
 def test_writer_failing_mid_stream_leaves_nothing_on_the_tier(tmp_path, seaweed, big_study):
@@ -209,3 +212,44 @@ def test_writer_failing_mid_stream_leaves_nothing_on_the_tier(tmp_path, seaweed,
     assert seaweed.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert len(site_state(inst)) == 2 * len(big_study)
     assert list((inst.settings.ingest.spool_dir / "migrate").glob("*")) == []
+
+
+def test_sse_s3_bundles_are_encrypted_at_rest(tmp_path):
+    """SSE-S3 (sse = 'AES256') on a SeaweedFS started with an SSE key: the
+    bundle's bytes are not in the server's files in the clear, and recall works."""
+    import base64
+    import os
+    import secrets
+
+    from tests.support import seaweed as sw
+
+    sw.require_weed()
+    server = sw.SeaweedServer.start(env={"WEED_S3_SSE_KEY":
+                                         base64.b64encode(secrets.token_bytes(32)).decode()})
+    try:
+        made = make_ct_series(tmp_path / "ct", 3, size=100_000)
+        inst, bucket, env = s3_install(tmp_path / "pv", server, extra="sse = 'AES256'\n")
+        inst.ingest(made)
+        before = site_state(inst)
+        marker = made[1].path.read_bytes()[-4096:-4064]     # 32 bytes of noise pixels
+        assert cli(inst, env, "migrate", "--study", made[0].study_uid)["ok"]
+        [obj] = bundles_in(server, bucket)
+        head = server.client().head_object(Bucket=bucket, Key=obj["Key"])
+        assert head["ServerSideEncryption"] == "AES256"
+
+        def on_disk(needle: bytes) -> bool:
+            for root, _, files in os.walk(server.root / "data"):
+                for f in files:
+                    try:
+                        if needle in (Path(root) / f).read_bytes():
+                            return True
+                    except OSError:
+                        pass
+            return False
+
+        control = secrets.token_bytes(32)   # the search works: a plain object is found
+        server.client().put_object(Bucket=bucket, Key="control", Body=control * 4)
+        assert on_disk(control) and not on_disk(marker)
+        assert cli(inst, env, "recall", made[0].study_uid)["ok"] and site_state(inst) == before
+    finally:
+        server.stop()

@@ -70,3 +70,20 @@ def test_dry_run_changes_nothing(env):
         assert files(inst) == before and list(tier.list("bundles")) == []
     finally:
         catalog.close()
+
+
+def test_sse_kms_headers_reach_the_store(env):
+    inst, made, settings, _ = env
+    cfg = S3TierSettings(bucket="pv-unit", prefix="kms", verify="readback", sse="aws:kms",
+                         kms_key_id="alias/pacsvault", storage_class="STANDARD_IA")
+    tier = S3Backend("objects", S3Settings(**cfg.model_dump()))
+    tier.initialize()
+    catalog = inst.catalog()
+    try:
+        assert Migrator(catalog, inst.sites(), tier, settings).run([made[0].study_uid]).ok
+    finally:
+        catalog.close()
+    [key] = [o.key for o in tier.list("bundles")]
+    head = boto3.client("s3", region_name="us-east-1").head_object(Bucket="pv-unit", Key="kms/" + key)
+    assert head["ServerSideEncryption"] == "aws:kms"
+    assert head["SSEKMSKeyId"].endswith("alias/pacsvault") and head["StorageClass"] == "STANDARD_IA"
