@@ -11,7 +11,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+
 
 from sqlalchemy import select
 
@@ -19,7 +19,7 @@ from archive.catalog import repo
 from archive.catalog.models import Copy, Instance
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
-from tiers.backend import Backend, BackendError
+from tiers.backend import Backend, BackendError, FilePayload
 
 log = logging.getLogger("pacsvault.repair")
 
@@ -32,17 +32,7 @@ class RepairReport:
     sites: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
-class _SpooledCopy:
-    path: Path
-    size: int
-    sha256: str
-
-    def open(self) -> BinaryIO:
-        return open(self.path, "rb")
-
-
-def _fetch_verified(src: Backend, key: str, sha256: str, scratch: Path) -> _SpooledCopy | None:
+def _fetch_verified(src: Backend, key: str, sha256: str, scratch: Path) -> FilePayload | None:
     """Copy a source object to scratch, hashing as it goes; None if it does not match."""
     h = hashlib.sha256()
     size = 0
@@ -55,7 +45,7 @@ def _fetch_verified(src: Backend, key: str, sha256: str, scratch: Path) -> _Spoo
     if h.hexdigest() != sha256:
         Path(name).unlink(missing_ok=True)
         return None
-    return _SpooledCopy(Path(name), size, sha256)
+    return FilePayload(Path(name), size, sha256)
 
 
 def repair_missing(catalog: Catalog, sites: list[Backend], scratch: Path, *,

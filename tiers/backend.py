@@ -15,6 +15,7 @@ site must never need the catalog (the media describe themselves).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
 
 from archive.errors import PacsvaultError
@@ -78,6 +79,45 @@ class Payload(Protocol):
     sha256: str
 
     def open(self) -> BinaryIO: ...
+
+
+@dataclass(frozen=True)
+class FilePayload:
+    """A Payload held in a local file (a spooled copy, a bundle, a decoded instance)."""
+
+    path: Path
+    size: int
+    sha256: str
+
+    def open(self) -> BinaryIO:
+        return open(self.path, "rb")
+
+
+class LimitedReader:
+    """Reads at most ``n`` bytes of ``src``: one range of a file, one frame of a
+    bundle read front to back. ``short_is_error``: a source that ends early raises."""
+
+    def __init__(self, src: BinaryIO, n: int, *, short_is_error: bool = False) -> None:
+        self.src, self.left, self.short_is_error = src, n, short_is_error
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        want = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.src.read(want)
+        if not data and self.short_is_error:
+            raise BackendError("read", "range", "source ends before the range does")
+        self.left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.src.close()
+
+    def __enter__(self) -> "LimitedReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Backend(Protocol):

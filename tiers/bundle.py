@@ -26,6 +26,8 @@ from typing import BinaryIO, Callable, Iterable
 
 import zstandard
 
+from tiers.backend import LimitedReader
+
 FORMAT = "pacsvault-bundle"
 VERSION = 1
 TRAILER_SIZE = 64
@@ -286,26 +288,11 @@ def extract(frame: bytes, entry: dict) -> bytes:
     return data
 
 
-class _Limited:
-    """At most ``n`` bytes of ``src`` (one frame of a bundle being read in order)."""
-
-    def __init__(self, src: BinaryIO, n: int) -> None:
-        self.src, self.left = src, n
-
-    def read(self, size: int = -1) -> bytes:
-        if self.left <= 0:
-            return b""
-        want = self.left if size is None or size < 0 else min(size, self.left)
-        data = self.src.read(want)
-        self.left -= len(data)
-        return data
-
-
 def extract_to(src: BinaryIO, length: int, entry: dict, sink: BinaryIO | None = None) -> None:
     """Decompress one instance frame of ``length`` bytes read from ``src`` (positioned
     at the frame) into ``sink``, in bounded memory, checking its size and SHA-256
     against ``entry``. The frame is consumed whole, so ``src`` ends up at the next one."""
-    limited = _Limited(src, length)
+    limited = LimitedReader(src, length)
     h = hashlib.sha256()
     n = 0
     try:

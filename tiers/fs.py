@@ -32,6 +32,7 @@ from archive import failpoints
 from tiers.backend import (
     BackendError,
     CopyCorrupt,
+    LimitedReader,
     ObjectExists,
     ObjectInfo,
     ObjectNotFound,
@@ -246,7 +247,7 @@ class FilesystemBackend:
             raise BackendError("read", self.name, f"range {offset}+{length} outside {size} bytes")
         f = self.open(key)
         f.seek(offset)
-        return _RangeFile(f, length)  # type: ignore[return-value]
+        return LimitedReader(f, length, short_is_error=True)  # type: ignore[return-value]
 
     def sha256(self, key: str) -> str:
         """Hash a stored object (read from the device when verify_read='device')."""
@@ -311,28 +312,3 @@ class FilesystemBackend:
         except OSError as e:
             raise self._classify("delete", e) from None
 
-
-class _RangeFile:
-    """A file object that ends ``length`` bytes after where it starts."""
-
-    def __init__(self, f: BinaryIO, length: int) -> None:
-        self._f, self._left = f, length
-
-    def read(self, n: int = -1) -> bytes:
-        if self._left <= 0:
-            return b""
-        want = self._left if n is None or n < 0 else min(n, self._left)
-        data = self._f.read(want)
-        if len(data) < want and not data:
-            raise BackendError("read", "site", "file shorter than its size")
-        self._left -= len(data)
-        return data
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self) -> "_RangeFile":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -28,7 +28,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import select, update
@@ -42,7 +41,14 @@ from archive.config.schema import Settings
 from archive.errors import InvalidInput, PacsvaultError
 from archive.uids import validate_uid
 from tiers import policy
-from tiers.backend import Backend, BackendError, ObjectLocked, ObjectNotFound, Unavailable
+from tiers.backend import (
+    Backend,
+    BackendError,
+    FilePayload,
+    ObjectLocked,
+    ObjectNotFound,
+    Unavailable,
+)
 from tiers.bundle import (
     BundleError,
     BundleReader,
@@ -139,16 +145,6 @@ class MigrateReport:
                 if self.seconds > 0 and not self.dry_run else None,
             },
         }
-
-
-@dataclass(frozen=True)
-class _FilePayload:
-    path: Path
-    size: int
-    sha256: str
-
-    def open(self):  # noqa: ANN201
-        return open(self.path, "rb")
 
 
 class Migrator:
@@ -519,7 +515,7 @@ class Migrator:
                 check = _LocalCheck(growing)
                 check.start()
                 try:
-                    info = self.tier.put(key, _FilePayload(tmp, written.size, written.sha256))
+                    info = self.tier.put(key, FilePayload(tmp, written.size, written.sha256))
                 finally:
                     check.join()
             failpoints.hit("migrate.after_upload")

@@ -34,7 +34,7 @@ from archive.catalog.models import Bundle, Copy, Study
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.uids import validate_uid
-from tiers.backend import Backend, BackendError, ObjectExists
+from tiers.backend import Backend, BackendError, FilePayload, ObjectExists
 from tiers.bundle import BundleError, extract_to, skip_to
 from tiers.layout import instance_key
 from tiers.migrate import STUDY_LEASE_TTL_S, NoSuchStudy, study_lease_name
@@ -88,21 +88,11 @@ class _Bytes:
         return io.BytesIO(self.data)
 
 
-@dataclass(frozen=True)
-class _File:
-    path: Path
-    size: int
-    sha256: str
-
-    def open(self) -> BinaryIO:
-        return open(self.path, "rb")
-
-
 @dataclass
 class _Job:
     inst: InstanceRow
     targets: list[tuple[str, str]]          # (site, key) to write
-    payload: _Bytes | _File | None = None
+    payload: _Bytes | FilePayload | None = None
     error: str = ""                          # could not be read from the object tier
     written: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str, str]] = field(default_factory=list)   # (site, key, why)
@@ -168,7 +158,7 @@ class Recaller:
             if job.payload is not None:
                 for site, key in job.targets:
                     self._put(site_by_name[site], uid, job, key)
-                if isinstance(job.payload, _File):
+                if isinstance(job.payload, FilePayload):
                     job.payload.path.unlink(missing_ok=True)
             with lock:
                 done.append(job)
@@ -269,7 +259,7 @@ class Recaller:
                 except BaseException:
                     Path(name).unlink(missing_ok=True)
                     raise
-                job.payload = _File(Path(name), inst.size, inst.sha256)
+                job.payload = FilePayload(Path(name), inst.size, inst.sha256)
         except BundleError as e:
             job.error = f"object copy damaged: {e}"
             # the stream is now somewhere inside this frame: the rest of the bundle

@@ -8,29 +8,21 @@ every instance back bit-identical.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
-from pathlib import Path
 
 import pytest
 
 from tests.support.daemon import run_cli
 from tests.support.dataset import make_ct_series, make_varied_study
 from tests.support.s3fixtures import seaweed  # noqa: F401
-from tests.support.tiering import Install
+from tests.support.tiering import Install, site_state
 from tests.integration.test_tiering_s3 import bundles_in, s3_install
 
 POINTS = ["migrate.after_bundle_row", "migrate.after_upload", "migrate.after_tier_commit",
           "migrate.mid_purge"]
 
 
-def site_state(inst: Install) -> dict[str, str]:
-    out = {}
-    for s in inst.settings.sites:
-        for p in sorted((s.path / "objects").rglob("*.dcm")):
-            out[f"{s.name}/{p.relative_to(s.path)}"] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def rows(inst: Install, sql: str) -> list[tuple]:

@@ -11,20 +11,13 @@ import pytest
 
 from tests.support.daemon import run_cli, storescu
 from tests.support.dataset import make_ct_series, make_instance, make_varied_study
-from tests.support.tiering import Install
+from tests.support.tiering import Install, site_state
 
 
 def sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def site_state(inst: Install) -> dict[str, str]:
-    """relative path on each site -> SHA-256 of the file."""
-    out = {}
-    for s in inst.settings.sites:
-        for p in sorted((s.path / "objects").rglob("*.dcm")):
-            out[f"{s.name}/{p.relative_to(s.path)}"] = sha(p)
-    return out
 
 
 def db(inst: Install) -> sqlite3.Connection:

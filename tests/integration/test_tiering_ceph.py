@@ -8,7 +8,6 @@ each bundle by reading it back.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -18,7 +17,7 @@ import pytest
 
 from tests.support.daemon import run_cli
 from tests.support.dataset import make_ct_series, make_varied_study
-from tests.support.tiering import Install
+from tests.support.tiering import Install, site_state
 
 ENDPOINT = os.environ.get("PACSVAULT_TEST_CEPH_ENDPOINT")
 pytestmark = pytest.mark.skipif(not ENDPOINT, reason="PACSVAULT_TEST_CEPH_ENDPOINT not set")
@@ -26,8 +25,6 @@ KEYS = {"PV_CEPH_KEY": os.environ.get("PACSVAULT_TEST_CEPH_KEY", "testing"),
         "PV_CEPH_SECRET": os.environ.get("PACSVAULT_TEST_CEPH_SECRET", "testingsecret")}
 
 
-def site_state(inst: Install) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in inst.site_files()}
 
 
 def test_migrate_and_recall_on_ceph_rgw(tmp_path):

@@ -3,7 +3,6 @@ SHA-256 verification, multipart bundles, Object Lock (WORM), a tampered
 object, and an endpoint that drops connections mid-upload."""
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 from datetime import datetime, timedelta, timezone
@@ -15,7 +14,7 @@ from tests.support.daemon import run_cli
 from tests.support.dataset import make_ct_series, make_varied_study
 from tests.support.dropproxy import DropProxy
 from tests.support.s3fixtures import seaweed  # noqa: F401 - session fixture
-from tests.support.tiering import Install
+from tests.support.tiering import Install, site_state
 
 pytestmark = pytest.mark.needs_s3
 KEY_ENV, SECRET_ENV = "PV_TIER_KEY", "PV_TIER_SECRET"
@@ -43,12 +42,6 @@ def cli(inst: Install, env: dict, *args: str, check: bool = True, extra_env: dic
     return {**out, "_rc": p.returncode, "_stderr": p.stderr}
 
 
-def site_state(inst: Install) -> dict[str, str]:
-    out = {}
-    for s in inst.settings.sites:
-        for p in sorted((s.path / "objects").rglob("*.dcm")):
-            out[f"{s.name}/{p.relative_to(s.path)}"] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def bundles_in(server, bucket: str) -> list[dict]:

@@ -69,3 +69,12 @@ class Install:
 
 def sha256_bytes(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
+
+
+def site_state(inst: Install) -> dict[str, str]:
+    """'<site>/<relative path>' -> SHA-256 of every object file on the online sites."""
+    out = {}
+    for s in inst.settings.sites:
+        for p in sorted((s.path / "objects").rglob("*.dcm")):
+            out[f"{s.name}/{p.relative_to(s.path)}"] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
