@@ -209,6 +209,7 @@ class Migrator:
         report = MigrateReport(dry_run, self.tier.name)
         if not dry_run:
             self.sweep_scratch()
+            self._sweep_uploads()
             self.finish_interrupted_purges(report)
         report.studies = self.plan(study_uids)
         if dry_run:
@@ -313,6 +314,20 @@ class Migrator:
     def _check_lease(held: lease.HeldLease | None) -> None:
         if held is not None and held.lost:
             raise lease.LeaseHeld("the study", "lease lost during migration")
+
+    def _sweep_uploads(self) -> None:
+        """Abort multipart uploads a crash left on the tier over a day ago (their
+        parts may hold patient data and cost storage); S3 only."""
+        sweep = getattr(self.tier, "sweep_uploads", None)
+        if sweep is None:
+            return
+        try:
+            n = sweep()
+        except BackendError as e:
+            log.warning("could not sweep stale multipart uploads: %s", e)
+            return
+        if n:
+            log.warning("aborted %d stale multipart uploads on %s", n, self.tier.name)
 
     def sweep_scratch(self, stale_after_s: float = 3600) -> int:
         """Remove local bundle files a killed run left (they hold patient data).

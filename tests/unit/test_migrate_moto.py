@@ -87,3 +87,17 @@ def test_sse_kms_headers_reach_the_store(env):
     head = boto3.client("s3", region_name="us-east-1").head_object(Bucket="pv-unit", Key="kms/" + key)
     assert head["ServerSideEncryption"] == "aws:kms"
     assert head["SSEKMSKeyId"].endswith("alias/pacsvault") and head["StorageClass"] == "STANDARD_IA"
+
+
+def test_a_run_aborts_multipart_uploads_left_by_a_crash(env):
+    """moto dates every upload 2010, so it counts as stale; the 24 h threshold
+    itself is tested on SeaweedFS (tests/conformance/test_s3_backend.py)."""
+    inst, made, settings, tier = env
+    raw = boto3.client("s3", region_name="us-east-1")
+    raw.create_multipart_upload(Bucket="pv-unit", Key="t/bundles/aa/bb/1.2/x.pvb")
+    catalog = inst.catalog()
+    try:
+        assert Migrator(catalog, inst.sites(), tier, settings).run([made[0].study_uid]).ok
+    finally:
+        catalog.close()
+    assert raw.list_multipart_uploads(Bucket="pv-unit").get("Uploads", []) == []
