@@ -91,6 +91,7 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         "oldest_under_replicated_age_s": oldest_age,
         "sites": site_rows,
         "object_tier": objects,
-        "healthy": all(r["healthy"] for r in site_rows) and under == 0 and objects["healthy"]
-        and not objects["corrupt"],
+        # Damage a scrub could not repair keeps the install unhealthy until dealt with.
+        "healthy": all(r["healthy"] and not r["corrupt"] for r in site_rows) and under == 0
+        and objects["healthy"] and not objects["corrupt"],
     }

@@ -12,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -167,3 +168,38 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ScrubRun(Base):
+    """One scrub: what it covered, how far it got (a restart resumes from the
+    cursor), and what it found. state: running | done | interrupted."""
+
+    __tablename__ = "scrub_runs"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    sites: Mapped[str] = mapped_column(String(512))              # comma-separated names
+    sample: Mapped[float] = mapped_column(Float, default=1.0)
+    state: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cursor_site: Mapped[str] = mapped_column(String(64), default="")
+    cursor_copy_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    objects: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    findings: Mapped[int] = mapped_column(Integer, default=0)
+    repaired: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ScrubFinding(Base):
+    """Damage a scrub found. kind: missing | corrupt | orphan; repaired says
+    whether a verified good copy replaced it (and from where)."""
+
+    __tablename__ = "scrub_findings"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_fk: Mapped[int] = mapped_column(ForeignKey("scrub_runs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    location: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(512))
+    instance_fk: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))
+    repaired_from: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(String(256), default="")
+    found_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

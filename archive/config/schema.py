@@ -185,13 +185,29 @@ class LifecycleSettings(_Strict):
     @classmethod
     def _cron(cls, v: str) -> str:
         if v.strip():
-            from apscheduler.triggers.cron import CronTrigger
+            from archive.scheduler import cron_trigger
 
             try:
-                CronTrigger.from_crontab(v)
+                cron_trigger(v)
             except ValueError as e:
                 raise ValueError(f"not a 5-field cron expression: {e}") from None
         return v
+
+
+class ScrubSettings(_Strict):
+    """Integrity scrubs of the online sites (replication/scrub.py)."""
+
+    # Read rate cap over all threads, MB/s; 0 = as fast as the disks go. A cap
+    # keeps a scrub from starving ingest on shared disks.
+    max_mb_per_s: float = Field(200, ge=0)
+    threads: int = Field(2, ge=1, le=16)
+    # The daemon scrubs every site on this cron schedule (5 fields); "" = only by hand.
+    schedule: str = "0 3 * * 0"
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        return LifecycleSettings._cron(v)
 
 
 class Settings(_Strict):
@@ -207,6 +223,7 @@ class Settings(_Strict):
     ingest: IngestSettings = IngestSettings()
     objects: ObjectTierSettings = ObjectTierSettings()
     lifecycle: LifecycleSettings = LifecycleSettings()
+    scrub: ScrubSettings = ScrubSettings()
 
     @model_validator(mode="after")
     def _sites_distinct(self) -> "Settings":

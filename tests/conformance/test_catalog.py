@@ -41,7 +41,7 @@ from tiers.layout import instance_key
 pytestmark = pytest.mark.timeout(180)
 
 TABLES = {"alembic_version", "patients", "studies", "series", "instances", "copies", "peers",
-          "bundles", "leases"}
+          "bundles", "leases", "scrub_runs", "scrub_findings"}
 
 
 class Site(FilesystemBackend):

@@ -33,10 +33,27 @@ def test_scheduler_reads_the_cron_from_config(tmp_path):
     inst = Install.create(tmp_path / "pv")
     sched = start_scheduler(inst.settings, threading.Event())
     try:
-        [job] = sched.get_jobs()
-        assert job.id == "migrate" and job.next_run_time.hour == 1 and job.next_run_time.minute == 30
+        jobs = {j.id: j.next_run_time for j in sched.get_jobs()}
+        assert set(jobs) == {"migrate", "scrub"}
+        assert (jobs["migrate"].hour, jobs["migrate"].minute) == (1, 30)
+        assert (jobs["scrub"].weekday(), jobs["scrub"].hour) == (6, 3)       # Sunday 03:00
     finally:
         sched.shutdown(wait=False)
     off = inst.config.read_text().replace('schedule = "30 1 * * *"', 'schedule = ""')
+    off = off.replace('schedule = "0 3 * * 0"', 'schedule = ""')
     inst.config.write_text(off)
     assert start_scheduler(inst.settings, threading.Event()) is None
+
+
+def test_cron_weekdays_mean_what_they_mean_in_cron():
+    from datetime import datetime, timezone
+
+    from archive.scheduler import cron_trigger
+
+    monday = datetime(2026, 11, 23, tzinfo=timezone.utc)           # a Monday
+    nxt = lambda e: cron_trigger(e).get_next_fire_time(None, monday)  # noqa: E731
+    assert nxt("0 3 * * 0").strftime("%a") == "Sun"
+    assert nxt("0 3 * * 7").strftime("%a") == "Sun"
+    assert nxt("0 3 * * 1-5").strftime("%a") == "Mon"
+    assert nxt("0 3 * * 6").strftime("%a") == "Sat"
+    assert nxt("0 3 * * sat").strftime("%a") == "Sat"

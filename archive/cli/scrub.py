@@ -1,0 +1,80 @@
+"""`pacsvault scrub`: re-read every online copy, compare with the catalog, repair."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
+from archive.catalog import lease
+from archive.cli.common import config_option, emit_json, handle_errors, settings_from
+from archive.cli.tiering import _progress
+from archive.errors import InvalidInput
+from replication.scrub import Scrubber
+
+
+@click.command()
+@click.option("--site", "site_names", metavar="NAME", multiple=True,
+              help="Scrub this site (repeatable).")
+@click.option("--all", "all_sites", is_flag=True, help="Scrub every online site.")
+@click.option("--sample", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0,
+              show_default=True, help="Check this fraction of the copies, chosen at random.")
+@click.option("--seed", type=int, default=None, help="Seed for --sample (default: the run id).")
+@click.option("--delete-orphans", is_flag=True,
+              help="Delete files the catalog does not know (reported either way).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+@config_option
+@click.pass_context
+@handle_errors
+def scrub(ctx: click.Context, site_names: tuple[str, ...], all_sites: bool, sample: float,
+          seed: int | None, delete_orphans: bool, as_json: bool, config: str | None) -> None:
+    """Re-read copies on the online sites and check each SHA-256 against the catalog.
+
+    A missing or damaged copy is replaced from a copy that verifies now (the
+    mirror, else the object tier) and read back again. A copy with no good twin
+    anywhere is reported as unrecoverable, with its study; the catalog checksum
+    is never changed. Files the catalog does not know are reported as orphans.
+    An interrupted scrub resumes where it stopped. Exits 1 whenever damage was
+    found, even if it was repaired; the report names every damaged object.
+    """
+    settings = settings_from(ctx, config)
+    known = [s.name for s in settings.sites]
+    if all_sites or not site_names:
+        chosen = known
+    else:
+        unknown = [n for n in site_names if n not in known]
+        if unknown:
+            raise InvalidInput(f"no site named {unknown[0]!r} (sites: {', '.join(known)})")
+        chosen = [n for n in known if n in site_names]
+    catalog = open_catalog(settings)
+    try:
+        tier = open_object_tier_or_none(settings)
+        scrubber = Scrubber(catalog, open_sites(settings),
+                            tier if hasattr(tier, "open_range") else None,
+                            scratch=settings.ingest.spool_dir / "scrub",
+                            max_mb_per_s=settings.scrub.max_mb_per_s,
+                            threads=settings.scrub.threads)
+        with lease.lease(catalog, "job:scrub", what="the scrub job", ttl_s=120), \
+                _progress("scrubbing copies", None, as_json) as advance:
+            scrubber.progress = advance
+            report = scrubber.run(chosen, sample=sample, seed=seed,
+                                  delete_orphans=delete_orphans)
+    finally:
+        catalog.close()
+    for f in report.findings:
+        where = f"instance {f.sop_uid} of study {f.study_uid}" if f.sop_uid else f.key
+        fix = f"repaired from {f.repaired_from}" if f.repaired_from else "NOT repaired"
+        click.echo(f"FINDING {f.kind} on {f.site}: {where}: {f.detail}"
+                   + ("" if f.kind == "orphan" else f"; {fix}"), err=True)
+    for name, why in report.skipped_sites.items():
+        click.echo(f"SKIPPED site {name}: {why}", err=True)
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        j = report.to_json()
+        click.echo(f"scrub run {j['run_id']}{' (resumed)' if j['resumed'] else ''}: "
+                   f"{j['objects']} copies, {j['bytes']} bytes in {j['seconds']}s "
+                   f"({j['mb_per_s']} MB/s); {j['damaged']} damaged, {j['repaired']} repaired, "
+                   f"{j['unrecoverable']} unrecoverable, {j['orphans']} orphans")
+    if not report.ok:
+        sys.exit(1)

@@ -1,0 +1,375 @@
+"""Scrubs: re-read every online copy, compare with the catalog, repair from a good copy.
+
+For each site, the catalog's copies there (state ok, corrupt or missing) are
+read back from the device in copy-id order and hashed by ``threads`` workers
+under a MB/s cap. A copy whose file is gone is *missing*; one whose size or
+SHA-256 differs from the catalog is *corrupt*. Either is repaired from a copy
+that verifies right now: the mirror on another site, else the instance's frame
+in a verified study bundle on the object tier; the repaired file is read back
+again before the catalog says ok. With no good copy anywhere the finding is
+*unrecoverable*: the copy is marked and the study named; the catalog SHA-256 is
+never changed to fit a file. Files on a site that the catalog does not know are
+*orphans*: reported, deleted only when asked.
+
+Progress (site and copy id) is saved in ``scrub_runs`` every batch, so a run
+killed or stopped is resumed by the next one; every finding is a
+``scrub_findings`` row. The report names every damaged object by SOP Instance
+UID and study; ``ok`` is false whenever anything was found, repaired or not.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy import select, update
+
+from archive import phi
+from archive.catalog.models import Bundle, Copy, Instance, ScrubFinding, ScrubRun, Study
+from archive.catalog.uow import Catalog
+from archive.clock import Clock, utcnow
+from tiers.backend import Backend, BackendError, FilePayload, ObjectNotFound
+from tiers.bundle import BundleError, extract_to
+
+log = logging.getLogger("pacsvault.scrub")
+
+BATCH = 256
+STATES = ("ok", "corrupt", "missing")
+
+
+@dataclass
+class Finding:
+    kind: str                    # missing | corrupt | unrecoverable | orphan
+    site: str
+    key: str
+    sop_uid: str | None = None
+    study_uid: str | None = None
+    repaired_from: str | None = None
+    detail: str = ""
+
+
+@dataclass
+class ScrubReport:
+    run_id: int
+    sites: list[str]
+    resumed: bool = False
+    objects: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    findings: list[Finding] = field(default_factory=list)
+    skipped_sites: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings and not self.skipped_sites
+
+    def to_json(self) -> dict[str, Any]:
+        repaired = sum(1 for f in self.findings if f.repaired_from)
+        return {
+            "run_id": self.run_id, "sites": self.sites, "resumed": self.resumed, "ok": self.ok,
+            "objects": self.objects, "bytes": self.bytes, "seconds": round(self.seconds, 3),
+            "mb_per_s": round(self.bytes / 1e6 / self.seconds, 1) if self.seconds > 0 else None,
+            "damaged": sum(1 for f in self.findings if f.kind != "orphan"),
+            "repaired": repaired,
+            "unrecoverable": sum(1 for f in self.findings if f.kind == "unrecoverable"),
+            "orphans": sum(1 for f in self.findings if f.kind == "orphan"),
+            "skipped_sites": self.skipped_sites,
+            "findings": [asdict(f) for f in self.findings],
+        }
+
+
+class _RateLimit:
+    """At most ``mb_per_s`` MB/s over all threads (0: no limit)."""
+
+    def __init__(self, mb_per_s: float) -> None:
+        self.rate = mb_per_s * 1e6
+        self.t0 = time.monotonic()
+        self.done = 0
+        self.lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        with self.lock:
+            self.done += n
+            ahead = self.done / self.rate - (time.monotonic() - self.t0)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def _hash(site: Backend, key: str) -> tuple[int, str] | None:
+    """(size, SHA-256) of a stored copy read back, None if it is gone."""
+    try:
+        size = site.stat(key).size
+        return size, site.sha256(key)  # type: ignore[attr-defined]
+    except ObjectNotFound:
+        return None
+
+
+class Scrubber:
+    def __init__(self, catalog: Catalog, sites: list[Backend], tier: Backend | None, *,
+                 scratch: Path, max_mb_per_s: float = 0, threads: int = 2,
+                 clock: Clock = utcnow, stop: threading.Event | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.catalog = catalog
+        self.sites = {s.name: s for s in sites}
+        self.tier = tier
+        self.scratch = scratch
+        self.limit = _RateLimit(max_mb_per_s)
+        self.threads = threads
+        self.clock = clock
+        self.stop = stop or threading.Event()
+        self.progress = progress or (lambda n: None)
+
+    # -- the run -------------------------------------------------------------------
+    def run(self, site_names: list[str], *, sample: float = 1.0, seed: int | None = None,
+            delete_orphans: bool = False) -> ScrubReport:
+        t0 = time.monotonic()
+        run, resumed = self._start(site_names, sample)
+        report = ScrubReport(run.id, site_names, resumed)
+        if resumed:   # the report covers the whole run, the interrupted part included
+            report.objects, report.bytes = run.objects, run.bytes
+            report.findings = self._earlier_findings(run.id)
+        rng = random.Random(seed if seed is not None else run.id)
+        started = run.cursor_site == ""
+        for name in site_names:
+            if not started and name != run.cursor_site:
+                continue                     # finished by the interrupted run
+            start_after = run.cursor_copy_id if not started else 0
+            started = True
+            site = self.sites[name]
+            health = site.health()
+            if not health.ok:
+                report.skipped_sites[name] = health.reason
+                log.error("scrub skipped site %s: %s", name, health.reason)
+                continue
+            if not self._scrub_site(run.id, site, start_after, sample, rng, report):
+                break                        # stopped or the site failed mid-way
+            if sample >= 1.0:
+                self._orphans(run.id, site, delete_orphans, report)
+        report.seconds = time.monotonic() - t0
+        self._finish(run.id, report)
+        return report
+
+    def _start(self, site_names: list[str], sample: float) -> tuple[ScrubRun, bool]:
+        """Resume the newest unfinished run over the same sites, else start one."""
+        wanted = ",".join(site_names)
+        now = self.clock()
+        with self.catalog.unit(write=True) as uow:
+            s = uow.session
+            prev = s.scalars(select(ScrubRun).where(ScrubRun.state != "done")
+                             .order_by(ScrubRun.id.desc()).limit(1)).first()
+            if prev is not None and prev.sites == wanted and prev.sample == sample:
+                prev.state = "running"
+                uow.commit()
+                s.expunge(prev)
+                return prev, True
+            s.execute(update(ScrubRun).where(ScrubRun.state != "done")
+                      .values(state="abandoned", finished_at=now))
+            run = ScrubRun(sites=wanted, sample=sample, state="running", started_at=now,
+                           cursor_site="", cursor_copy_id=0, objects=0, bytes=0,
+                           findings=0, repaired=0)
+            s.add(run)
+            uow.commit()
+            s.expunge(run)
+            return run, False
+
+    def _scrub_site(self, run_id: int, site: Backend, after: int, sample: float,
+                    rng: random.Random, report: ScrubReport) -> bool:
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="scrub")
+        try:
+            while not self.stop.is_set():
+                with self.catalog.unit() as uow:
+                    rows = list(uow.session.execute(
+                        select(Copy.id, Copy.instance_fk, Copy.key, Copy.state, Instance.size,
+                               Instance.sha256)
+                        .join(Instance, Instance.id == Copy.instance_fk)
+                        .where(Copy.location == site.name, Copy.state.in_(STATES),
+                               Copy.id > after)
+                        .order_by(Copy.id).limit(BATCH)))
+                if not rows:
+                    return True
+                todo = [r for r in rows if sample >= 1.0 or rng.random() < sample]
+                results = list(pool.map(lambda r: (r, self._check(site, r.key, r.size)), todo))
+                if not site.health().ok:     # unmounted mid-scrub: say so, resume later
+                    report.skipped_sites[site.name] = "became unavailable during the scrub"
+                    return False
+                for r, got in results:
+                    report.objects += 1
+                    report.bytes += got[0] if got else 0
+                    if got is None or got != (r.size, r.sha256):
+                        self._damaged(run_id, site, r, got, report)
+                    elif r.state != "ok":
+                        self._set_copy(r.id, "ok")   # a copy thought bad now verifies
+                after = rows[-1].id
+                self._save(run_id, site.name, after, report)
+                self.progress(len(rows))
+            return False
+        finally:
+            pool.shutdown(wait=True)
+
+    def _check(self, site: Backend, key: str, size: int) -> tuple[int, str] | None:
+        self.limit.take(size)
+        try:
+            return _hash(site, key)
+        except BackendError as e:
+            log.warning("scrub could not read a copy on %s: %s", site.name, e)
+            return (-1, "")
+
+    # -- damage and repair ------------------------------------------------------------
+    def _damaged(self, run_id: int, site: Backend, row: Any, got: tuple[int, str] | None,
+                 report: ScrubReport) -> None:
+        kind = "missing" if got is None else "corrupt"
+        detail = ("file missing" if got is None else
+                  f"size {got[0]} != {row.size}" if got[0] != row.size else "SHA-256 differs")
+        with self.catalog.unit() as uow:
+            sop, study = uow.session.execute(
+                select(Instance.sop_uid, Study.study_uid).join(Study, Study.id == Instance.study_fk)
+                .where(Instance.id == row.instance_fk)).one()
+        source = self._repair(site, row)
+        if source is None:
+            self._set_copy(row.id, kind)
+            kind = "unrecoverable"
+            detail += "; no verified copy anywhere (online mirror or object tier)"
+            log.error("scrub: object %s on %s is damaged and has no good copy anywhere",
+                      phi.token(sop), site.name)
+        else:
+            log.warning("scrub: object %s on %s was %s; repaired from %s",
+                        phi.token(sop), site.name, detail, source)
+        f = Finding(kind, site.name, row.key, sop, study, source, detail)
+        report.findings.append(f)
+        with self.catalog.unit(write=True) as uow:
+            uow.session.add(ScrubFinding(run_fk=run_id, kind=kind, location=site.name,
+                                         key=row.key, instance_fk=row.instance_fk,
+                                         repaired_from=source, detail=detail[:256],
+                                         found_at=self.clock()))
+            uow.commit()
+
+    def _repair(self, target: Backend, row: Any) -> str | None:
+        """Write a verified good copy over the bad one; the source's name, or None."""
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        with self.catalog.unit() as uow:
+            others = list(uow.session.execute(
+                select(Copy.location, Copy.key, Copy.bundle_fk, Copy.frame_offset,
+                       Copy.frame_length)
+                .where(Copy.instance_fk == row.instance_fk, Copy.state == "ok",
+                       Copy.location != target.name)))
+            bundles = {b.id: (b.key, b.version_id) for b in uow.session.scalars(
+                select(Bundle).where(Bundle.state == "ok",
+                                     Bundle.id.in_([o.bundle_fk for o in others if o.bundle_fk])))}
+        order = sorted(others, key=lambda o: o.location not in self.sites)   # mirrors first
+        for o in order:
+            payload = None
+            try:
+                if o.location in self.sites:
+                    payload = self._fetch(lambda: self.sites[o.location].open(o.key), row)
+                elif self.tier is not None and o.location == self.tier.name and o.bundle_fk in bundles:
+                    key, version = bundles[o.bundle_fk]
+                    payload = self._fetch_frame(key, version, o.frame_offset, o.frame_length, row)
+                if payload is None:
+                    continue
+                target.put(row.key, payload, replace=True)   # put re-reads and verifies
+                self._set_copy(row.id, "ok")
+                return o.location
+            except (BackendError, BundleError, OSError) as e:
+                log.warning("scrub repair from %s failed: %s", o.location, e)
+            finally:
+                if payload is not None:
+                    payload.path.unlink(missing_ok=True)
+        return None
+
+    def _fetch(self, open_source, row: Any) -> FilePayload | None:  # noqa: ANN001
+        h = hashlib.sha256()
+        fd, name = tempfile.mkstemp(dir=self.scratch, suffix=".scrub.tmp")
+        size = 0
+        with open(fd, "wb") as out, open_source() as src:
+            while chunk := src.read(1 << 20):
+                h.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        if (size, h.hexdigest()) != (row.size, row.sha256):
+            Path(name).unlink(missing_ok=True)
+            return None
+        return FilePayload(Path(name), size, row.sha256)
+
+    def _fetch_frame(self, key: str, version: str | None, offset: int, length: int,
+                     row: Any) -> FilePayload | None:
+        fd, name = tempfile.mkstemp(dir=self.scratch, suffix=".scrub.tmp")
+        try:
+            with open(fd, "wb") as out, self.tier.open_range(  # type: ignore[union-attr]
+                    key, offset, length, version_id=version) as src:
+                extract_to(src, length, {"size": row.size, "sha256": row.sha256}, out)
+        except BundleError:
+            Path(name).unlink(missing_ok=True)
+            return None
+        return FilePayload(Path(name), row.size, row.sha256)
+
+    # -- orphans ------------------------------------------------------------------------
+    def _orphans(self, run_id: int, site: Backend, delete: bool, report: ScrubReport) -> None:
+        with self.catalog.unit() as uow:
+            known = set(uow.session.scalars(select(Copy.key).where(
+                Copy.location == site.name, Copy.state.in_(STATES + ("purging",)))))
+        for info in site.list("objects/"):
+            if info.key in known or self.stop.is_set():
+                continue
+            detail = "not in the catalog"
+            if delete:
+                site.delete(info.key)
+                detail += "; deleted (--delete-orphans)"
+            report.findings.append(Finding("orphan", site.name, info.key, detail=detail))
+            with self.catalog.unit(write=True) as uow:
+                uow.session.add(ScrubFinding(run_fk=run_id, kind="orphan", location=site.name,
+                                             key=info.key, detail=detail, found_at=self.clock()))
+                uow.commit()
+
+    def _earlier_findings(self, run_id: int) -> list[Finding]:
+        with self.catalog.unit() as uow:
+            rows = uow.session.execute(
+                select(ScrubFinding, Instance.sop_uid, Study.study_uid)
+                .outerjoin(Instance, Instance.id == ScrubFinding.instance_fk)
+                .outerjoin(Study, Study.id == Instance.study_fk)
+                .where(ScrubFinding.run_fk == run_id).order_by(ScrubFinding.id))
+            return [Finding(f.kind, f.location, f.key, sop, study, f.repaired_from, f.detail)
+                    for f, sop, study in rows]
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def _set_copy(self, copy_id: int, state: str) -> None:
+        with self.catalog.unit(write=True) as uow:
+            uow.session.execute(update(Copy).where(Copy.id == copy_id).values(
+                state=state, verified_at=self.clock() if state == "ok" else None))
+            uow.commit()
+
+    def _save(self, run_id: int, site: str, cursor: int, report: ScrubReport) -> None:
+        with self.catalog.unit(write=True) as uow:
+            uow.session.execute(update(ScrubRun).where(ScrubRun.id == run_id).values(
+                cursor_site=site, cursor_copy_id=cursor,
+                objects=report.objects,
+                bytes=report.bytes, findings=len(report.findings),
+                repaired=sum(1 for f in report.findings if f.repaired_from)))
+            uow.commit()
+
+    def _finish(self, run_id: int, report: ScrubReport) -> None:
+        done = not self.stop.is_set() and not report.skipped_sites
+        with self.catalog.unit(write=True) as uow:
+            uow.session.execute(update(ScrubRun).where(ScrubRun.id == run_id).values(
+                state="done" if done else "interrupted", finished_at=self.clock(),
+                objects=report.objects, bytes=report.bytes, findings=len(report.findings),
+                repaired=sum(1 for f in report.findings if f.repaired_from)))
+            uow.commit()
+
+
+def last_runs(catalog: Catalog, n: int = 10) -> list[dict]:
+    with catalog.unit() as uow:
+        rows = uow.session.scalars(select(ScrubRun).order_by(ScrubRun.id.desc()).limit(n))
+        return [{"id": r.id, "sites": r.sites, "state": r.state, "started_at": r.started_at,
+                 "finished_at": r.finished_at, "objects": r.objects, "bytes": r.bytes,
+                 "findings": r.findings, "repaired": r.repaired} for r in rows]
+
+
