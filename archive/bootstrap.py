@@ -63,3 +63,15 @@ def open_object_tier_or_none(settings: Settings):  # noqa: ANN201
             def health(self) -> SiteHealth:
                 return SiteHealth(False, reason)
         return _Unopened()
+
+
+def open_scrubber(settings: Settings, catalog: Catalog, stop=None):  # noqa: ANN001, ANN201
+    """The site scrubber with this config's sites, object tier (repair source) and limits."""
+    from replication.scrub import Scrubber
+
+    tier = open_object_tier_or_none(settings)
+    return Scrubber(catalog, open_sites(settings),
+                    tier if hasattr(tier, "open_range") else None,
+                    scratch=settings.ingest.spool_dir / "scrub",
+                    max_mb_per_s=settings.scrub.max_mb_per_s,
+                    threads=settings.scrub.threads, stop=stop)

@@ -65,18 +65,12 @@ def run_migrate_job(settings: Settings, stop: threading.Event) -> dict:
 
 def run_scrub_job(settings: Settings, stop: threading.Event) -> dict:
     """A scheduled scrub of every site (resumes an interrupted one)."""
-    from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
+    from archive.bootstrap import open_catalog, open_scrubber
     from archive.catalog import lease
-    from replication.scrub import Scrubber
 
     catalog = open_catalog(settings)
     try:
-        tier = open_object_tier_or_none(settings)
-        scrubber = Scrubber(catalog, open_sites(settings),
-                            tier if hasattr(tier, "open_range") else None,
-                            scratch=settings.ingest.spool_dir / "scrub",
-                            max_mb_per_s=settings.scrub.max_mb_per_s,
-                            threads=settings.scrub.threads, stop=stop)
+        scrubber = open_scrubber(settings, catalog, stop)
         try:
             with lease.lease(catalog, "job:scrub", what="the scrub job", ttl_s=120):
                 report = scrubber.run([s.name for s in settings.sites])

@@ -5,12 +5,11 @@ import sys
 
 import click
 
-from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
+from archive.bootstrap import open_catalog, open_scrubber
 from archive.catalog import lease
 from archive.cli.common import config_option, emit_json, handle_errors, settings_from
 from archive.cli.tiering import _progress
 from archive.errors import InvalidInput
-from replication.scrub import Scrubber
 
 
 @click.command()
@@ -48,12 +47,7 @@ def scrub(ctx: click.Context, site_names: tuple[str, ...], all_sites: bool, samp
         chosen = [n for n in known if n in site_names]
     catalog = open_catalog(settings)
     try:
-        tier = open_object_tier_or_none(settings)
-        scrubber = Scrubber(catalog, open_sites(settings),
-                            tier if hasattr(tier, "open_range") else None,
-                            scratch=settings.ingest.spool_dir / "scrub",
-                            max_mb_per_s=settings.scrub.max_mb_per_s,
-                            threads=settings.scrub.threads)
+        scrubber = open_scrubber(settings, catalog)
         with lease.lease(catalog, "job:scrub", what="the scrub job", ttl_s=120), \
                 _progress("scrubbing copies", None, as_json) as advance:
             scrubber.progress = advance

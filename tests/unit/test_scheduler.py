@@ -57,3 +57,18 @@ def test_cron_weekdays_mean_what_they_mean_in_cron():
     assert nxt("0 3 * * 1-5").strftime("%a") == "Mon"
     assert nxt("0 3 * * 6").strftime("%a") == "Sat"
     assert nxt("0 3 * * sat").strftime("%a") == "Sat"
+
+
+def test_scrub_job_runs_once_at_a_time(tmp_path):
+    from archive.scheduler import run_scrub_job
+
+    inst = Install.create(tmp_path / "pv")
+    inst.ingest(make_ct_series(tmp_path / "ct", 3, size=4000))
+    catalog = inst.catalog()
+    try:
+        with lease.lease(catalog, "job:scrub", what="x"):
+            assert "skipped" in run_scrub_job(inst.settings, threading.Event())
+        j = run_scrub_job(inst.settings, threading.Event())
+        assert j["objects"] == 6 and j["damaged"] == 0 and j["ok"]
+    finally:
+        catalog.close()
