@@ -138,3 +138,38 @@ def test_killed_scrub_resumes_where_it_stopped(tmp_path):
     assert [(f["kind"], f["site"]) for f in r["findings"]] == [("corrupt", "site-b")]
     with sqlite3.connect(db) as c:
         assert c.execute("select state from scrub_runs").fetchall() == [("done",)]
+
+
+def test_site_unmounted_mid_scrub_is_reported_then_resumed(tmp_path):
+    import subprocess
+    import time
+
+    from tests.support.daemon import PACSVAULT
+
+    inst = Install.create(tmp_path / "pv")
+    made = make_ct_series(tmp_path / "ct", 700, size=2000)
+    inst.ingest(made)
+    text = inst.config.read_text()
+    inst.config.write_text(text.replace("max_mb_per_s = 200", "max_mb_per_s = 0.5"))
+    marker = inst.settings.sites[1].path / "PACSVAULT-SITE.json"
+    p = subprocess.Popen([PACSVAULT, "--config", str(inst.config), "scrub", "--site", "site-b",
+                          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = inst.settings.catalog.url.split("///", 1)[1]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with sqlite3.connect(db) as c:
+            row = c.execute("select cursor_copy_id from scrub_runs").fetchone()
+        if row and row[0] > 0:
+            break
+        time.sleep(0.1)
+    marker.rename(marker.with_suffix(".away"))        # the NAS mount goes away
+    out, err = p.communicate(timeout=60)
+    r = json.loads(out)
+    assert p.returncode == 1 and "site-b" in r["skipped_sites"] and "SKIPPED site site-b" in err
+    assert r["objects"] < len(made) and r["findings"] == []   # no false damage reported
+    with sqlite3.connect(db) as c:
+        assert c.execute("select state from scrub_runs").fetchall() == [("interrupted",)]
+    marker.with_suffix(".away").rename(marker)        # back
+    inst.config.write_text(text.replace("max_mb_per_s = 200", "max_mb_per_s = 0"))
+    r2 = scrub(inst, "--site", "site-b")
+    assert r2["_rc"] == 0 and r2["resumed"] and r2["objects"] == len(made)
