@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
@@ -51,6 +52,37 @@ class _StatusCollector:
                     ("pacsvault_purges_pending", "Online copies whose deletion is unfinished",
                      o["purges_pending"])):
                 yield GaugeMetricFamily(metric, help_, value=value)
+        yield from _scrub_and_jobs(st)
+
+
+def _iso_ts(text: str | None) -> float:
+    return datetime.fromisoformat(text).timestamp() if text else 0.0
+
+
+def _scrub_and_jobs(st: dict[str, Any]):  # noqa: ANN202
+    sc = st.get("last_scrub")
+    for metric, help_, key in (
+            ("pacsvault_scrub_last_findings", "Findings of the last finished scrub", "findings"),
+            ("pacsvault_scrub_last_repaired", "Copies the last finished scrub repaired", "repaired"),
+            ("pacsvault_scrub_last_unrecoverable",
+             "Damaged copies with no good copy anywhere, found by the last scrub", "unrecoverable"),
+            ("pacsvault_scrub_last_objects", "Copies the last finished scrub checked", "objects")):
+        yield GaugeMetricFamily(metric, help_, value=sc[key] if sc else 0)
+    yield GaugeMetricFamily("pacsvault_scrub_last_finished_timestamp_seconds",
+                            "When the last scrub finished (0: never)",
+                            value=_iso_ts(sc["finished_at"]) if sc else 0.0)
+    ok = GaugeMetricFamily("pacsvault_job_last_run_ok",
+                           "1 if the job's newest run ended ok, 0 if not (findings, failed, ...)",
+                           labels=["job"])
+    last_ok = GaugeMetricFamily("pacsvault_job_last_ok_timestamp_seconds",
+                                "When the job last finished ok (0: never)", labels=["job"])
+    for name, j in sorted(st.get("jobs", {}).items()):
+        run = j.get("last_run")
+        if run is not None:
+            ok.add_metric([name], 1.0 if run["outcome"] == "ok" else 0.0)
+        last_ok.add_metric([name], _iso_ts(j.get("last_ok_at")))
+    yield ok
+    yield last_ok
 
 
 def start_http(bind: str, port: int, status: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer:

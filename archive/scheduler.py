@@ -3,7 +3,10 @@
 Each job has a cron schedule in the config and runs under a catalog lease named
 ``job:<name>``, so one run at a time even when two daemons share a PostgreSQL
 catalog, or an operator runs the same verb by hand. After downtime a missed run
-is made up once (coalesced), if it is less than a day late.
+is made up once (coalesced), if it is less than a day late: by APScheduler
+while the daemon runs, and at start-up from the catalog's record of runs
+(archive/jobs.py), since a daemon that was down does not remember the schedule.
+Every run, skipped and failed ones included, is a ``job_runs`` row.
 
 Jobs now: ``migrate`` ([lifecycle].schedule) and ``scrub`` ([scrub].schedule).
 DR writes and drills join this table as they arrive.
@@ -13,10 +16,13 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
+from archive import jobs
+from archive.clock import utcnow
 from archive.config.schema import Settings
 
 log = logging.getLogger("pacsvault.scheduler")
@@ -36,7 +42,8 @@ def cron_trigger(expr: str) -> CronTrigger:
     return CronTrigger.from_crontab(" ".join(fields), timezone="UTC")
 
 
-def run_migrate_job(settings: Settings, stop: threading.Event) -> dict:
+def run_migrate_job(settings: Settings, stop: threading.Event, trigger: str = "schedule",
+                    scheduled_for: datetime | None = None) -> dict:
     """One policy run of the lifecycle migration; returns the report's totals."""
     from archive.bootstrap import open_catalog, open_object_tier, open_sites
     from archive.catalog import lease
@@ -44,17 +51,21 @@ def run_migrate_job(settings: Settings, stop: threading.Event) -> dict:
 
     catalog = open_catalog(settings)
     try:
-        migrator = Migrator(catalog, open_sites(settings), open_object_tier(settings), settings,
-                            stop=stop)
-        try:
-            with lease.lease(catalog, "job:migrate", what="the migrate job", ttl_s=120):
-                report = migrator.run()
-        except lease.LeaseHeld as e:
-            log.warning("scheduled migrate skipped: %s", e)
-            return {"skipped": str(e)}
+        with jobs.recorded(catalog, "migrate", trigger, scheduled_for=scheduled_for) as rec:
+            migrator = Migrator(catalog, open_sites(settings), open_object_tier(settings),
+                                settings, stop=stop)
+            try:
+                with lease.lease(catalog, "job:migrate", what="the migrate job", ttl_s=120):
+                    report = migrator.run()
+            except lease.LeaseHeld as e:
+                log.warning("scheduled migrate skipped: %s", e)
+                rec.outcome, rec.summary = "skipped", {"reason": "lease held by another run"}
+                return {"skipped": str(e)}
+            totals = report.to_json()["totals"]
+            rec.outcome = "ok" if report.ok else "findings"
+            rec.summary = {**totals, "findings": len(report.findings)}
     finally:
         catalog.close()
-    totals = report.to_json()["totals"]
     level = logging.INFO if report.ok else logging.ERROR
     # Counts only: study UIDs and findings are in the CLI report, not the daemon log.
     log.log(level, "scheduled migrate: %d studies, %d instances, %d bytes moved, %d failed, "
@@ -63,23 +74,28 @@ def run_migrate_job(settings: Settings, stop: threading.Event) -> dict:
     return totals
 
 
-def run_scrub_job(settings: Settings, stop: threading.Event) -> dict:
+def run_scrub_job(settings: Settings, stop: threading.Event, trigger: str = "schedule",
+                  scheduled_for: datetime | None = None) -> dict:
     """A scheduled scrub of every site (resumes an interrupted one)."""
     from archive.bootstrap import open_catalog, open_scrubber
     from archive.catalog import lease
 
     catalog = open_catalog(settings)
     try:
-        scrubber = open_scrubber(settings, catalog, stop)
-        try:
-            with lease.lease(catalog, "job:scrub", what="the scrub job", ttl_s=120):
-                report = scrubber.run([s.name for s in settings.sites])
-        except lease.LeaseHeld as e:
-            log.warning("scheduled scrub skipped: %s", e)
-            return {"skipped": str(e)}
+        with jobs.recorded(catalog, "scrub", trigger, scheduled_for=scheduled_for) as rec:
+            scrubber = open_scrubber(settings, catalog, stop)
+            try:
+                with lease.lease(catalog, "job:scrub", what="the scrub job", ttl_s=120):
+                    report = scrubber.run([s.name for s in settings.sites])
+            except lease.LeaseHeld as e:
+                log.warning("scheduled scrub skipped: %s", e)
+                rec.outcome, rec.summary = "skipped", {"reason": "lease held by another run"}
+                return {"skipped": str(e)}
+            j = report.to_json()
+            rec.outcome = "ok" if report.ok else "findings"
+            rec.summary = scrub_summary(j)
     finally:
         catalog.close()
-    j = report.to_json()
     log.log(logging.INFO if report.ok else logging.ERROR,
             "scheduled scrub run %d: %d copies, %d bytes, %d damaged, %d repaired, "
             "%d unrecoverable, %d orphans", j["run_id"], j["objects"], j["bytes"], j["damaged"],
@@ -87,19 +103,68 @@ def run_scrub_job(settings: Settings, stop: threading.Event) -> dict:
     return j
 
 
-def start_scheduler(settings: Settings, stop: threading.Event) -> BackgroundScheduler | None:
-    jobs = []
+def scrub_summary(j: dict) -> dict:
+    """A scrub report's counts, for job_runs and alerts (no UIDs)."""
+    return {k: j[k] for k in ("run_id", "objects", "bytes", "damaged", "repaired",
+                              "unrecoverable", "orphans")} | {"skipped_sites": len(j["skipped_sites"])}
+
+
+def configured_jobs(settings: Settings) -> list[tuple[str, str, object]]:
+    """(name, cron, function) of every job with a schedule in the config."""
+    out = []
     if settings.lifecycle.schedule.strip():
-        jobs.append(("migrate", settings.lifecycle.schedule, run_migrate_job))
+        out.append(("migrate", settings.lifecycle.schedule, run_migrate_job))
     if settings.scrub.schedule.strip():
-        jobs.append(("scrub", settings.scrub.schedule, run_scrub_job))
-    if not jobs:
+        out.append(("scrub", settings.scrub.schedule, run_scrub_job))
+    return out
+
+
+def schedule_of(settings: Settings) -> list[dict]:
+    """Each configured job's cron line and next due time (UTC)."""
+    now = utcnow()
+    return [{"job": name, "schedule": cron,
+             "next_run": cron_trigger(cron).get_next_fire_time(None, now + timedelta(seconds=1))
+             .isoformat()} for name, cron, _ in configured_jobs(settings)]
+
+
+def _scheduled(fn, name: str, cron: str):  # noqa: ANN001, ANN202
+    """The job body APScheduler calls: records the due time it ran for."""
+    trigger = cron_trigger(cron)
+
+    def run(settings: Settings, stop: threading.Event) -> dict:
+        due = jobs.last_fire_time(trigger, utcnow() + timedelta(seconds=1),
+                                  timedelta(seconds=MISFIRE_GRACE_S))
+        return fn(settings, stop, "schedule", due)
+    run.__name__ = f"{name}_job"
+    return run
+
+
+def start_scheduler(settings: Settings, stop: threading.Event) -> BackgroundScheduler | None:
+    todo = configured_jobs(settings)
+    if not todo:
         return None
+    from archive.bootstrap import open_catalog
+
     sched = BackgroundScheduler(timezone="UTC", job_defaults={
         "coalesce": True, "max_instances": 1, "misfire_grace_time": MISFIRE_GRACE_S})
-    for name, cron, fn in jobs:
-        sched.add_job(fn, cron_trigger(cron), args=(settings, stop),
-                      id=name, name=name)
+    catalog = open_catalog(settings)
+    try:
+        jobs.settle_interrupted(catalog)
+        for name, cron, fn in todo:
+            trigger = cron_trigger(cron)
+            sched.add_job(_scheduled(fn, name, cron), trigger, args=(settings, stop),
+                          id=name, name=name)
+            missed = jobs.missed_fire_time(catalog, name, trigger, utcnow(),
+                                           timedelta(seconds=MISFIRE_GRACE_S))
+            if missed is not None:
+                # Down when it was due: run it once now (not once per missed time).
+                log.warning("job %s was due at %s while the daemon was down; running it now",
+                            name, missed.isoformat(timespec="minutes"))
+                sched.add_job(fn, "date", run_date=utcnow() + timedelta(seconds=2),
+                              args=(settings, stop, "catch-up", missed), id=f"{name}-catch-up",
+                              name=f"{name} (catch-up)")
+    finally:
+        catalog.close()
     sched.start()
     for job in sched.get_jobs():
         log.info("scheduled job %s: next run %s", job.id, job.next_run_time)

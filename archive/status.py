@@ -6,7 +6,9 @@ from typing import Any
 from sqlalchemy import func, select, true
 
 from archive.catalog import repo
-from archive.catalog.models import Bundle, Copy, Instance, Study
+from archive import jobs
+from archive.scheduler import schedule_of
+from archive.catalog.models import Bundle, Copy, Instance, ScrubFinding, ScrubRun, Study
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.config.schema import Settings
@@ -42,6 +44,31 @@ def _object_tier(settings: Settings, s, by_loc: dict, studies_by_loc: dict,  # n
     }
 
 
+def _last_scrub(s) -> dict[str, Any] | None:  # noqa: ANN001
+    """The newest finished scrub of the sites and what it found."""
+    run = s.scalars(select(ScrubRun).where(ScrubRun.state == "done")
+                    .order_by(ScrubRun.id.desc()).limit(1)).first()
+    if run is None:
+        return None
+    kinds = dict(s.execute(select(ScrubFinding.kind, func.count())
+                           .where(ScrubFinding.run_fk == run.id).group_by(ScrubFinding.kind)).all())
+    return {"run_id": run.id, "sites": run.sites.split(","),
+            "finished_at": jobs._iso(run.finished_at), "objects": run.objects, "bytes": run.bytes,
+            "findings": run.findings, "repaired": run.repaired,
+            "unrecoverable": kinds.get("unrecoverable", 0), "orphans": kinds.get("orphan", 0)}
+
+
+def _jobs(settings: Settings, catalog: Catalog) -> dict[str, Any]:
+    latest = jobs.latest(catalog)
+    out = {}
+    for sch in schedule_of(settings):
+        out[sch["job"]] = {"schedule": sch["schedule"], "next_run": sch["next_run"],
+                           "last_run": None, "last_ok_at": None}
+    for name, facts in latest.items():
+        out.setdefault(name, {"schedule": "", "next_run": None}).update(facts)
+    return out
+
+
 def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
             clock: Clock = utcnow, tier: Backend | None = None) -> dict[str, Any]:
     with catalog.unit() as uow:
@@ -55,6 +82,8 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
                              .where(Instance.conflict == true())) or 0
         oldest = repo.oldest_missing(s)
         objects = _object_tier(settings, s, by_loc, studies_by_loc, tier)
+        last_scrub = _last_scrub(s)
+    job_table = _jobs(settings, catalog)
     site_rows = []
     under = 0
     for site in sites:
@@ -91,6 +120,8 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         "oldest_under_replicated_age_s": oldest_age,
         "sites": site_rows,
         "object_tier": objects,
+        "last_scrub": last_scrub,
+        "jobs": job_table,
         # Damage a scrub could not repair keeps the install unhealthy until dealt with.
         "healthy": all(r["healthy"] and not r["corrupt"] for r in site_rows) and under == 0
         and objects["healthy"] and not objects["corrupt"],

@@ -203,3 +203,22 @@ class ScrubFinding(Base):
     repaired_from: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(String(256), default="")
     found_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class JobRun(Base):
+    """One run of a job (migrate, scrub, ...), scheduled, caught up after
+    downtime, or started by hand. outcome: running | ok | findings | failed |
+    skipped (another holder had the lease) | interrupted (a crash left it
+    running). summary: the run's counts as JSON; no patient data."""
+
+    __tablename__ = "job_runs"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job: Mapped[str] = mapped_column(String(32))
+    trigger: Mapped[str] = mapped_column(String(16))        # schedule | catch-up | manual
+    host: Mapped[str] = mapped_column(String(128))
+    scheduled_for: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    outcome: Mapped[str] = mapped_column(String(16))
+    summary: Mapped[str] = mapped_column(String(2000), default="{}")
+    __table_args__ = (Index("ix_job_runs_job_started", "job", "started_at"),)

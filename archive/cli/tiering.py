@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from archive import jobs
 from archive.bootstrap import open_catalog, open_object_tier, open_sites
 from archive.cli.common import config_option, emit_json, handle_errors, settings_from
 from archive.catalog import lease
@@ -55,9 +56,13 @@ def migrate(ctx: click.Context, studies: tuple[str, ...], dry_run: bool, as_json
         if studies or dry_run:
             report = _run(migrator, list(studies) or None, dry_run, as_json)
         else:
-            # A policy run is a job: one at a time across processes and daemons.
-            with lease.lease(catalog, "job:migrate", what="the migrate job", ttl_s=120):
+            # A policy run is a job: one at a time across processes and daemons,
+            # and recorded with the scheduled runs.
+            with jobs.recorded(catalog, "migrate", "manual") as rec, \
+                    lease.lease(catalog, "job:migrate", what="the migrate job", ttl_s=120):
                 report = _run(migrator, None, False, as_json)
+                rec.outcome = "ok" if report.ok else "findings"
+                rec.summary = {**report.to_json()["totals"], "findings": len(report.findings)}
     finally:
         catalog.close()
     if as_json:
