@@ -22,6 +22,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from archive import jobs
+from archive.alerts import migrate_alert, scrub_alert, send_alert
 from archive.clock import utcnow
 from archive.config.schema import Settings
 
@@ -66,6 +67,8 @@ def run_migrate_job(settings: Settings, stop: threading.Event, trigger: str = "s
             rec.summary = {**totals, "findings": len(report.findings)}
     finally:
         catalog.close()
+    if not report.ok:
+        send_alert(settings.alerts, migrate_alert(totals, len(report.findings), rec.id))
     level = logging.INFO if report.ok else logging.ERROR
     # Counts only: study UIDs and findings are in the CLI report, not the daemon log.
     log.log(level, "scheduled migrate: %d studies, %d instances, %d bytes moved, %d failed, "
@@ -96,6 +99,9 @@ def run_scrub_job(settings: Settings, stop: threading.Event, trigger: str = "sch
             rec.summary = scrub_summary(j)
     finally:
         catalog.close()
+    alert = scrub_alert(j)
+    if alert is not None:
+        send_alert(settings.alerts, alert)
     log.log(logging.INFO if report.ok else logging.ERROR,
             "scheduled scrub run %d: %d copies, %d bytes, %d damaged, %d repaired, "
             "%d unrecoverable, %d orphans", j["run_id"], j["objects"], j["bytes"], j["damaged"],

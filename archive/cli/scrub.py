@@ -5,11 +5,14 @@ import sys
 
 import click
 
+from archive import jobs
+from archive.alerts import scrub_alert, send_alert
 from archive.bootstrap import open_catalog, open_scrubber
 from archive.catalog import lease
 from archive.cli.common import config_option, emit_json, handle_errors, settings_from
 from archive.cli.tiering import _progress
 from archive.errors import InvalidInput
+from archive.scheduler import scrub_summary
 
 
 @click.command()
@@ -48,11 +51,14 @@ def scrub(ctx: click.Context, site_names: tuple[str, ...], all_sites: bool, samp
     catalog = open_catalog(settings)
     try:
         scrubber = open_scrubber(settings, catalog)
-        with lease.lease(catalog, "job:scrub", what="the scrub job", ttl_s=120), \
+        with jobs.recorded(catalog, "scrub", "manual") as rec, \
+                lease.lease(catalog, "job:scrub", what="the scrub job", ttl_s=120), \
                 _progress("scrubbing copies", None, as_json) as advance:
             scrubber.progress = advance
             report = scrubber.run(chosen, sample=sample, seed=seed,
                                   delete_orphans=delete_orphans)
+            rec.outcome = "ok" if report.ok else "findings"
+            rec.summary = scrub_summary(report.to_json())
     finally:
         catalog.close()
     for f in report.findings:
@@ -71,4 +77,9 @@ def scrub(ctx: click.Context, site_names: tuple[str, ...], all_sites: bool, samp
                    f"({j['mb_per_s']} MB/s); {j['damaged']} damaged, {j['repaired']} repaired, "
                    f"{j['unrecoverable']} unrecoverable, {j['orphans']} orphans")
     if not report.ok:
+        # Counts and the run id only: the UIDs above stay on this terminal.
+        alert = scrub_alert(report.to_json())
+        if alert is not None:
+            for problem in send_alert(settings.alerts, alert):
+                click.echo(f"ALERT not delivered: {problem}", err=True)
         sys.exit(1)

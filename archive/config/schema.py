@@ -6,6 +6,7 @@ paths are resolved against the directory holding the config file (load.py).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -210,6 +211,98 @@ class ScrubSettings(_Strict):
         return LifecycleSettings._cron(v)
 
 
+SYSLOG_FACILITIES = Literal["kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news",
+                            "uucp", "cron", "authpriv", "ftp", "local0", "local1", "local2",
+                            "local3", "local4", "local5", "local6", "local7"]
+
+
+class AlertSettings(_Strict):
+    """Hooks that findings are sent to (archive/alerts.py). None by default: alerts
+    then only reach the daemon log. Secrets only by environment variable NAME."""
+
+    # Alerts below this severity go to the log only.
+    min_severity: Literal["warning", "critical"] = "warning"
+    # argv (no shell); gets the alert as JSON on stdin and PACSVAULT_ALERT_* variables.
+    command: tuple[str, ...] | None = None
+    command_timeout_s: float = Field(30, gt=0)
+    # POSTed the alert as JSON. The Authorization token comes from the variable named here.
+    webhook_url: str | None = None
+    webhook_token_env: str | None = None
+    webhook_timeout_s: float = Field(10, gt=0)
+    syslog: bool = False
+    # A unix socket path, or host:port for UDP ([v6]:port for IPv6).
+    syslog_address: str = "/dev/log"
+    syslog_facility: SYSLOG_FACILITIES = "daemon"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, raw: object) -> object:
+        # extra="forbid" refuses these too; this says what to do instead.
+        if isinstance(raw, dict):
+            for key in raw:
+                if any(w in key for w in ("token", "secret", "password")) \
+                        and not key.endswith("_env"):
+                    raise ValueError(
+                        f"{key}: secrets never go in the config file; put the token in an "
+                        "environment variable and name it with webhook_token_env")
+        return raw
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _argv(cls, v: object) -> object:
+        if v is not None and (not isinstance(v, (list, tuple)) or not v
+                              or not all(isinstance(a, str) for a in v) or not v[0]):
+            raise ValueError('must be a non-empty list of strings (argv, run without a shell), '
+                             'e.g. ["/usr/local/bin/page-oncall", "--team", "pacs"]')
+        return v
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        try:
+            u = urlsplit(v)
+            u.port  # noqa: B018  (raises on a bad port)
+        except ValueError as e:
+            raise ValueError(f"not a valid URL: {e}") from None
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if u.username or u.password:
+            raise ValueError("credentials in the URL are refused; put the token in an "
+                             "environment variable and name it with webhook_token_env")
+        return v
+
+    @field_validator("webhook_token_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        # Upper case only: a pasted token (mixed case, hex) fails here instead of being used.
+        if v is not None and not re.fullmatch(r"[A-Z_][A-Z0-9_]{0,127}", v):
+            raise ValueError("must be the NAME of an environment variable holding the token "
+                             "(upper case, e.g. PACSVAULT_WEBHOOK_TOKEN), not the token")
+        return v
+
+    @field_validator("syslog_address")
+    @classmethod
+    def _syslog_address(cls, v: str) -> str:
+        if v.startswith("/"):
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError("must be a unix socket path (e.g. /dev/log) or host:port (UDP)")
+        if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+            raise ValueError("an IPv6 address needs brackets: [::1]:514")
+        return v
+
+    @model_validator(mode="after")
+    def _token_needs_url(self) -> "AlertSettings":
+        if self.webhook_token_env and not self.webhook_url:
+            raise ValueError("webhook_token_env is set but webhook_url is not")
+        return self
+
+
 class Settings(_Strict):
     config_path: Path | None = None
     data_dir: Path = Path(".")
@@ -224,6 +317,7 @@ class Settings(_Strict):
     objects: ObjectTierSettings = ObjectTierSettings()
     lifecycle: LifecycleSettings = LifecycleSettings()
     scrub: ScrubSettings = ScrubSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @model_validator(mode="after")
     def _sites_distinct(self) -> "Settings":
