@@ -252,6 +252,11 @@ class Scrubber:
                                          found_at=self.clock()))
             uow.commit()
 
+    def repair_copy(self, target: Backend, row: Any) -> str | None:
+        """Rewrite one copy (row: id, instance_fk, key, size, sha256) on ``target``
+        from a copy that verifies now; the source's name, or None (site rebuild)."""
+        return self._repair(target, row)
+
     def _repair(self, target: Backend, row: Any) -> str | None:
         """Write a verified good copy over the bad one; the source's name, or None."""
         self.scratch.mkdir(parents=True, exist_ok=True)
