@@ -75,3 +75,13 @@ def open_scrubber(settings: Settings, catalog: Catalog, stop=None):  # noqa: ANN
                     scratch=settings.ingest.spool_dir / "scrub",
                     max_mb_per_s=settings.scrub.max_mb_per_s,
                     threads=settings.scrub.threads, stop=stop)
+
+
+def open_object_scrubber(settings: Settings, catalog: Catalog, stop=None):  # noqa: ANN001, ANN201
+    """The object-tier scrubber: reads every study bundle back (repairs from the sites)."""
+    from replication.scrub_objects import ObjectTierScrubber
+
+    return ObjectTierScrubber(catalog, open_sites(settings), open_object_tier(settings), settings,
+                              scratch=settings.ingest.spool_dir / "scrub",
+                              max_mb_per_s=settings.scrub.max_mb_per_s,
+                              threads=settings.scrub.threads, stop=stop)

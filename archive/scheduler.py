@@ -8,7 +8,8 @@ while the daemon runs, and at start-up from the catalog's record of runs
 (archive/jobs.py), since a daemon that was down does not remember the schedule.
 Every run, skipped and failed ones included, is a ``job_runs`` row.
 
-Jobs now: ``migrate`` ([lifecycle].schedule) and ``scrub`` ([scrub].schedule).
+Jobs now: ``migrate`` ([lifecycle].schedule), ``scrub`` ([scrub].schedule) and
+``scrub-objects`` ([scrub].objects_schedule).
 DR writes and drills join this table as they arrive.
 """
 from __future__ import annotations
@@ -109,6 +110,38 @@ def run_scrub_job(settings: Settings, stop: threading.Event, trigger: str = "sch
     return j
 
 
+def run_scrub_objects_job(settings: Settings, stop: threading.Event, trigger: str = "schedule",
+                          scheduled_for: datetime | None = None) -> dict:
+    """A scheduled read-back of every study bundle on the object tier."""
+    from archive.bootstrap import open_catalog, open_object_scrubber
+    from archive.catalog import lease
+
+    catalog = open_catalog(settings)
+    try:
+        with jobs.recorded(catalog, "scrub-objects", trigger, scheduled_for=scheduled_for) as rec:
+            scrubber = open_object_scrubber(settings, catalog, stop)
+            try:
+                with lease.lease(catalog, "job:scrub", what="the scrub job", ttl_s=120):
+                    report = scrubber.run()
+            except lease.LeaseHeld as e:
+                log.warning("scheduled object-tier scrub skipped: %s", e)
+                rec.outcome, rec.summary = "skipped", {"reason": "lease held by another run"}
+                return {"skipped": str(e)}
+            j = report.to_json()
+            rec.outcome = "ok" if report.ok else "findings"
+            rec.summary = scrub_summary(j)
+    finally:
+        catalog.close()
+    log.log(logging.INFO if report.ok else logging.ERROR,
+            "scheduled object-tier scrub run %d: %d bundles, %d bytes, %d damaged, %d repaired, "
+            "%d unrecoverable", j["run_id"], j["objects"], j["bytes"], j["damaged"],
+            j["repaired"], j["unrecoverable"])
+    alert = scrub_alert(j)
+    if alert is not None:
+        send_alert(settings.alerts, alert)
+    return j
+
+
 def scrub_summary(j: dict) -> dict:
     """A scrub report's counts, for job_runs and alerts (no UIDs)."""
     return {k: j[k] for k in ("run_id", "objects", "bytes", "damaged", "repaired",
@@ -122,6 +155,8 @@ def configured_jobs(settings: Settings) -> list[tuple[str, str, object]]:
         out.append(("migrate", settings.lifecycle.schedule, run_migrate_job))
     if settings.scrub.schedule.strip():
         out.append(("scrub", settings.scrub.schedule, run_scrub_job))
+    if settings.scrub.objects_schedule.strip():
+        out.append(("scrub-objects", settings.scrub.objects_schedule, run_scrub_objects_job))
     return out
 
 

@@ -204,8 +204,11 @@ class ScrubSettings(_Strict):
     threads: int = Field(2, ge=1, le=16)
     # The daemon scrubs every site on this cron schedule (5 fields); "" = only by hand.
     schedule: str = "0 3 * * 0"
+    # ... and reads every study bundle on the object tier back on this one (monthly:
+    # an S3 provider may charge for the reads); "" = only by hand (--tier objects).
+    objects_schedule: str = "0 4 1 * *"
 
-    @field_validator("schedule")
+    @field_validator("schedule", "objects_schedule")
     @classmethod
     def _cron(cls, v: str) -> str:
         return LifecycleSettings._cron(v)

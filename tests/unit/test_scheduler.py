@@ -34,13 +34,15 @@ def test_scheduler_reads_the_cron_from_config(tmp_path):
     sched = start_scheduler(inst.settings, threading.Event())
     try:
         jobs = {j.id: j.next_run_time for j in sched.get_jobs()}
-        assert set(jobs) == {"migrate", "scrub"}
+        assert set(jobs) == {"migrate", "scrub", "scrub-objects"}
+        assert (jobs["scrub-objects"].day, jobs["scrub-objects"].hour) == (1, 4)   # monthly
         assert (jobs["migrate"].hour, jobs["migrate"].minute) == (1, 30)
         assert (jobs["scrub"].weekday(), jobs["scrub"].hour) == (6, 3)       # Sunday 03:00
     finally:
         sched.shutdown(wait=False)
     off = inst.config.read_text().replace('schedule = "30 1 * * *"', 'schedule = ""')
     off = off.replace('schedule = "0 3 * * 0"', 'schedule = ""')
+    off = off.replace('objects_schedule = "0 4 1 * *"', 'objects_schedule = ""')
     inst.config.write_text(off)
     assert start_scheduler(inst.settings, threading.Event()) is None
 
