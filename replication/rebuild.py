@@ -108,6 +108,8 @@ class SiteRebuilder:
             self.site.initialize()                       # type: ignore[attr-defined]
             report.initialized = True
             log.warning("site %s initialized for a rebuild", self.site.name)
+        if hasattr(self.site, "sweep_temp"):
+            self.site.sweep_temp()      # temp files of a rebuild that was killed
         report.rows_added = self.add_missing_rows()
 
     def add_missing_rows(self) -> int:

@@ -132,3 +132,20 @@ def test_catch_up_and_bad_arguments(inst):
                              (["--threads", "0", "--rebuild", "site-a"], 2, "")):
         p = run_cli(inst.config, "replicate", *args, check=False)
         assert p.returncode == code and text in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_rebuild_killed_mid_way_is_finished_by_the_next_one(inst):
+    before = site_state(inst)
+    lose_site(inst, 1)
+    p = run_cli(inst.config, "replicate", "--rebuild", "site-b", "--initialize", "--threads", "1",
+                "--json", check=False,
+                env={"PACSVAULT_FAILPOINTS": "mirror.after_temp_write=kill@12"})
+    assert p.returncode == -9                                # killed with a temp file written
+    tmp = site_dir(inst, 1) / "tmp"
+    assert list(tmp.iterdir())                               # the torn write, never visible
+    n = len(inst.made)
+    r = rebuild(inst, "--rebuild", "site-b")                 # marker already written
+    assert r["_rc"] == 0 and r["verified"] == n
+    assert r["already_present"] == 11 and r["restored"] == {"site-a": n - 11}
+    assert not list(tmp.iterdir())                           # swept
+    assert site_state(inst) == before
