@@ -47,3 +47,13 @@ def status(ctx: click.Context, as_json: bool, config: str | None) -> None:
     if st["conflicts"]:
         console.print(f"[yellow]{st['conflicts']} instances received again with different "
                       f"content (both versions kept)[/]")
+    sc = st["last_scrub"]
+    if sc:
+        console.print(f"last scrub (run {sc['run_id']}, {', '.join(sc['sites'])}) finished "
+                      f"{sc['finished_at']}: {sc['objects']} checked, {sc['findings']} findings, "
+                      f"{sc['repaired']} repaired"
+                      + (f", [red]{sc['unrecoverable']} unrecoverable[/]" if sc["unrecoverable"] else ""))
+    for name, j in st["jobs"].items():
+        run = j["last_run"]
+        last = f"last {run['outcome']} ({run['trigger']}) at {run['started_at']}" if run else "never run"
+        console.print(f"job {name}: {last}; next {j['next_run'] or 'not scheduled'}")
