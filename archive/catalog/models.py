@@ -222,3 +222,85 @@ class JobRun(Base):
     outcome: Mapped[str] = mapped_column(String(16))
     summary: Mapped[str] = mapped_column(String(2000), default="{}")
     __table_args__ = (Index("ix_job_runs_job_started", "job", "started_at"),)
+
+
+class DrVolume(Base):
+    """One DR volume (a tape, a file, an LTFS directory): docs/formats/dr-volume.md.
+
+    state: writing | failed (a write that did not finish: its segments do not
+    count) | sealed | in-library | in-transit | offsite | recalled | returned |
+    expired | destroyed. Custody moves are logged in dr_custody.
+    """
+
+    __tablename__ = "dr_volumes"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    barcode: Mapped[str] = mapped_column(String(32), unique=True)
+    pool: Mapped[str] = mapped_column(String(64))
+    volume_set: Mapped[str] = mapped_column(String(36))
+    sequence: Mapped[int] = mapped_column(Integer)
+    capacity: Mapped[int] = mapped_column(BigInteger)
+    block_size: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    segments: Mapped[int] = mapped_column(Integer, default=0)
+    studies: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16))
+    location: Mapped[str] = mapped_column(String(128), default="")
+    device: Mapped[str] = mapped_column(String(1024), default="")    # where it was written
+    kind: Mapped[str] = mapped_column(String(16))                    # stream | ltfs
+    recipients: Mapped[str] = mapped_column(String(1024))            # JSON: fingerprints
+    continues: Mapped[bool] = mapped_column(Boolean, default=False)  # the set goes on
+    writer: Mapped[str] = mapped_column(String(128), default="")     # host:pid while writing
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    sealed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retain_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    stream_sha256: Mapped[str | None] = mapped_column(String(64))
+    __table_args__ = (Index("ix_dr_volumes_pool_state", "pool", "state"),)
+
+
+class DrSegment(Base):
+    """One encrypted member of a volume: part of one study's instances."""
+
+    __tablename__ = "dr_segments"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    volume_fk: Mapped[int] = mapped_column(ForeignKey("dr_volumes.id"))
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    member: Mapped[str] = mapped_column(String(100))
+    study_segment: Mapped[int] = mapped_column(Integer)      # 1, 2, ... within the study
+    last_of_study: Mapped[bool] = mapped_column(Boolean)
+    offset: Mapped[int] = mapped_column(BigInteger)          # of the member's header in the stream
+    size: Mapped[int] = mapped_column(BigInteger)            # encrypted bytes
+    sha256: Mapped[str] = mapped_column(String(64))          # of the encrypted bytes
+    instances: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)           # instance bytes before compression
+    __table_args__ = (Index("ix_dr_segments_volume", "volume_fk"),
+                      Index("ix_dr_segments_study", "study_fk"))
+
+
+class DrInstance(Base):
+    """Instance (or one part of a large instance) inside a segment."""
+
+    __tablename__ = "dr_instances"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    instance_fk: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    segment_fk: Mapped[int] = mapped_column(ForeignKey("dr_segments.id"))
+    path: Mapped[str] = mapped_column(String(300))
+    part: Mapped[int] = mapped_column(Integer, default=0)
+    parts: Mapped[int] = mapped_column(Integer, default=1)
+    __table_args__ = (Index("ix_dr_instances_instance", "instance_fk"),
+                      Index("ix_dr_instances_segment", "segment_fk"))
+
+
+class DrCustody(Base):
+    """Append-only chain of custody: every move of a volume, who, where, when."""
+
+    __tablename__ = "dr_custody"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    volume_fk: Mapped[int] = mapped_column(ForeignKey("dr_volumes.id"))
+    from_state: Mapped[str] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    location: Mapped[str] = mapped_column(String(128), default="")
+    actor: Mapped[str] = mapped_column(String(128), default="")
+    courier_ref: Mapped[str] = mapped_column(String(128), default="")
+    note: Mapped[str] = mapped_column(String(512), default="")
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (Index("ix_dr_custody_volume", "volume_fk"),)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from archive.cli import jobs, peers, replicate, scrub, serve, setup, status, tiering
+from archive.cli import dr, jobs, peers, replicate, scrub, serve, setup, status, tiering
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,6 +29,7 @@ cli.add_command(tiering.recall)
 cli.add_command(scrub.scrub)
 cli.add_command(jobs.jobs)
 cli.add_command(replicate.replicate)
+cli.add_command(dr.dr)
 
 
 def main() -> None:

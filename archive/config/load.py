@@ -66,9 +66,14 @@ def resolve(settings: Settings, path: Path) -> Settings:
     sites = tuple(s.model_copy(update={"path": under(s.path)}) for s in settings.sites)
     ingest = settings.ingest.model_copy(update={"spool_dir": under(settings.ingest.spool_dir)})
     objects = settings.objects.model_copy(update={"path": under(settings.objects.path)})
+    device = settings.dr.device
+    if device != "-" and not device.startswith("/"):
+        device = str(under(Path(device)))
+    dr = settings.dr.model_copy(update={"device": device})
     return settings.model_copy(
         update={
             "objects": objects,
+            "dr": dr,
             "config_path": path.resolve(),
             "data_dir": data_dir,
             "catalog": settings.catalog.model_copy(update={"url": url}),

@@ -306,6 +306,57 @@ class AlertSettings(_Strict):
         return self
 
 
+AGE_RECIPIENT = r"^age1[02-9ac-hj-np-z]{58}$"
+
+
+class DrSettings(_Strict):
+    """DR volumes (dr/; docs/formats/dr-volume.md, docs/operations/dr.md)."""
+
+    # Volumes of one pool form sets; every study gets one DR copy per pool.
+    pool: str = Field("offsite", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    # Public age recipients (the DR key and an escrow key). The daemon never holds
+    # an identity: it can write volumes but not read them back.
+    recipients: tuple[str, ...] = ()
+    # "stream": a tape device (/dev/nst0), a FIFO or a file; "{barcode}" in the path
+    # makes one file per volume (the embedded default). "ltfs": a mounted LTFS
+    # directory; each volume is the directory <device>/<barcode>/ (LTFS LE layout).
+    kind: Literal["stream", "ltfs"] = "stream"
+    device: str = "dr/volumes/{barcode}.tar"
+    capacity: int = Field(18_000_000_000_000, ge=1_000_000)     # LTO-9 native
+    block_size: int = Field(256 * 1024, ge=512, le=16 * 1024 * 1024)
+    # A study is cut into encrypted segments of at most this many instance bytes
+    # (larger instances into parts): it bounds memory and the space lost at a volume's end.
+    segment_bytes: int = Field(32 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
+    zstd_level: int = Field(1, ge=1, le=19)
+    barcode_prefix: str = Field("PV", pattern=r"^[A-Z0-9]{1,4}$")
+    # Volumes may be recycled this long after they were sealed.
+    retain_days: int = Field(3650, ge=1)
+    # The daemon writes pending studies on this cron schedule ("" = by hand only).
+    schedule: str = "0 2 * * *"
+
+    @field_validator("recipients")
+    @classmethod
+    def _recipients(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for r in v:
+            if r.startswith("AGE-SECRET-KEY-"):
+                raise ValueError("an age identity (secret key) does not belong in the config: "
+                                 "give its public recipient (age1...) and keep the identity offline")
+            if not re.match(AGE_RECIPIENT, r):
+                raise ValueError(f"not an age X25519 recipient (age1... , 62 characters): {r[:12]}...")
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        return LifecycleSettings._cron(v)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "DrSettings":
+        if self.capacity < 4 * self.segment_bytes:
+            raise ValueError("capacity must be at least 4 x segment_bytes")
+        return self
+
+
 class Settings(_Strict):
     config_path: Path | None = None
     data_dir: Path = Path(".")
@@ -320,6 +371,7 @@ class Settings(_Strict):
     objects: ObjectTierSettings = ObjectTierSettings()
     lifecycle: LifecycleSettings = LifecycleSettings()
     scrub: ScrubSettings = ScrubSettings()
+    dr: DrSettings = DrSettings()
     alerts: AlertSettings = AlertSettings()
 
     @model_validator(mode="after")

@@ -1,0 +1,283 @@
+"""`pacsvault dr ...`: DR volumes (keys, writing, reading back, the catalog from media)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from archive import jobs
+from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
+from archive.cli.common import config_option, emit_json, handle_errors, settings_from
+from archive.cli.tiering import _progress
+from archive.errors import InvalidInput
+
+
+@click.group()
+def dr() -> None:
+    """DR volumes: encrypted tape, file and LTFS volumes for offsite custody."""
+
+
+@dr.command()
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              metavar="IDENTITY_FILE", help="Write the new identity (private key) here.")
+def keygen(out: Path) -> None:
+    """Make an age key pair for DR volumes; print the public recipient.
+
+    The identity (private key) goes only into IDENTITY_FILE (mode 0600, never
+    overwritten, never printed). Put the recipient printed on stdout in
+    [dr] recipients; keep the identity offline.
+    """
+    from dr.keys import keygen as make
+
+    try:
+        recipient = make(out)
+    except InvalidInput as e:
+        click.echo(f"pacsvault: {e}", err=True)
+        sys.exit(e.exit_code)
+    click.echo(recipient)
+    click.echo(
+        f"Identity written to {out} (mode 0600). It is the only way to read volumes written "
+        "to this recipient:\n"
+        "  1. copy it to two offline media (e.g. USB keys, or print it) kept in two places,\n"
+        "     one of them with your escrow (a sealed envelope in the hospital safe);\n"
+        "  2. delete it from this machine: the daemon needs only the recipient;\n"
+        "  3. add the recipient above to [dr] recipients, next to your escrow recipient.\n"
+        "Give it to 'pacsvault dr verify / rebuild-catalog / restore --identity' only when "
+        "reading volumes back.", err=True)
+
+
+def _recipients(settings, given: tuple[str, ...]) -> list[str]:  # noqa: ANN001
+    from archive.config.schema import DrSettings
+
+    if given:
+        try:
+            DrSettings(recipients=tuple(given))       # same checks as the config
+        except Exception as e:                         # pydantic ValidationError
+            msg = str(e).splitlines()
+            raise InvalidInput(f"--recipient: {msg[-1] if msg else e}") from None
+        return list(given)
+    return list(settings.dr.recipients)
+
+
+@dr.command()
+@click.option("--recipient", "recipients", multiple=True, metavar="R",
+              help="age recipient (age1...) to encrypt to, repeatable (default: [dr] recipients).")
+@click.option("--device", default=None, metavar="PATH|-",
+              help="Tape device, FIFO or file ('{barcode}' in it: one file per volume; "
+                   "'-': stdout, the report goes to stderr). Default: [dr] device.")
+@click.option("--ltfs", default=None, metavar="DIR",
+              help="Write to an LTFS mount instead: each volume is DIR/<barcode>/.")
+@click.option("--capacity", type=click.IntRange(min=1_000_000), default=None, metavar="BYTES",
+              help="Volume capacity (default: [dr] capacity).")
+@click.option("--barcode", default=None, metavar="CODE",
+              help="Barcode of the (first) volume loaded (default: the next of [dr] barcode_prefix).")
+@click.option("--study", "studies", multiple=True, metavar="UID",
+              help="Only these studies (default: every study not yet on a volume of the pool).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+@config_option
+@click.pass_context
+@handle_errors
+def write(ctx: click.Context, recipients: tuple[str, ...], device: str | None, ltfs: str | None,
+          capacity: int | None, barcode: str | None, studies: tuple[str, ...], as_json: bool,
+          config: str | None) -> None:
+    """Stream studies not yet on a DR volume of the pool onto encrypted volumes.
+
+    Each study is read from a copy that verifies against the catalog, cut into
+    segments, compressed with zstd and encrypted with age to the recipients;
+    near the end of a volume it is sealed (index and catalog written) and the
+    set continues on the next barcode. On a tape, FIFO or stdout the next
+    volume needs the operator: the report names its barcode (on a terminal,
+    you are asked to load it). Exits 1 if an object had no verified copy.
+    """
+    from dr.sinks import one_volume_per_run
+    from dr.writer import DrWriter
+
+    settings = settings_from(ctx, config)
+    if device and ltfs:
+        raise InvalidInput("give --device or --ltfs, not both")
+    kind = "ltfs" if ltfs else settings.dr.kind if device is None else "stream"
+    dev = ltfs or device or settings.dr.device
+    if barcode is not None and not barcode.replace("-", "").isalnum():
+        raise InvalidInput("--barcode: letters, digits and '-' only")
+    to_stdout = kind == "stream" and dev == "-"
+    out = (lambda text: click.echo(text, err=True)) if to_stdout else click.echo
+
+    def ask_next(code: str) -> bool:
+        if to_stdout or not sys.stdin.isatty():
+            return False
+        return click.confirm(f"Volume full. Load the next volume (label it {code}) and confirm",
+                             default=True, err=True)
+
+    catalog = open_catalog(settings)
+    try:
+        tier = open_object_tier_or_none(settings)
+        w = DrWriter(catalog, open_sites(settings), tier if hasattr(tier, "open_range") else None,
+                     settings.dr, recipients=_recipients(settings, recipients), device=dev,
+                     kind=kind, capacity=capacity, barcode=barcode, next_volume=ask_next)
+        with jobs.recorded(catalog, "dr-write", "manual") as rec, \
+                _progress("writing DR volumes (MB)", None, as_json or to_stdout) as advance:
+            w.progress = lambda n: advance(n // 1_000_000 or 0)
+            report = w.run(list(studies) or None)
+            j = report.to_json()
+            rec.outcome = "ok" if report.ok else "findings"
+            rec.summary = {k: j[k] for k in ("studies", "instances", "bytes", "stream_bytes",
+                                             "pending_studies")} | {
+                "volumes": [v["barcode"] for v in j["volumes"]]}
+    finally:
+        catalog.close()
+    for f in report.findings:
+        click.echo(f"FINDING {f.kind}: instance {f.sop_uid} of study {f.study_uid}: {f.detail}",
+                   err=True)
+    if as_json:
+        out(json.dumps(j, indent=2, sort_keys=True, default=str))
+    else:
+        for v in j["volumes"]:
+            out(f"{v['barcode']}  #{v['sequence']}  {v['segments']} segments  {v['studies']} "
+                f"studies  {v['bytes']} bytes  sha256 {v['sha256']}  ({v['where']})")
+        out(f"wrote {j['studies']} studies, {j['instances']} instances, {j['bytes']} bytes in "
+            f"{j['seconds']}s ({j['mb_per_s']} MB/s)")
+    if report.next_barcode:
+        click.echo(f"pacsvault: volume full; {j['pending_studies']} studies still to write: load "
+                   f"the next volume (label it {report.next_barcode}) and run 'pacsvault dr "
+                   f"write' again", err=True)
+    elif j["pending_studies"] and one_volume_per_run(kind, dev):
+        click.echo(f"pacsvault: {j['pending_studies']} studies still to write", err=True)
+    if not report.ok:
+        sys.exit(1)
+
+
+def _where(catalog, volume: str) -> str:  # noqa: ANN001
+    """A path as given, or a barcode's device from the catalog."""
+    if volume == "-" or Path(volume).exists():
+        return volume
+    from sqlalchemy import select
+
+    from archive.catalog.models import DrVolume
+
+    with catalog.unit() as uow:
+        dev = uow.session.scalar(select(DrVolume.device).where(DrVolume.barcode == volume))
+    if not dev:
+        raise InvalidInput(f"{volume}: no such file, and no volume with that barcode in the catalog")
+    return dev
+
+
+identity_option = click.option(
+    "--identity", "identities", multiple=True, required=True, metavar="IDENTITY_FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="age identity file (repeatable: old and new keys, escrow key).")
+
+
+@dr.command()
+@click.argument("volumes", nargs=-1, required=True, metavar="VOLUME...")
+@identity_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+@config_option
+@click.pass_context
+@handle_errors
+def verify(ctx: click.Context, volumes: tuple[str, ...], identities: tuple[Path, ...],
+           as_json: bool, config: str | None) -> None:
+    """Read whole volumes back and check every checksum and the stream hash.
+
+    VOLUME is a file, device, LTFS volume directory, '-' (stdin) or a barcode
+    whose device the catalog knows. Exits 1 if any volume is damaged; the
+    report names the members and studies affected.
+    """
+    from dr.keys import load_identities
+    from dr.media import verify as check
+
+    settings = settings_from(ctx, config)
+    idents = load_identities(list(identities))
+    catalog = open_catalog(settings)
+    try:
+        reports = [check(catalog, _where(catalog, v), idents) for v in volumes]
+    finally:
+        catalog.close()
+    for r in reports:
+        for d in r["damaged"]:
+            click.echo(f"DAMAGED {r['barcode']}: {d['member']} (study {d['study_uid'] or 'unknown'})"
+                       f": {d['error']}", err=True)
+        for p in r["problems"]:
+            click.echo(f"PROBLEM {r['barcode'] or r['where']}: {p}", err=True)
+    ok = all(r["ok"] for r in reports)
+    if as_json:
+        emit_json({"ok": ok, "volumes": reports} if len(reports) > 1 else reports[0])
+    else:
+        for r in reports:
+            click.echo(f"{r['barcode']}: {'ok' if r['ok'] else 'DAMAGED'}; {r['segments_ok']} of "
+                       f"{r['segments']} segments, {r['files_verified']} files verified; "
+                       f"{r['stream_bytes']} bytes, sha256 {r['stream_sha256']}")
+    if not ok:
+        sys.exit(1)
+
+
+@dr.command("rebuild-catalog")
+@identity_option
+@click.argument("volumes", nargs=-1, required=True, metavar="VOLUME...")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+@config_option
+@click.pass_context
+@handle_errors
+def rebuild_catalog(ctx: click.Context, identities: tuple[Path, ...], volumes: tuple[str, ...],
+                    as_json: bool, config: str | None) -> None:
+    """Restore the catalog rows that volumes hold (any order, any subset).
+
+    Patients, studies, series and instances come back with their SHA-256, and
+    the volumes and what each holds, so that 'pacsvault restore --from dr' can
+    find everything. The report lists, per volume set, the volumes missing,
+    and the studies of which only part was found. Exits 1 if anything is
+    missing or damaged.
+    """
+    from dr.keys import load_identities
+    from dr.media import rebuild_catalog as rebuild
+
+    settings = settings_from(ctx, config)
+    idents = load_identities(list(identities))
+    catalog = open_catalog(settings)
+    try:
+        r = rebuild(catalog, list(volumes), idents)
+    finally:
+        catalog.close()
+    for vs, st in r["sets"].items():
+        if st["missing"]:
+            click.echo(f"MISSING from set {vs}: volume(s) #{', #'.join(map(str, st['missing']))}",
+                       err=True)
+        if st["more_after_last"]:
+            click.echo(f"MISSING from set {vs}: the volume(s) after #{st['found'][-1]}", err=True)
+    for s in r["incomplete_studies"]:
+        click.echo(f"INCOMPLETE study {s['study_uid']}: {s['instances_found']} of "
+                   f"{s['instances_expected']} instances found", err=True)
+    if as_json:
+        emit_json(r)
+    else:
+        click.echo(f"{len(r['volumes'])} volumes read; {r['studies']} studies, "
+                   f"{r['studies_complete']} complete")
+    if not r["ok"]:
+        sys.exit(1)
+
+
+@dr.command()
+@click.option("--pool", default=None, help="Only this pool.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@config_option
+@click.pass_context
+@handle_errors
+def volumes(ctx: click.Context, pool: str | None, as_json: bool, config: str | None) -> None:
+    """List DR volumes: set, sequence, state, custody location, size, retention."""
+    from dr.volumes import list_volumes
+
+    settings = settings_from(ctx, config)
+    catalog = open_catalog(settings)
+    try:
+        rows = list_volumes(catalog, pool)
+    finally:
+        catalog.close()
+    if as_json:
+        emit_json({"volumes": rows})
+        return
+    for v in rows:
+        click.echo(f"{v['barcode']:10} {v['pool']:10} set {v['volume_set'][:8]} #{v['sequence']:<3} "
+                   f"{v['state']:10} {v['location'] or '-':16} {v['bytes']:>14} bytes "
+                   f"{v['studies']:>6} studies  sealed {v['sealed_at'] or '-'}"
+                   + ("  recyclable" if v["recyclable"] else ""))

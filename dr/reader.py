@@ -1,0 +1,293 @@
+"""Reading DR volumes back: a tar stream (file, FIFO, tape, '-') or an LTFS directory.
+
+The tar stream is parsed here, header by header, rather than with tarfile's
+stream mode, so that a member cut short by a truncated volume still yields the
+bytes that are there (age authenticates them chunk by chunk, and the segment's
+manifest, its first file, names the study even when the rest is lost).
+
+``read_volume`` returns everything a caller needs: the label, each member's
+outcome (with its plaintext segment when it decrypts and verifies), the index
+and catalog members, and the volume hash over every byte read.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
+
+import zstandard
+
+from archive.errors import InvalidInput
+from dr import crypt, segment
+from dr.keys import identity_fingerprints
+from dr.sinks import LABEL
+
+MAX_PLAIN = 2 * 1024 ** 3          # refuse to decompress a member to more than this
+INDEX = "INDEX.json.zst.age"
+CATALOG = "CATALOG.json.zst.age"
+
+
+@dataclass
+class RawMember:
+    name: str
+    offset: int
+    size: int                       # as the header says
+    data: bytes                     # what could be read (shorter when truncated)
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.data) < self.size
+
+
+@dataclass
+class MemberResult:
+    name: str
+    offset: int
+    size: int
+    sha256: str
+    ok: bool
+    error: str = ""
+    study_uid: str | None = None
+    manifest: dict[str, Any] | None = None
+    files: dict[str, bytes] | None = None
+
+
+@dataclass
+class VolumeRead:
+    where: str
+    label: dict[str, Any] | None = None
+    members: list[MemberResult] = field(default_factory=list)
+    index: dict[str, Any] | None = None
+    catalog: dict[str, Any] | None = None
+    stream_bytes: int = 0
+    stream_sha256: str = ""
+    errors: list[str] = field(default_factory=list)    # volume-level problems
+    complete: bool = False                              # the archive's end was reached
+
+    @property
+    def barcode(self) -> str | None:
+        return (self.label or {}).get("barcode")
+
+
+class _Hashing:
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.n, self.h = f, 0, hashlib.sha256()
+
+    def read(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            b = self.f.read(n - len(out))
+            if not b:
+                break
+            out += b
+        self.n += len(out)
+        self.h.update(out)
+        return bytes(out)
+
+
+def tar_members(f: BinaryIO, on_end: Callable[[int, str, bool], None]) -> Iterator[RawMember]:
+    """Members of a tar stream, in order, without seeking. ``on_end(bytes, sha256,
+    clean)`` is called once the stream is exhausted (clean: the end-of-archive
+    blocks were found)."""
+    src = _Hashing(f)
+    clean = False
+    pax: dict[str, str] = {}
+    while True:
+        at = src.n
+        header = src.read(512)
+        if len(header) < 512:
+            break
+        if header == b"\0" * 512:
+            clean = True
+            break
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as e:
+            raise _Damaged(f"tar header at byte {at} unreadable ({e})", src) from None
+        body = src.read(info.size)
+        src.read((-info.size) % 512)
+        if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE):    # pax extended header
+            pax = _pax(body) if info.type == tarfile.XHDTYPE else pax
+            continue
+        name = pax.pop("path", info.name)
+        size = int(pax.pop("size", info.size))
+        pax = {}
+        yield RawMember(name, at, size, body)
+        if len(body) < info.size:
+            break
+    while src.read(1 << 20):                                   # padding to the record's end
+        pass
+    on_end(src.n, src.h.hexdigest(), clean)
+
+
+class _Damaged(Exception):
+    def __init__(self, msg: str, src: _Hashing) -> None:
+        super().__init__(msg)
+        self.src = src
+
+
+def _pax(body: bytes) -> dict[str, str]:
+    out = {}
+    text = body.decode("utf-8", "replace")
+    while text:
+        length, _, rest = text.partition(" ")
+        if not length.isdigit():
+            break
+        rec, text = text[:int(length)], text[int(length):]
+        key, _, value = rec.partition(" ")[2].rstrip("\n").partition("=")
+        out[key] = value
+    return out
+
+
+def ltfs_members(root: Path) -> Iterator[RawMember]:
+    """The files of an LTFS volume directory in the order they were written."""
+    names = [LABEL] + sorted(str(p.relative_to(root)) for p in (root / "seg").glob("*.age")) \
+        + [INDEX, CATALOG]
+    at = 0
+    for name in names:
+        p = root / name
+        if not p.is_file():
+            continue
+        data = p.read_bytes()
+        yield RawMember(name, at, len(data), data)
+        at += len(data)
+
+
+def _unpack(data: bytes, identities: list) -> bytes:
+    """Decrypt, then decompress every zstd frame (a segment has two), bounded."""
+    plain = crypt.decrypt(data, identities)
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(
+                io.BytesIO(plain), read_across_frames=True) as r:
+            while chunk := r.read(1 << 20):
+                out += chunk
+                if len(out) > MAX_PLAIN:
+                    raise segment.SegmentError("member decompresses to more than 2 GiB")
+    except zstandard.ZstdError as e:
+        raise segment.SegmentError(f"zstd: {e}") from None
+    return bytes(out)
+
+
+def read_volume(where: str, identities: list, *, keep_files: bool = False) -> VolumeRead:
+    """Read a whole volume and check everything that can be checked without the
+    catalog: each segment decrypts (age authenticates it), decompresses and every
+    file in it matches its manifest; the index agrees with what was read."""
+    out = VolumeRead(where)
+    mine = identity_fingerprints(identities)
+
+    def ended(n: int, sha: str, clean: bool) -> None:
+        out.stream_bytes, out.stream_sha256, out.complete = n, sha, clean
+
+    path = Path(where)
+    if where != "-" and path.is_dir():
+        members: Iterator[RawMember] = ltfs_members(path)
+        h = hashlib.sha256()
+        total = 0
+    else:
+        try:
+            f = sys.stdin.buffer if where == "-" else open(path, "rb")
+        except OSError as e:
+            raise InvalidInput(f"cannot open volume {where}: {e.strerror}") from None
+        members = tar_members(f, ended)
+        h = None
+    try:
+        for m in members:
+            if h is not None:
+                h.update(m.data)
+                total += len(m.data)
+            _member(out, m, identities, mine, keep_files)
+    except _Damaged as e:
+        out.errors.append(str(e))
+        while e.src.read(1 << 20):
+            pass
+        ended(e.src.n, e.src.h.hexdigest(), False)
+    finally:
+        if h is None and where != "-":
+            f.close()
+    if h is not None:
+        out.stream_bytes, out.stream_sha256 = total, h.hexdigest()
+        out.complete = (path / CATALOG).is_file()
+    if out.label is None:
+        out.errors.insert(0, "no pacsvault label: not a pacsvault DR volume, or its start is lost")
+    elif not out.complete:
+        out.errors.append("the volume ends early (truncated): members after the damage are lost")
+    _check_index(out)
+    return out
+
+
+def _member(out: VolumeRead, m: RawMember, identities: list, mine: set[str],
+            keep_files: bool) -> None:
+    if m.name == LABEL and not out.members and out.label is None:
+        try:
+            out.label = json.loads(m.data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            out.errors.append("label unreadable")
+            return
+        if out.label.get("format") != "pacsvault-dr-volume":
+            out.errors.append("label is not a pacsvault DR volume label")
+        if identities and not mine & set(out.label.get("recipients", [])):
+            raise InvalidInput(
+                f"volume {out.label.get('barcode')}: the identity given matches none of its "
+                f"recipients (fingerprints {', '.join(out.label.get('recipients', []))}); "
+                "give the identity (or escrow identity) it was written for")
+        return
+    sha = hashlib.sha256(m.data).hexdigest()
+    r = MemberResult(m.name, m.offset, m.size, sha, ok=False)
+    if m.truncated:
+        r.error = f"truncated: {len(m.data)} of {m.size} bytes"
+    if m.name in (INDEX, CATALOG):
+        if not m.truncated:
+            try:
+                doc = json.loads(_unpack(m.data, identities))
+                if m.name == INDEX:
+                    out.index = doc
+                else:
+                    out.catalog = doc
+                return
+            except (crypt.DecryptFailed, segment.SegmentError, json.JSONDecodeError) as e:
+                r.error = f"{m.name} unreadable: {e}"
+        out.errors.append(r.error)
+        return
+    if not m.truncated:
+        try:
+            manifest, files = segment.read(_unpack(m.data, identities))
+            r.ok, r.manifest, r.study_uid = True, manifest, manifest.get("study_uid")
+            r.files = files if keep_files else None
+        except crypt.DecryptFailed as e:
+            r.error = f"does not decrypt (altered, or the wrong key): {e}"
+        except segment.SegmentError as e:
+            r.error = str(e)
+    if not r.ok:
+        # Name the study from the first chunks that still authenticate.
+        plain = crypt.decrypt_prefix(m.data, identities)
+        try:
+            head = zstandard.ZstdDecompressor().decompressobj().decompress(plain)
+        except zstandard.ZstdError:
+            head = b""
+        doc = segment.manifest_of_prefix(head)
+        if doc:
+            r.study_uid, r.manifest = doc.get("study_uid"), doc
+    out.members.append(r)
+
+
+def _check_index(out: VolumeRead) -> None:
+    """Every segment the index lists was read with the size and SHA-256 it gives."""
+    if out.index is None:
+        return
+    got = {m.name: m for m in out.members}
+    for e in out.index.get("segments", []):
+        m = got.get(e["member"])
+        if m is None:
+            out.errors.append(f"member {e['member']} listed in the index is missing")
+            continue
+        if m.study_uid is None:
+            m.study_uid = e["study_uid"]
+        if m.size != e["size"] or m.sha256 != e["sha256"]:
+            m.ok = False
+            m.error = m.error or "differs from the index (size or SHA-256)"

@@ -1,0 +1,79 @@
+"""A POSIX (pax) tar stream written in fixed-size records, never seeking back.
+
+Every ``write`` to the sink is exactly ``block_size`` bytes (a tape drive in
+fixed-block mode wants that); the last record is padded with zeros, as tar(1)
+pads its last record. The SHA-256 and length of everything written are kept:
+the stream hash that `dr verify` checks.
+"""
+from __future__ import annotations
+
+import hashlib
+import tarfile
+import time
+from typing import BinaryIO
+
+TAR_BLOCK = 512
+
+
+def member_header(name: str, size: int, mtime: float | None = None) -> bytes:
+    """A pax-format header for a regular file (names here are short ASCII, so it is
+    a plain ustar header, which every pax reader accepts)."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = int(mtime if mtime is not None else time.time())
+    info.mode = 0o640
+    info.type = tarfile.REGTYPE
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
+
+
+def padding(size: int) -> int:
+    return (-size) % TAR_BLOCK
+
+
+class RecordWriter:
+    """Buffers bytes into ``block_size`` records and writes only whole records."""
+
+    def __init__(self, sink: BinaryIO, block_size: int) -> None:
+        self.sink = sink
+        self.block_size = block_size
+        self.buf = bytearray()
+        self.n = 0                    # bytes accepted (the tar stream's offset)
+        self.h = hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.n += len(data)
+        self.buf += data
+        if len(self.buf) >= self.block_size:
+            whole = len(self.buf) - len(self.buf) % self.block_size
+            with memoryview(self.buf) as view:
+                for i in range(0, whole, self.block_size):
+                    with view[i:i + self.block_size] as rec:
+                        self.h.update(rec)
+                        self.sink.write(rec)
+            del self.buf[:whole]
+
+    def member(self, name: str, data: bytes, mtime: float | None = None) -> int:
+        """Write one member; returns the stream offset of its header."""
+        at = self.n
+        self.write(member_header(name, len(data), mtime))
+        self.write(data)
+        self.write(b"\0" * padding(len(data)))
+        return at
+
+    def member_size(self, name: str, size: int) -> int:
+        """Bytes a member of ``size`` data bytes takes in the stream."""
+        return len(member_header(name, size, 0)) + size + padding(size)
+
+    def close_archive(self) -> None:
+        """Two zero blocks end the archive; the record is padded to a whole one."""
+        self.write(b"\0" * (2 * TAR_BLOCK))
+        tail = (-len(self.buf)) % self.block_size
+        self.write(b"\0" * tail)
+        assert not self.buf
+        if hasattr(self.sink, "flush"):
+            self.sink.flush()
+
+    @property
+    def sha256(self) -> str:
+        return self.h.hexdigest()

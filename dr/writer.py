@@ -1,0 +1,556 @@
+"""`dr write`: stream every study not yet on a DR volume of the pool onto volumes.
+
+Per run, under the pool's lease:
+
+1. a volume left 'writing' by a writer that died is marked 'failed' (its
+   segments stop counting, so its studies are written again);
+2. the studies whose instances are not all on a good volume of the pool are
+   read, oldest first, from a copy that verifies against the catalog SHA-256
+   (an online site, else the instance's frame in a bundle on the object tier);
+3. a reader thread cuts them into segments (dr/segment.py); two workers
+   compress (zstd, which releases the GIL) and encrypt (Debian's age in its own
+   process); the main thread writes the members in order to the volume and
+   records each segment in the catalog;
+4. when the next member would not leave room for the volume's tail, the volume
+   is finished (encrypted index and catalog members, end of archive) and sealed,
+   and the set continues on the next barcode: at once for a '{barcode}' path
+   or an LTFS mount, after the operator loads it for a tape/FIFO/stdout.
+
+Memory is bounded by the segment size times the pipeline depth, whatever the
+size of a study. Nothing is sealed until its last byte is written and flushed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable, Iterator
+
+import zstandard
+from sqlalchemy import func, select, update
+
+from archive import phi
+from archive.catalog import lease
+from archive.catalog.lease import _dead_local_holder, new_holder
+from archive.catalog.models import DrInstance, DrSegment, DrVolume, Instance
+from archive.catalog.uow import Catalog
+from archive.clock import Clock, utcnow
+from archive.config.schema import DrSettings
+from archive.errors import InvalidInput
+from dr import crypt, segment
+from dr.keys import fingerprint
+from dr.sinks import LABEL, Volume, one_volume_per_run, open_volume
+from tiers import study_state
+from tiers.backend import Backend, BackendError, ObjectNotFound
+from tiers.bundle import BundleError, extract_to
+
+log = logging.getLogger("pacsvault.dr")
+
+FORMAT = "pacsvault-dr-volume"
+VERSION = 1
+INDEX = "INDEX.json.zst.age"
+CATALOG = "CATALOG.json.zst.age"
+GOOD_STATES = ("sealed", "in-library", "in-transit", "offsite", "recalled", "returned")
+DEPTH = 2      # segments compressed/encrypted ahead of the one being written
+
+
+@dataclass
+class Finding:
+    kind: str                     # no-source
+    study_uid: str
+    sop_uid: str
+    detail: str
+
+
+@dataclass
+class VolumeReport:
+    barcode: str
+    sequence: int
+    where: str
+    bytes: int = 0
+    segments: int = 0
+    studies: int = 0
+    sha256: str | None = None
+    continues: bool = False
+
+
+@dataclass
+class WriteReport:
+    pool: str
+    volume_set: str | None = None
+    volumes: list[VolumeReport] = field(default_factory=list)
+    studies: int = 0              # studies whose pending instances were all written
+    instances: int = 0
+    bytes: int = 0                # instance bytes (before compression)
+    seconds: float = 0.0
+    pending_studies: int = 0      # left for a next volume / run
+    next_barcode: str | None = None
+    failed_volumes: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def to_json(self) -> dict[str, Any]:
+        stream = sum(v.bytes for v in self.volumes)
+        return {
+            "pool": self.pool, "volume_set": self.volume_set, "ok": self.ok,
+            "volumes": [v.__dict__ for v in self.volumes],
+            "studies": self.studies, "instances": self.instances, "bytes": self.bytes,
+            "stream_bytes": stream, "seconds": round(self.seconds, 3),
+            "mb_per_s": round(self.bytes / 1e6 / self.seconds, 1) if self.seconds else None,
+            "pending_studies": self.pending_studies, "next_barcode": self.next_barcode,
+            "complete": self.pending_studies == 0,
+            "failed_volumes": self.failed_volumes,
+            "findings": [f.__dict__ for f in self.findings],
+        }
+
+
+@dataclass
+class _Raw:
+    """A segment built by the reader thread, waiting to be compressed and encrypted."""
+    study_fk: int
+    study_uid: str
+    study_segment: int
+    last: bool
+    pieces: list[segment.Piece]
+    study_doc: dict[str, Any]
+    study_instances: int
+    bytes: int
+    done_study: bool             # every pending instance of the study is in this or earlier
+
+
+class _End:
+    pass
+
+
+def pending_studies(session, pool: str, study_fks: list[int] | None = None) -> list[tuple[int, int]]:  # noqa: ANN001
+    """(study id, instances to write) for studies not wholly on good volumes of ``pool``."""
+    covered = (select(DrInstance.instance_fk)
+               .join(DrSegment, DrSegment.id == DrInstance.segment_fk)
+               .join(DrVolume, DrVolume.id == DrSegment.volume_fk)
+               .where(DrVolume.pool == pool, DrVolume.state.in_(GOOD_STATES),
+                      DrInstance.part == DrInstance.parts - 1))
+    q = (select(Instance.study_fk, func.count())
+         .where(Instance.id.not_in(covered)).group_by(Instance.study_fk)
+         .order_by(Instance.study_fk))
+    if study_fks:
+        q = q.where(Instance.study_fk.in_(study_fks))
+    return [(fk, n) for fk, n in session.execute(q)]
+
+
+class DrWriter:
+    def __init__(self, catalog: Catalog, sites: list[Backend], tier: Backend | None,
+                 settings: DrSettings, *, recipients: list[str], device: str | None = None,
+                 kind: str | None = None, capacity: int | None = None,
+                 barcode: str | None = None, clock: Clock = utcnow,
+                 progress: Callable[[int], None] | None = None,
+                 next_volume: Callable[[str], bool] | None = None,
+                 stop: threading.Event | None = None) -> None:
+        if not recipients:
+            raise InvalidInput("no DR recipients: set [dr] recipients (age1...) or give "
+                               "--recipient; make a key with 'pacsvault dr keygen'")
+        self.catalog = catalog
+        self.sites = {s.name: s for s in sites}
+        self.tier = tier
+        self.s = settings
+        self.recipients = list(dict.fromkeys(recipients))
+        self.kind = kind or settings.kind
+        self.device = device if device is not None else settings.device
+        self.capacity = capacity or settings.capacity
+        if self.capacity < 4 * settings.segment_bytes:
+            raise InvalidInput(f"capacity {self.capacity} is below 4 x segment_bytes "
+                               f"({settings.segment_bytes}): lower [dr] segment_bytes")
+        self.first_barcode = barcode
+        self.clock = clock
+        self.progress = progress or (lambda n: None)
+        self.next_volume = next_volume
+        self.stop = stop or threading.Event()
+        self.holder = new_holder()
+
+    # -- the run ---------------------------------------------------------------------
+    def run(self, study_uids: list[str] | None = None) -> WriteReport:
+        t0 = time.monotonic()
+        report = WriteReport(self.s.pool)
+        with lease.lease(self.catalog, f"job:dr-write:{self.s.pool}", what="DR writing for "
+                         f"pool {self.s.pool}", ttl_s=300):
+            report.failed_volumes = self._settle_dead_writers()
+            todo = self._todo(study_uids)
+            report.pending_studies = len(todo)
+            if todo:
+                self._write(todo, report)
+        report.seconds = time.monotonic() - t0
+        return report
+
+    def _settle_dead_writers(self) -> list[str]:
+        failed = []
+        with self.catalog.unit(write=True) as uow:
+            for v in uow.session.scalars(select(DrVolume).where(DrVolume.state == "writing")):
+                # We hold the pool's lease, so a 'writing' volume's writer is gone.
+                if v.pool == self.s.pool or _dead_local_holder(v.writer):
+                    v.state = "failed"
+                    failed.append(v.barcode)
+                    log.error("DR volume %s was left unfinished by a writer that stopped; "
+                              "marked failed, its studies are written again", v.barcode)
+            uow.commit()
+        return failed
+
+    def _todo(self, study_uids: list[str] | None) -> list[tuple[int, int]]:
+        with self.catalog.unit() as uow:
+            fks = None
+            if study_uids:
+                fks = []
+                for uid in study_uids:
+                    fk = study_state.study_fk_of(uow.session, uid)
+                    if fk is None:
+                        raise InvalidInput(f"no study {uid} in the catalog")
+                    fks.append(fk)
+            return pending_studies(uow.session, self.s.pool, fks)
+
+    # -- volumes -----------------------------------------------------------------------
+    def _set_and_sequence(self) -> tuple[str, int]:
+        """Continue the pool's set if its last volume said it goes on, else a new set."""
+        with self.catalog.unit() as uow:
+            last = uow.session.scalars(select(DrVolume).where(
+                DrVolume.pool == self.s.pool, DrVolume.state.in_(GOOD_STATES))
+                .order_by(DrVolume.id.desc()).limit(1)).first()
+            if last is not None and last.continues:
+                return last.volume_set, last.sequence + 1
+        return str(uuid.uuid4()), 1
+
+    def _next_barcode(self) -> str:
+        with self.catalog.unit() as uow:
+            codes = uow.session.scalars(select(DrVolume.barcode).where(
+                DrVolume.barcode.like(f"{self.s.barcode_prefix}%")))
+            nums = [int(c[len(self.s.barcode_prefix):]) for c in codes
+                    if c[len(self.s.barcode_prefix):].isdigit()]
+        return f"{self.s.barcode_prefix}{max(nums, default=0) + 1:06d}"
+
+    def _open(self, volume_set: str, seq: int, barcode: str) -> tuple[Volume, int, str]:
+        with self.catalog.unit() as uow:
+            if uow.session.scalar(select(DrVolume.id).where(DrVolume.barcode == barcode)):
+                raise InvalidInput(f"barcode {barcode} is already in the catalog")
+        vol, where = open_volume(self.kind, self.device, barcode, self.s.block_size)
+        now = self.clock()
+        label = {
+            "format": FORMAT, "version": VERSION, "barcode": barcode, "pool": self.s.pool,
+            "volume_set": volume_set, "sequence": seq, "created_at": now.isoformat(),
+            "block_size": self.s.block_size, "capacity": self.capacity, "kind": self.kind,
+            "recipients": [fingerprint(r) for r in self.recipients],
+            "segment_cipher": "age-encryption.org/v1 (X25519)", "segment_compression": "zstd",
+        }
+        with self.catalog.unit(write=True) as uow:
+            row = DrVolume(barcode=barcode, pool=self.s.pool, volume_set=volume_set, sequence=seq,
+                           capacity=self.capacity, block_size=self.s.block_size, bytes=0,
+                           segments=0, studies=0, state="writing", location="", device=where,
+                           kind=self.kind, recipients=json.dumps(label["recipients"]),
+                           continues=False, writer=self.holder, created_at=now)
+            uow.session.add(row)
+            uow.commit()
+            vol_id = row.id
+        vol.member(LABEL, json.dumps(label, indent=1, sort_keys=True).encode() + b"\n")
+        log.info("DR volume %s (set %s, #%d) opened on %s", barcode, volume_set[:8], seq, where)
+        return vol, vol_id, where
+
+    # -- the pipeline ------------------------------------------------------------------------
+    def _write(self, todo: list[tuple[int, int]], report: WriteReport) -> None:
+        volume_set, seq = self._set_and_sequence()
+        report.volume_set = volume_set
+        raw_q: queue.Queue = queue.Queue(maxsize=DEPTH)
+        halt = threading.Event()
+        reader = threading.Thread(target=self._read_segments, args=(todo, raw_q, halt, report),
+                                  name="dr-reader", daemon=True)
+        reader.start()
+        pool = ThreadPoolExecutor(2, thread_name_prefix="dr-seal")
+        ahead: deque[tuple[_Raw, Future]] = deque()
+        barcode = self.first_barcode or self._next_barcode()
+        vol = vol_id = None
+        tail: dict[str, Any] = {}
+        written_studies: set[int] = set()
+        try:
+            vol, vol_id, where = self._open(volume_set, seq, barcode)
+            vrep = VolumeReport(barcode, seq, where)
+            tail = self._new_tail(volume_set, barcode, seq)
+            member_no = 0
+            end = False
+            while True:
+                while not end and len(ahead) < DEPTH:
+                    item = raw_q.get()
+                    if isinstance(item, _End):
+                        end = True
+                        break
+                    ahead.append((item, pool.submit(self._seal, item, barcode, member_no
+                                                    + len(ahead) + 1, volume_set)))
+                if not ahead:
+                    break
+                raw, fut = ahead.popleft()
+                member_no += 1
+                name, data, manifest = fut.result()
+                if vol.used + vol.cost(name, len(data)) + self._tail_cost(vol, tail) > self.capacity:
+                    # End of medium: close this volume cleanly, continue on the next.
+                    self._seal_volume(vol, vol_id, vrep, tail, continues=True)
+                    report.volumes.append(vrep)
+                    seq += 1
+                    barcode = self._next_barcode()
+                    if one_volume_per_run(self.kind, self.device) and not (
+                            self.next_volume and self.next_volume(barcode)):
+                        report.next_barcode = barcode
+                        vol = None
+                        break
+                    vol, vol_id, where = self._open(volume_set, seq, barcode)
+                    vrep = VolumeReport(barcode, seq, where)
+                    tail = self._new_tail(volume_set, barcode, seq)
+                    # Segments are named for their volume: seal this one again for it.
+                    member_no = 1
+                    name, data, manifest = self._seal(raw, barcode, member_no, volume_set)
+                    for i, (r2, _) in enumerate(list(ahead)):
+                        ahead[i] = (r2, pool.submit(self._seal, r2, barcode, member_no + i + 1,
+                                                    volume_set))
+                offset = vol.member(name, data)
+                self._record_segment(vol_id, raw, name, offset, data, manifest, tail)
+                vrep.segments += 1
+                report.instances += len({p.instance_fk for p in raw.pieces if p.part == p.parts - 1})
+                report.bytes += raw.bytes
+                self.progress(raw.bytes)
+                if raw.done_study:
+                    written_studies.add(raw.study_fk)
+                    report.studies += 1
+                if self.stop.is_set():
+                    break
+            if vol is not None:
+                self._seal_volume(vol, vol_id, vrep, tail, continues=False)
+                report.volumes.append(vrep)
+                vol = None
+        finally:
+            halt.set()
+            while reader.is_alive():                 # unblock a reader waiting on the queue
+                try:
+                    raw_q.get_nowait()
+                except queue.Empty:
+                    reader.join(0.05)
+            pool.shutdown(wait=True, cancel_futures=True)
+            if vol is not None:                      # an error mid-volume: it stays 'writing'
+                vol.abort()                          # until the next run marks it failed
+        with self.catalog.unit() as uow:
+            report.pending_studies = len(pending_studies(uow.session, self.s.pool))
+
+    def _seal(self, raw: _Raw, barcode: str, member_no: int, volume_set: str
+              ) -> tuple[str, bytes, dict[str, Any]]:
+        """Build, compress and encrypt one segment (runs in a worker thread)."""
+        stem = f"{barcode}-{member_no:06d}"
+        name = f"seg/{stem}.tar.zst.age"
+        head = {"volume_set": volume_set, "barcode": barcode, "member": name,
+                "study_uid": raw.study_uid, "study_segment": raw.study_segment,
+                "last_of_study": raw.last, "study_instances": raw.study_instances,
+                "study": raw.study_doc}
+        plain, manifest, files_at = segment.build(stem, head, raw.pieces)
+        cctx = zstandard.ZstdCompressor(level=self.s.zstd_level)
+        # Two zstd frames (zstd -d reads them as one stream): the manifest's frame
+        # stays readable when a later part of the member is damaged.
+        with memoryview(plain) as view:
+            packed = cctx.compress(view[:files_at]) + cctx.compress(view[files_at:])
+        return name, crypt.encrypt(packed, self.recipients), manifest
+
+    # -- tail: index and catalog -----------------------------------------------------------------
+    def _new_tail(self, volume_set: str, barcode: str, seq: int) -> dict[str, Any]:
+        return {"index": {"format": "pacsvault-dr-index", "version": VERSION,
+                          "volume_set": volume_set, "barcode": barcode, "sequence": seq,
+                          "pool": self.s.pool, "segments": [], "continues": False},
+                "catalog": {"format": "pacsvault-dr-catalog", "version": VERSION,
+                            "volume_set": volume_set, "barcode": barcode, "studies": {}},
+                "raw": 2048}
+
+    def _tail_cost(self, vol: Volume, tail: dict[str, Any]) -> int:
+        """An upper bound of what the index, the catalog and the archive's end take:
+        JSON never grows under zstd by more than a little, age adds a header and
+        16 bytes per 64 KiB."""
+        est = int(tail["raw"] * 1.02) + 4096 + 512 * len(self.recipients)
+        est += est // 65536 * 16
+        return 2 * vol.cost(INDEX, est) + 1024 + self.s.block_size
+
+    def _record_segment(self, vol_id: int, raw: _Raw, name: str, offset: int, data: bytes,
+                        manifest: dict[str, Any], tail: dict[str, Any]) -> None:
+        sha = hashlib.sha256(data).hexdigest()
+        entry = {"member": name, "offset": offset, "size": len(data), "sha256": sha,
+                 "study_uid": raw.study_uid, "study_segment": raw.study_segment,
+                 "last_of_study": raw.last, "instances": len(raw.pieces), "bytes": raw.bytes}
+        tail["index"]["segments"].append(entry)
+        cat = tail["catalog"]["studies"].setdefault(
+            raw.study_uid, {"study": raw.study_doc, "instances": {}})
+        for f in manifest["files"]:
+            keep = {k: v for k, v in f.items() if k not in ("file", "part", "part_size",
+                                                             "part_sha256", "path")}
+            cat["instances"][f"{f['sop_uid']}/{f.get('version', 1)}"] = keep
+        tail["raw"] += len(json.dumps(entry)) + sum(len(json.dumps(f)) for f in manifest["files"])
+        tail["raw"] += len(json.dumps(raw.study_doc)) if raw.study_segment == 1 else 0
+        with self.catalog.unit(write=True) as uow:
+            seg = DrSegment(volume_fk=vol_id, study_fk=raw.study_fk, member=name,
+                            study_segment=raw.study_segment, last_of_study=raw.last,
+                            offset=offset, size=len(data), sha256=sha,
+                            instances=len(raw.pieces), bytes=raw.bytes)
+            uow.session.add(seg)
+            uow.session.flush()
+            uow.session.add_all([DrInstance(instance_fk=p.instance_fk, segment_fk=seg.id,
+                                            path=p.file, part=p.part, parts=p.parts)
+                                 for p in raw.pieces])
+            uow.commit()
+
+    def _seal_volume(self, vol: Volume, vol_id: int, vrep: VolumeReport, tail: dict[str, Any],
+                     continues: bool) -> None:
+        tail["index"]["continues"] = continues
+        tail["catalog"]["studies"] = [
+            {"study": v["study"], "instances": list(v["instances"].values())}
+            for v in tail["catalog"]["studies"].values()]
+        for name, doc in ((INDEX, tail["index"]), (CATALOG, tail["catalog"])):
+            body = zstandard.ZstdCompressor(level=3).compress(
+                json.dumps(doc, sort_keys=True, ensure_ascii=False).encode())
+            vol.member(name, crypt.encrypt(body, self.recipients))
+        size, sha = vol.finish()
+        now = self.clock()
+        studies = len({s["study_uid"] for s in tail["index"]["segments"]})
+        with self.catalog.unit(write=True) as uow:
+            uow.session.execute(update(DrVolume).where(DrVolume.id == vol_id).values(
+                state="sealed", sealed_at=now, bytes=size, stream_sha256=sha,
+                segments=len(tail["index"]["segments"]), studies=studies, continues=continues,
+                writer="", retain_until=now + timedelta(days=self.s.retain_days)))
+            uow.commit()
+        vrep.bytes, vrep.sha256, vrep.studies, vrep.continues = size, sha, studies, continues
+        log.info("DR volume %s sealed: %d segments, %d studies, %d bytes%s", vrep.barcode,
+                 vrep.segments, studies, size, "; the set continues" if continues else "")
+
+    # -- reading the studies (reader thread) ----------------------------------------------------
+    def _read_segments(self, todo: list[tuple[int, int]], out: queue.Queue,
+                       halt: threading.Event, report: WriteReport) -> None:
+        try:
+            for study_fk, _ in todo:
+                if halt.is_set() or self.stop.is_set():
+                    break
+                for raw in self._study_segments(study_fk, report):
+                    while not halt.is_set():
+                        try:
+                            out.put(raw, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if halt.is_set():
+                        return
+        except Exception:
+            log.exception("DR reader failed")
+        finally:
+            while not halt.is_set():
+                try:
+                    out.put(_End(), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    def _study_segments(self, study_fk: int, report: WriteReport) -> Iterator[_Raw]:
+        with self.catalog.unit() as uow:
+            state = study_state.load(uow.session, study_fk)
+            covered = set(uow.session.scalars(
+                select(DrInstance.instance_fk)
+                .join(DrSegment, DrSegment.id == DrInstance.segment_fk)
+                .join(DrVolume, DrVolume.id == DrSegment.volume_fk)
+                .where(DrSegment.study_fk == study_fk, DrVolume.pool == self.s.pool,
+                       DrVolume.state.in_(GOOD_STATES), DrInstance.part == DrInstance.parts - 1)))
+        uid = state.study.study_uid
+        doc = state.manifest_study()
+        todo = [i for i in state.instances if i.id not in covered]
+        cap = self.s.segment_bytes
+        pieces: list[segment.Piece] = []
+        size = 0
+        n = 0
+        for idx, inst in enumerate(todo):
+            entry = {"sop_uid": inst.sop_uid, "version": inst.version,
+                     "series_uid": inst.series_uid, "sop_class": inst.sop_class,
+                     "transfer_syntax": inst.transfer_syntax, "size": inst.size,
+                     "sha256": inst.sha256, "received_at": inst.received_at.isoformat(),
+                     "calling_ae": inst.calling_ae, "conflict": inst.conflict}
+            path = segment.instance_path(uid, entry)
+            nparts = max(1, -(-inst.size // cap))
+            try:
+                for k, data in enumerate(self._parts(inst, cap)):
+                    if pieces and size + len(data) > cap:
+                        n += 1
+                        yield _Raw(study_fk, uid, n, False, pieces, doc, len(state.instances),
+                                   size, False)
+                        pieces, size = [], 0
+                    pieces.append(segment.Piece(inst.id, entry, path, data, k, nparts))
+                    size += len(data)
+            except _NoSource as e:
+                report.findings.append(Finding("no-source", uid, inst.sop_uid, str(e)))
+                log.error("DR write: object %s has no copy that verifies; not written",
+                          phi.token(inst.sop_uid))
+        if pieces:
+            n += 1
+            yield _Raw(study_fk, uid, n, True, pieces, doc, len(state.instances), size, True)
+
+    def _parts(self, inst, cap: int) -> Iterator[bytes]:  # noqa: ANN001
+        """The instance's bytes in parts of at most ``cap``, from a verified copy.
+        A large instance is hashed whole first, then read again part by part (and
+        hashed again), so no part of a copy that does not verify is ever written."""
+        for loc, c in inst.copies.items():
+            if loc in self.sites and c.state == "ok":
+                site = self.sites[loc]
+                try:
+                    if inst.size <= cap:
+                        with site.open(c.key) as f:
+                            data = f.read()
+                        if len(data) == inst.size and hashlib.sha256(data).hexdigest() == inst.sha256:
+                            yield data
+                            return
+                        continue
+                    if site.sha256(c.key) != inst.sha256:   # type: ignore[attr-defined]
+                        continue
+                    h = hashlib.sha256()
+                    with site.open(c.key) as f:
+                        while chunk := f.read(cap):
+                            h.update(chunk)
+                            yield chunk
+                    if h.hexdigest() != inst.sha256:
+                        raise RuntimeError("an online copy changed while it was being written "
+                                           "to a DR volume")
+                    return
+                except (ObjectNotFound, BackendError, OSError) as e:
+                    log.warning("DR source %s unreadable: %s", loc, e)
+        if self.tier is not None:
+            c = inst.copies.get(self.tier.name)
+            if c is not None and c.state == "ok" and c.bundle_fk is not None:
+                data = self._from_bundle(c, inst)
+                if data is not None:
+                    for i in range(0, len(data), cap):
+                        yield data[i:i + cap]
+                    return
+        raise _NoSource("no online copy or bundle frame matches the catalog SHA-256")
+
+    def _from_bundle(self, c, inst) -> bytes | None:  # noqa: ANN001
+        import io
+
+        from archive.catalog.models import Bundle
+        with self.catalog.unit() as uow:
+            b = uow.session.get(Bundle, c.bundle_fk)
+            if b is None or b.state != "ok":
+                return None
+            key, version = b.key, b.version_id
+        sink = io.BytesIO()
+        try:
+            with self.tier.open_range(key, c.frame_offset, c.frame_length,  # type: ignore[union-attr]
+                                      version_id=version) as src:
+                extract_to(src, c.frame_length, {"size": inst.size, "sha256": inst.sha256}, sink)
+        except (BundleError, BackendError) as e:
+            log.warning("DR source bundle unreadable: %s", e)
+            return None
+        return sink.getvalue()
+
+
+class _NoSource(Exception):
+    pass
