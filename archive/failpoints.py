@@ -21,6 +21,7 @@ Known points (grep for ``failpoints.hit``):
   migrate.after_tier_commit  tier copies committed, online copies not yet touched
   migrate.mid_purge        online copies marked 'purging', one file deleted
   recall.mid_write         some recalled instances written back, others not yet
+  dr.after_member          a segment written to a DR volume, not yet in the catalog
 """
 from __future__ import annotations
 

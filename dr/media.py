@@ -61,6 +61,15 @@ def verify(catalog: Catalog | None, where: str, identities: list) -> dict[str, A
                         recorded.stream_sha256 != vol.stream_sha256:
                     problems.append("the volume's SHA-256 differs from the one recorded "
                                     "when it was sealed")
+                # Name the study of a damaged member from the catalog when the
+                # member itself cannot say (age authenticates 64 KiB at a time).
+                by_member = dict(uow.session.execute(
+                    select(DrSegment.member, Study.study_uid)
+                    .join(Study, Study.id == DrSegment.study_fk)
+                    .where(DrSegment.volume_fk == recorded.id)).all())
+                for m in vol.members:
+                    if m.study_uid is None:
+                        m.study_uid = by_member.get(m.name)
             sums = {}
             for m in vol.members:
                 for f in (m.manifest or {}).get("files", []) if m.ok else []:

@@ -4,7 +4,7 @@ A segment is a pax tar (before zstd and age) holding part of one study:
 
     pacsvault/<stem>.manifest.json     what the segment holds, with catalog rows
     pacsvault/<stem>.sha256            sha256sum -c lines for every file below
-    pacsvault/<stem>.joined.sha256     (only with the last part of a split instance)
+    pacsvault/<stem>.joined-sha256     (only with the last part of a split instance)
     <study-uid>/<series-uid>/<sop-uid>.dcm             a whole instance, bytes as received
     <study-uid>/<series-uid>/<sop-uid>.dcm.part0000    ... or one part of a larger one
 
@@ -76,7 +76,7 @@ def build(stem: str, head: dict[str, Any], pieces: list[Piece]
              json.dumps(manifest, sort_keys=True, ensure_ascii=False).encode(), now)
         _add(tar, f"pacsvault/{stem}.sha256", "".join(sums).encode(), now)
         if joined:
-            _add(tar, f"pacsvault/{stem}.joined.sha256", "".join(joined).encode(), now)
+            _add(tar, f"pacsvault/{stem}.joined-sha256", "".join(joined).encode(), now)
         files_at = buf.tell()
         for p in pieces:
             _add(tar, p.file, p.data, now)

@@ -1,6 +1,7 @@
 """The volume list: what `dr volumes` and status show about DR volumes."""
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -9,6 +10,7 @@ from archive.catalog.models import DrVolume
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.jobs import _iso
+from dr.custody import aware, recyclable
 
 
 def list_volumes(catalog: Catalog, pool: str | None = None,
@@ -20,9 +22,6 @@ def list_volumes(catalog: Catalog, pool: str | None = None,
     out = []
     with catalog.unit() as uow:
         for v in uow.session.scalars(q):
-            until = v.retain_until
-            if until is not None and until.tzinfo is None:
-                until = until.replace(tzinfo=now.tzinfo)
             out.append({
                 "barcode": v.barcode, "pool": v.pool, "volume_set": v.volume_set,
                 "sequence": v.sequence, "state": v.state, "location": v.location,
@@ -30,8 +29,34 @@ def list_volumes(catalog: Catalog, pool: str | None = None,
                 "segments": v.segments, "studies": v.studies, "continues": v.continues,
                 "created_at": _iso(v.created_at), "sealed_at": _iso(v.sealed_at),
                 "retain_until": _iso(v.retain_until), "stream_sha256": v.stream_sha256,
-                # Past its retention a volume may be recycled (after 'dr custody --to expired').
-                "recyclable": until is not None and until <= now
-                and v.state not in ("writing", "destroyed"),
+                # Past its retention and at rest (in-library, offsite, returned, expired):
+                # the same rule as 'dr rotation' (dr/custody.py).
+                "recyclable": recyclable(v, now),
             })
     return out
+
+
+def rotation(catalog: Catalog, days: int = 30, pool: str | None = None,
+             clock: Clock = utcnow) -> dict[str, Any]:
+    """Volumes that may be recycled now, and those whose retention ends within ``days``.
+
+    'upcoming' also holds volumes already past retention but not at rest yet
+    (sealed, in transit, recalled): they become recyclable once they are.
+    """
+    now = clock()
+    horizon = now + timedelta(days=days)
+    q = select(DrVolume).where(DrVolume.retain_until.is_not(None),
+                               DrVolume.state.not_in(("writing", "failed", "destroyed")))
+    if pool:
+        q = q.where(DrVolume.pool == pool)
+    now_rows, soon = [], []
+    with catalog.unit() as uow:
+        for v in uow.session.scalars(q.order_by(DrVolume.retain_until, DrVolume.id)):
+            row = {"barcode": v.barcode, "pool": v.pool, "volume_set": v.volume_set,
+                   "sequence": v.sequence, "state": v.state, "location": v.location,
+                   "sealed_at": _iso(v.sealed_at), "retain_until": _iso(v.retain_until)}
+            if recyclable(v, now):
+                now_rows.append(row)
+            elif aware(v.retain_until) <= horizon:
+                soon.append(row)
+    return {"at": _iso(now), "days": days, "recyclable": now_rows, "upcoming": soon}

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 import zstandard
 from sqlalchemy import func, select, update
 
-from archive import phi
+from archive import failpoints, phi
 from archive.catalog import lease
 from archive.catalog.lease import _dead_local_holder, new_holder
 from archive.catalog.models import DrInstance, DrSegment, DrVolume, Instance
@@ -316,6 +316,7 @@ class DrWriter:
                         ahead[i] = (r2, pool.submit(self._seal, r2, barcode, member_no + i + 1,
                                                     volume_set))
                 offset = vol.member(name, data)
+                failpoints.hit("dr.after_member")
                 self._record_segment(vol_id, raw, name, offset, data, manifest, tail)
                 vrep.segments += 1
                 report.instances += len({p.instance_fk for p in raw.pieces if p.part == p.parts - 1})

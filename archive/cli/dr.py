@@ -52,11 +52,13 @@ def _recipients(settings, given: tuple[str, ...]) -> list[str]:  # noqa: ANN001
     from archive.config.schema import DrSettings
 
     if given:
+        from pydantic import ValidationError
+
         try:
             DrSettings(recipients=tuple(given))       # same checks as the config
-        except Exception as e:                         # pydantic ValidationError
-            msg = str(e).splitlines()
-            raise InvalidInput(f"--recipient: {msg[-1] if msg else e}") from None
+        except ValidationError as e:
+            msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+            raise InvalidInput(f"--recipient: {msg}") from None
         return list(given)
     return list(settings.dr.recipients)
 
@@ -69,7 +71,7 @@ def _recipients(settings, given: tuple[str, ...]) -> list[str]:  # noqa: ANN001
                    "'-': stdout, the report goes to stderr). Default: [dr] device.")
 @click.option("--ltfs", default=None, metavar="DIR",
               help="Write to an LTFS mount instead: each volume is DIR/<barcode>/.")
-@click.option("--capacity", type=click.IntRange(min=1_000_000), default=None, metavar="BYTES",
+@click.option("--capacity", type=click.IntRange(min=262_144), default=None, metavar="BYTES",
               help="Volume capacity (default: [dr] capacity).")
 @click.option("--barcode", default=None, metavar="CODE",
               help="Barcode of the (first) volume loaded (default: the next of [dr] barcode_prefix).")
@@ -281,3 +283,138 @@ def volumes(ctx: click.Context, pool: str | None, as_json: bool, config: str | N
                    f"{v['state']:10} {v['location'] or '-':16} {v['bytes']:>14} bytes "
                    f"{v['studies']:>6} studies  sealed {v['sealed_at'] or '-'}"
                    + ("  recyclable" if v["recyclable"] else ""))
+
+
+# -- chain of custody, courier manifest, rotation (dr/custody.py, dr/manifest_html.py) ----------
+
+def _shown(text: str | None) -> str:
+    """Catalog text made safe for a terminal: a hand-edited row cannot inject escapes."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text or "") or "-"
+
+
+@dr.command()
+@click.argument("barcode")
+@click.option("--to", "to_state", default=None, metavar="STATE",
+              help="New state: in-library, in-transit, offsite, recalled, returned, expired, "
+                   "destroyed.")
+@click.option("--location", default=None, metavar="TEXT", help="Where the volume is now.")
+@click.option("--by", "actor", default=None, metavar="NAME", help="Who made the move.")
+@click.option("--courier", "courier_ref", default="", metavar="REF",
+              help="Courier reference (consignment, seal or bag number).")
+@click.option("--note", default="", metavar="TEXT", help="Free text (no patient data).")
+@click.option("--history", "show_history", is_flag=True,
+              help="Print the volume's chain of custody instead, and check it.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@config_option
+@click.pass_context
+@handle_errors
+def custody(ctx: click.Context, barcode: str, to_state: str | None, location: str | None,
+            actor: str | None, courier_ref: str, note: str, show_history: bool, as_json: bool,
+            config: str | None) -> None:
+    """Record a move of volume BARCODE (who, where, when), or print its chain.
+
+    Moves are appended to the custody log and never changed. Only legal moves
+    are accepted (docs/operations/dr.md); 'expired' only once the volume's
+    retention has ended, 'destroyed' only from expired (or a failed write).
+    With --history, exits 1 if the chain is not continuous.
+    """
+    from dr.custody import check_chain, history, move
+
+    if show_history == (to_state is not None):
+        raise InvalidInput("give --to STATE (with --location and --by) or --history")
+    if show_history and (location or actor or courier_ref or note):
+        raise InvalidInput("--history takes no --location, --by, --courier or --note")
+    settings = settings_from(ctx, config)
+    catalog = open_catalog(settings)
+    try:
+        if show_history:
+            events, chain = history(catalog, barcode), check_chain(catalog, barcode)
+        else:
+            event = move(catalog, barcode, to_state, location or "", actor or "", courier_ref,
+                         note)
+    finally:
+        catalog.close()
+    if not show_history:
+        if as_json:
+            emit_json(event)
+        else:
+            click.echo(f"{event['barcode']}: {event['from_state']} -> {event['to_state']} at "
+                       f"{_shown(event['location'])} by {_shown(event['actor'])} ({event['at']})")
+        return
+    if as_json:
+        emit_json({"barcode": barcode, "events": events, "chain": chain})
+    else:
+        for ev in events:
+            click.echo(f"{ev['at'] or '-':32} {ev['from_state'] or '':10} -> {ev['to_state']:10} "
+                       f"{_shown(ev['location']):20} by {_shown(ev['actor'])}"
+                       + (f"  courier {_shown(ev['courier_ref'])}" if ev["courier_ref"] else "")
+                       + (f"  ({_shown(ev['note'])})" if ev["note"] and not ev["implicit"] else ""))
+        click.echo(f"chain: {'ok' if chain['ok'] else 'BROKEN'}, {chain['moves']} moves")
+    for p in chain["problems"]:
+        click.echo(f"CHAIN {_shown(barcode)}: {_shown(p)}", err=True)
+    if not chain["ok"]:
+        sys.exit(1)
+
+
+@dr.command()
+@click.argument("barcodes", nargs=-1, required=True, metavar="BARCODE...")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              metavar="FILE.html", help="Write the manifest here.")
+@click.option("--courier", "courier_ref", default="", metavar="REF",
+              help="Courier reference printed on the manifest.")
+@config_option
+@click.pass_context
+@handle_errors
+def manifest(ctx: click.Context, barcodes: tuple[str, ...], out: Path, courier_ref: str,
+             config: str | None) -> None:
+    """Write a printable HTML manifest of volumes for the courier.
+
+    One self-contained page: each volume's barcode (Code 39), pool, set,
+    sequence, size, number of studies, seal date, SHA-256, state and location,
+    and signature lines. It names no patient, study or UID.
+    """
+    from dr.manifest_html import write_manifest
+
+    settings = settings_from(ctx, config)
+    catalog = open_catalog(settings)
+    try:
+        r = write_manifest(catalog, list(barcodes), out, courier_ref)
+    finally:
+        catalog.close()
+    click.echo(f"manifest of {len(r['volumes'])} volumes written to {out}")
+
+
+@dr.command()
+@click.option("--days", type=click.IntRange(min=0, max=3650), default=30, show_default=True,
+              help="Also list volumes whose retention ends within this many days.")
+@click.option("--pool", default=None, help="Only this pool.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@config_option
+@click.pass_context
+@handle_errors
+def rotation(ctx: click.Context, days: int, pool: str | None, as_json: bool,
+             config: str | None) -> None:
+    """Volumes that may be recycled now, and those whose retention ends soon.
+
+    Recyclable: retention ended and the volume is in-library, offsite, returned
+    or expired. Record 'expired' and then 'destroyed' (erased, overwritten or
+    shredded) before the cartridge is used again under a new barcode.
+    """
+    from dr.volumes import rotation as plan
+
+    settings = settings_from(ctx, config)
+    catalog = open_catalog(settings)
+    try:
+        r = plan(catalog, days, pool)
+    finally:
+        catalog.close()
+    if as_json:
+        emit_json(r)
+        return
+    for title, rows in (("recyclable now", r["recyclable"]),
+                        (f"retention ends within {days} days", r["upcoming"])):
+        click.echo(f"{title}: {len(rows)}")
+        for v in rows:
+            click.echo(f"  {_shown(v['barcode']):10} {v['pool']:10} set {v['volume_set'][:8]} "
+                       f"#{v['sequence']:<3} {v['state']:10} {_shown(v['location']):16} "
+                       f"retained until {(v['retain_until'] or '-')[:10]}")

@@ -322,7 +322,7 @@ class DrSettings(_Strict):
     # directory; each volume is the directory <device>/<barcode>/ (LTFS LE layout).
     kind: Literal["stream", "ltfs"] = "stream"
     device: str = "dr/volumes/{barcode}.tar"
-    capacity: int = Field(18_000_000_000_000, ge=1_000_000)     # LTO-9 native
+    capacity: int = Field(18_000_000_000_000, ge=262_144)     # LTO-9 native
     block_size: int = Field(256 * 1024, ge=512, le=16 * 1024 * 1024)
     # A study is cut into encrypted segments of at most this many instance bytes
     # (larger instances into parts): it bounds memory and the space lost at a volume's end.
