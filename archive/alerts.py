@@ -112,6 +112,21 @@ def migrate_alert(totals: dict[str, Any], findings: int, job_run: int | None) ->
         details=f"job run {job_run} in `pacsvault jobs`; `pacsvault migrate --json` names the studies")
 
 
+def dr_alert(report: dict[str, Any], job_run: int | None) -> Alert:
+    """A DR write that found an object without a verified copy, or needs the next volume."""
+    bad = len(report.get("findings") or [])
+    if bad:
+        summary = (f"DR write: {bad} objects had no verified copy and were not written; "
+                   f"{report.get('pending_studies', 0)} studies pending")
+    else:
+        summary = (f"DR write: volume full, load volume {report.get('next_barcode')}; "
+                   f"{report.get('pending_studies', 0)} studies pending")
+    return Alert(source="dr", severity="critical" if bad else "warning", summary=summary,
+                 counts={"studies": int(report.get("studies") or 0), "findings": bad,
+                         "pending_studies": int(report.get("pending_studies") or 0)},
+                 run_id=job_run, details=f"job run {job_run} in `pacsvault jobs`")
+
+
 def send_alert(settings: AlertSettings, alert: Alert) -> list[str]:
     """Deliver ``alert`` to every configured hook. Never raises; returns the problems."""
     level = logging.ERROR if alert.severity == "critical" else logging.WARNING

@@ -9,8 +9,8 @@ while the daemon runs, and at start-up from the catalog's record of runs
 Every run, skipped and failed ones included, is a ``job_runs`` row.
 
 Jobs now: ``migrate`` ([lifecycle].schedule), ``scrub`` ([scrub].schedule) and
-``scrub-objects`` ([scrub].objects_schedule).
-DR writes and drills join this table as they arrive.
+``scrub-objects`` ([scrub].objects_schedule) and ``dr-write`` ([dr].schedule,
+once recipients are configured). Drills join this table as they arrive.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from archive import jobs
-from archive.alerts import migrate_alert, scrub_alert, send_alert
+from archive.alerts import dr_alert, migrate_alert, scrub_alert, send_alert
 from archive.clock import utcnow
 from archive.config.schema import Settings
 
@@ -142,6 +142,43 @@ def run_scrub_objects_job(settings: Settings, stop: threading.Event, trigger: st
     return j
 
 
+def run_dr_write_job(settings: Settings, stop: threading.Event, trigger: str = "schedule",
+                     scheduled_for: datetime | None = None) -> dict:
+    """Write the studies not yet on a DR volume of the pool ([dr] device)."""
+    from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
+    from archive.catalog import lease
+    from dr.writer import DrWriter
+
+    catalog = open_catalog(settings)
+    try:
+        with jobs.recorded(catalog, "dr-write", trigger, scheduled_for=scheduled_for) as rec:
+            tier = open_object_tier_or_none(settings)
+            writer = DrWriter(catalog, open_sites(settings),
+                              tier if hasattr(tier, "open_range") else None, settings.dr,
+                              recipients=list(settings.dr.recipients), stop=stop)
+            try:
+                report = writer.run()
+            except lease.LeaseHeld as e:
+                log.warning("scheduled DR write skipped: %s", e)
+                rec.outcome, rec.summary = "skipped", {"reason": "lease held by another run"}
+                return {"skipped": str(e)}
+            j = report.to_json()
+            rec.outcome = "ok" if report.ok else "findings"
+            rec.summary = {k: j[k] for k in ("studies", "instances", "bytes", "stream_bytes",
+                                             "pending_studies")} | {
+                "volumes": [v["barcode"] for v in j["volumes"]]}
+    finally:
+        catalog.close()
+    log.log(logging.INFO if report.ok else logging.ERROR,
+            "scheduled DR write: %d studies, %d bytes on %d volumes (%s); %d studies pending%s",
+            j["studies"], j["bytes"], len(j["volumes"]),
+            ", ".join(v["barcode"] for v in j["volumes"]) or "none", j["pending_studies"],
+            f"; load volume {j['next_barcode']}" if j["next_barcode"] else "")
+    if not report.ok or j["next_barcode"]:
+        send_alert(settings.alerts, dr_alert(j, rec.id))
+    return j
+
+
 def scrub_summary(j: dict) -> dict:
     """A scrub report's counts, for job_runs and alerts (no UIDs)."""
     return {k: j[k] for k in ("run_id", "objects", "bytes", "damaged", "repaired",
@@ -157,6 +194,8 @@ def configured_jobs(settings: Settings) -> list[tuple[str, str, object]]:
         out.append(("scrub", settings.scrub.schedule, run_scrub_job))
     if settings.scrub.objects_schedule.strip():
         out.append(("scrub-objects", settings.scrub.objects_schedule, run_scrub_objects_job))
+    if settings.dr.schedule.strip() and settings.dr.recipients:
+        out.append(("dr-write", settings.dr.schedule, run_dr_write_job))
     return out
 
 

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import func, select
@@ -148,7 +148,7 @@ def _instance_row(s, study_fk: int, e: dict[str, Any]) -> int:  # noqa: ANN001
     return row.id
 
 
-def import_volume(catalog: Catalog, vol: VolumeRead) -> dict[str, Any]:
+def import_volume(catalog: Catalog, vol: VolumeRead, retain_days: int = 3650) -> dict[str, Any]:
     """Restore the catalog rows one volume holds. Idempotent: rows already there
     are kept; a barcode already cataloged for another set is refused."""
     label = vol.label or {}
@@ -185,6 +185,7 @@ def import_volume(catalog: Catalog, vol: VolumeRead) -> dict[str, Any]:
                 continues=bool((vol.index or {}).get("continues", False)), writer="",
                 created_at=_ts(label.get("created_at")),
                 sealed_at=_ts(label.get("created_at")) if vol.complete else None,
+                retain_until=_ts(label.get("created_at")) + timedelta(days=retain_days),
                 stream_sha256=vol.stream_sha256 if vol.complete else None)
             s.add(have)
             s.flush()
@@ -213,7 +214,8 @@ def import_volume(catalog: Catalog, vol: VolumeRead) -> dict[str, Any]:
     return added
 
 
-def rebuild_catalog(catalog: Catalog, wheres: list[str], identities: list) -> dict[str, Any]:
+def rebuild_catalog(catalog: Catalog, wheres: list[str], identities: list,
+                    retain_days: int = 3650) -> dict[str, Any]:
     volumes, sets = [], {}
     seen_instances: dict[str, dict[tuple[str, int], set[int]]] = {}
     expected: dict[str, int] = {}
@@ -229,7 +231,7 @@ def rebuild_catalog(catalog: Catalog, wheres: list[str], identities: list) -> di
         lab = vol.label
         entry.update({"volume_set": lab["volume_set"], "sequence": lab["sequence"],
                       "pool": lab.get("pool")})
-        entry["imported"] = import_volume(catalog, vol)
+        entry["imported"] = import_volume(catalog, vol, retain_days)
         volumes.append(entry)
         if "refused" in entry["imported"]:
             continue

@@ -238,7 +238,7 @@ def rebuild_catalog(ctx: click.Context, identities: tuple[Path, ...], volumes: t
     idents = load_identities(list(identities))
     catalog = open_catalog(settings)
     try:
-        r = rebuild(catalog, list(volumes), idents)
+        r = rebuild(catalog, list(volumes), idents, settings.dr.retain_days)
     finally:
         catalog.close()
     for vs, st in r["sets"].items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -23,11 +24,19 @@ SEGMENT = 128 * 1024
 CAPACITY = 700_000           # a few segments per volume: studies span volumes
 
 
-def configure(inst: Install, extra: str = "") -> None:
-    text = inst.config.read_text()
-    text = text.replace("[scrub]", f"[dr]\nsegment_bytes = {SEGMENT}\nblock_size = 65536\n"
-                        f"capacity = {CAPACITY}\n{extra}\n[scrub]", 1)
-    inst.config.write_text(text)
+def set_dr(inst: Install, **values: str) -> None:
+    """Edit keys of the [dr] table that 'pacsvault init' wrote (the last table)."""
+    head, _, table = inst.config.read_text().partition("\n[dr]\n")
+    for key, value in values.items():
+        table, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", table, count=1, flags=re.M)
+        assert n == 1, key
+    inst.config.write_text(f"{head}\n[dr]\n{table}")
+
+
+def configure(inst: Install, recipient: str | None = None) -> None:
+    set_dr(inst, segment_bytes=str(SEGMENT), block_size="65536", capacity=str(CAPACITY))
+    if recipient:
+        set_dr(inst, recipients=f'["{recipient}"]')
 
 
 @pytest.fixture
@@ -41,7 +50,7 @@ def dr(tmp_path):
     inst.ingest(inst.varied + inst.ct + inst.big)
     inst.key = tmp_path / "dr-key.txt"
     inst.recipient = run_cli(inst.config, "dr", "keygen", "--out", str(inst.key)).stdout.strip()
-    configure(inst, f'recipients = ["{inst.recipient}"]')
+    configure(inst, inst.recipient)
     return inst
 
 
@@ -256,7 +265,7 @@ def test_wrong_or_missing_key_and_a_volume_from_another_set(dr, tmp_path):
     # Another install's PV000001: same barcode, another set.
     inst2 = Install.create(tmp_path / "pv2")
     inst2.ingest(make_ct_series(tmp_path / "ct2", 2, size=4000, seed=5))
-    configure(inst2, f'recipients = ["{dr.recipient}"]')
+    configure(inst2, dr.recipient)
     assert cli_json(inst2, "dr", "write")["_rc"] == 0
     foreign = str(volumes_of(inst2)[0])
     v = cli_json(dr, "dr", "verify", foreign, "--identity", str(dr.key))
@@ -308,8 +317,7 @@ def test_bad_input_to_dr_write(dr, tmp_path):
     bare = Install.create(tmp_path / "bare")
     p = run_cli(bare.config, "dr", "write", check=False)
     assert p.returncode == 4 and "no DR recipients" in p.stderr
-    text = bare.config.read_text().replace("[scrub]", '[dr]\nrecipients = ["AGE-SECRET-KEY-1XYZ"]\n\n[scrub]', 1)
-    bare.config.write_text(text)
+    set_dr(bare, recipients='["AGE-SECRET-KEY-1XYZ"]')
     p = run_cli(bare.config, "status", check=False)
     assert p.returncode == 3 and "does not belong in the config" in p.stderr
     assert "AGE-SECRET-KEY-1XYZ" not in p.stderr
@@ -333,3 +341,15 @@ def test_hostile_volumes_are_refused_cleanly(dr, tmp_path):
     p = run_cli(dr.config, "dr", "verify", "NOSUCH", "--identity", str(dr.key), check=False)
     assert p.returncode == 4 and "no volume with that barcode" in p.stderr
     shutil.rmtree(tmp_path / "pv" / "dr", ignore_errors=True)
+
+
+def test_the_scheduled_dr_job_writes_and_records_its_run(dr, tmp_path):
+    from archive.scheduler import configured_jobs, run_dr_write_job
+
+    assert "dr-write" in [name for name, _, _ in configured_jobs(dr.settings)]
+    j = run_dr_write_job(dr.settings, threading.Event())
+    assert j["complete"] and len(j["volumes"]) >= 3 and j["studies"] == 3
+    runs = json.loads(run_cli(dr.config, "jobs", "--json", "--job", "dr-write").stdout)["runs"]
+    assert runs[0]["outcome"] == "ok" and runs[0]["summary"]["instances"] == len(dr.stored)
+    st = json.loads(run_cli(dr.config, "status", "--json").stdout)
+    assert st["jobs"]["dr-write"]["last_run"]["trigger"] == "schedule"
