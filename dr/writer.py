@@ -294,7 +294,7 @@ class DrWriter:
                     break
                 raw, fut = ahead.popleft()
                 member_no += 1
-                name, data, manifest = fut.result()
+                name, data, manifest, sha = fut.result()
                 if vol.used + vol.cost(name, len(data)) + self._tail_cost(vol, tail) > self.capacity:
                     # End of medium: close this volume cleanly, continue on the next.
                     self._seal_volume(vol, vol_id, vrep, tail, continues=True)
@@ -311,13 +311,13 @@ class DrWriter:
                     tail = self._new_tail(volume_set, barcode, seq)
                     # Segments are named for their volume: seal this one again for it.
                     member_no = 1
-                    name, data, manifest = self._seal(raw, barcode, member_no, volume_set)
+                    name, data, manifest, sha = self._seal(raw, barcode, member_no, volume_set)
                     for i, (r2, _) in enumerate(list(ahead)):
                         ahead[i] = (r2, pool.submit(self._seal, r2, barcode, member_no + i + 1,
                                                     volume_set))
                 offset = vol.member(name, data)
                 failpoints.hit("dr.after_member")
-                self._record_segment(vol_id, raw, name, offset, data, manifest, tail)
+                self._record_segment(vol_id, raw, name, offset, len(data), sha, manifest, tail)
                 vrep.segments += 1
                 report.instances += len({p.instance_fk for p in raw.pieces if p.part == p.parts - 1})
                 report.bytes += raw.bytes
@@ -345,8 +345,8 @@ class DrWriter:
             report.pending_studies = len(pending_studies(uow.session, self.s.pool))
 
     def _seal(self, raw: _Raw, barcode: str, member_no: int, volume_set: str
-              ) -> tuple[str, bytes, dict[str, Any]]:
-        """Build, compress and encrypt one segment (runs in a worker thread)."""
+              ) -> tuple[str, bytes, dict[str, Any], str]:
+        """Build, compress, encrypt and hash one segment (runs in a worker thread)."""
         stem = f"{barcode}-{member_no:06d}"
         name = f"seg/{stem}.tar.zst.age"
         head = {"volume_set": volume_set, "barcode": barcode, "member": name,
@@ -359,7 +359,8 @@ class DrWriter:
         # stays readable when a later part of the member is damaged.
         with memoryview(plain) as view:
             packed = cctx.compress(view[:files_at]) + cctx.compress(view[files_at:])
-        return name, crypt.encrypt(packed, self.recipients), manifest
+        data = crypt.encrypt(packed, self.recipients)
+        return name, data, manifest, hashlib.sha256(data).hexdigest()
 
     # -- tail: index and catalog -----------------------------------------------------------------
     def _new_tail(self, volume_set: str, barcode: str, seq: int) -> dict[str, Any]:
@@ -378,10 +379,9 @@ class DrWriter:
         est += est // 65536 * 16
         return 2 * vol.cost(INDEX, est) + 1024 + self.s.block_size
 
-    def _record_segment(self, vol_id: int, raw: _Raw, name: str, offset: int, data: bytes,
-                        manifest: dict[str, Any], tail: dict[str, Any]) -> None:
-        sha = hashlib.sha256(data).hexdigest()
-        entry = {"member": name, "offset": offset, "size": len(data), "sha256": sha,
+    def _record_segment(self, vol_id: int, raw: _Raw, name: str, offset: int, size: int,
+                        sha: str, manifest: dict[str, Any], tail: dict[str, Any]) -> None:
+        entry = {"member": name, "offset": offset, "size": size, "sha256": sha,
                  "study_uid": raw.study_uid, "study_segment": raw.study_segment,
                  "last_of_study": raw.last, "instances": len(raw.pieces), "bytes": raw.bytes}
         tail["index"]["segments"].append(entry)
@@ -396,7 +396,7 @@ class DrWriter:
         with self.catalog.unit(write=True) as uow:
             seg = DrSegment(volume_fk=vol_id, study_fk=raw.study_fk, member=name,
                             study_segment=raw.study_segment, last_of_study=raw.last,
-                            offset=offset, size=len(data), sha256=sha,
+                            offset=offset, size=size, sha256=sha,
                             instances=len(raw.pieces), bytes=raw.bytes)
             uow.session.add(seg)
             uow.session.flush()
