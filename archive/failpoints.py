@@ -22,6 +22,7 @@ Known points (grep for ``failpoints.hit``):
   migrate.mid_purge        online copies marked 'purging', one file deleted
   recall.mid_write         some recalled instances written back, others not yet
   dr.after_member          a segment written to a DR volume, not yet in the catalog
+  restore.after_deliver    one instance restored, the others not yet
 """
 from __future__ import annotations
 

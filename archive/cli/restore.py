@@ -1,0 +1,131 @@
+"""`pacsvault restore`: studies back from the fastest tier that holds a verified copy."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from archive import jobs
+from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
+from archive.cli.common import config_option, emit_json, handle_errors, settings_from
+from archive.cli.tiering import _progress
+from archive.errors import InvalidInput
+
+
+@click.command()
+@click.option("--study", "studies", multiple=True, metavar="UID", help="Study Instance UID (repeatable).")
+@click.option("--patient", default=None, metavar="ID", help="Every study of this Patient ID.")
+@click.option("--accession", default=None, metavar="N", help="Studies with this accession number.")
+@click.option("--from-date", default=None, metavar="YYYYMMDD", help="Studies dated on or after.")
+@click.option("--to-date", default=None, metavar="YYYYMMDD", help="Studies dated on or before.")
+@click.option("--to", "to_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              metavar="DIR", help="Write DICOM Part 10 files to DIR/<study>/<series>/<sop>.dcm.")
+@click.option("--to-ae", default=None, metavar="AE@HOST:PORT", help="C-STORE to a PACS.")
+@click.option("--online", "to_online", is_flag=True, help="Put the instances back on the online sites.")
+@click.option("--from", "from_tier", type=click.Choice(["online", "objects", "dr"]), default=None,
+              help="Only this tier (default: the fastest that holds a verified copy).")
+@click.option("--identity", "identities", multiple=True, metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="age identity for DR volumes (repeatable).")
+@click.option("--volume", "volume_paths", multiple=True, metavar="PATH",
+              help="A DR volume file or LTFS volume directory to read (repeatable); by default "
+                   "where each volume was written.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+@config_option
+@click.pass_context
+@handle_errors
+def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
+            accession: str | None, from_date: str | None, to_date: str | None,
+            to_dir: Path | None, to_ae: str | None, to_online: bool, from_tier: str | None,
+            identities: tuple[Path, ...], volume_paths: tuple[str, ...], as_json: bool,
+            config: str | None) -> None:
+    """Restore studies, every instance checked against its catalog SHA-256 first.
+
+    The online mirror is used first, then the object tier, then DR volumes
+    (read once each, in order; the report lists the volumes needed and their
+    custody state: an offsite volume must be recalled first). A copy that does
+    not verify falls through to the next tier. Delivered to a directory, to a
+    PACS by C-STORE, or back onto the online sites. Run again after an
+    interruption: what is already delivered is skipped. Exits 1 if any
+    instance could not be restored; the report names it and why.
+    """
+    from dr.deliver import AeDelivery, DirDelivery, OnlineDelivery
+    from dr.keys import load_identities
+    from dr.restore import TIERS, Restorer, Selection, select_studies
+
+    settings = settings_from(ctx, config)
+    if sum(x is not None and x is not False for x in (to_dir, to_ae, to_online or None)) != 1:
+        raise InvalidInput("say where to: one of --to DIR, --to-ae AE@HOST:PORT, --online")
+    sel = Selection(studies, patient, accession, from_date, to_date)
+    idents = load_identities(list(identities)) if identities else []
+    catalog = open_catalog(settings)
+    try:
+        chosen = select_studies(catalog, sel)
+        if not chosen:
+            raise InvalidInput(f"no study matches {json.dumps(sel.to_json())}")
+        sites = open_sites(settings)
+        if to_dir is not None:
+            delivery = DirDelivery(to_dir)
+        elif to_online:
+            delivery = OnlineDelivery(catalog, sites)
+        else:
+            contexts = _contexts(catalog, [fk for fk, _ in chosen])
+            key = hashlib.sha1(f"{to_ae}|{sorted(u for _, u in chosen)}".encode()).hexdigest()
+            delivery = AeDelivery(to_ae, settings.dicom.ae_title, contexts,
+                                  settings.ingest.spool_dir / "restore" / f"{key}.journal")
+        tier = open_object_tier_or_none(settings)
+
+        def load(barcode: str, device: str) -> bool:
+            if as_json or not sys.stdin.isatty():
+                return False
+            return click.confirm(f"Load DR volume {barcode} into {device} and confirm",
+                                 default=True, err=True)
+
+        r = Restorer(catalog, sites, tier if hasattr(tier, "open_range") else None, delivery,
+                     sources=(from_tier,) if from_tier else TIERS, identities=idents,
+                     volume_paths=list(volume_paths),
+                     scratch=(to_dir / ".pacsvault-restore") if to_dir is not None
+                     else settings.ingest.spool_dir / "restore", load_volume=load)
+        with jobs.recorded(catalog, "restore", "manual") as rec, \
+                _progress("restoring instances", None, as_json) as advance:
+            r.progress = advance
+            report = r.run(chosen)
+            j = report.to_json()
+            rec.outcome = "ok" if report.ok else "findings"
+            rec.summary = {k: j[k] for k in ("studies", "instances", "restored", "already_there",
+                                             "bytes", "by_source")} | {
+                "failures": len(j["failures"]), "target": "dir" if to_dir else
+                "ae" if to_ae else "online"}
+    finally:
+        catalog.close()
+    for v in j["volumes_needed"]:
+        if v["must_recall"] or not v["read"]:
+            click.echo(f"VOLUME {v['barcode']} #{v['sequence']}: {v['state']}"
+                       + (f" at {v['location']}" if v["location"] else "")
+                       + ("; recall it first" if v["must_recall"] else "")
+                       + ("" if v["read"] else "; not read"), err=True)
+    for f in j["failures"]:
+        click.echo(f"FAILED instance {f['sop_uid']} of study {f['study_uid']}: {f['reason']}",
+                   err=True)
+    if as_json:
+        emit_json(j)
+    else:
+        click.echo(f"restored {j['restored']} of {j['instances']} instances "
+                   f"({j['already_there']} already there) to {j['target']} in {j['seconds']}s; "
+                   f"from {', '.join(f'{k}: {v}' for k, v in j['by_source'].items()) or 'nowhere'}")
+    if not report.ok:
+        sys.exit(1)
+
+
+def _contexts(catalog, study_fks: list[int]) -> list[tuple[str, str]]:  # noqa: ANN001
+    from sqlalchemy import select
+
+    from archive.catalog.models import Instance
+
+    with catalog.unit() as uow:
+        return sorted({(c, t) for c, t in uow.session.execute(
+            select(Instance.sop_class, Instance.transfer_syntax)
+            .where(Instance.study_fk.in_(study_fks)).distinct())})

@@ -1,0 +1,187 @@
+"""Where a restore delivers verified instances: a directory, a PACS, the online sites.
+
+Every delivery receives a scratch file whose bytes already match the catalog
+SHA-256, and says whether an instance is already there (so an interrupted
+restore resumes without sending twice).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import update
+
+from archive.catalog.models import Copy
+from archive.catalog.uow import Catalog
+from archive.clock import utcnow
+from archive.errors import InvalidInput
+from tiers.backend import Backend, BackendError, FilePayload, ObjectExists
+from tiers.layout import instance_key
+
+
+class Delivery(Protocol):
+    name: str
+
+    def done(self, item: Any) -> bool: ...
+
+    def deliver(self, item: Any, path: Path) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class DirDelivery:
+    """DICOM Part 10 files as acknowledged: DIR/<study>/<series>/<sop>.dcm (a later
+    version of a conflicting instance: <sop>.v<N>.dcm), which PACS import tools walk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.name = f"directory {root}"
+        root.mkdir(parents=True, exist_ok=True)
+        self.scratch = root / ".pacsvault-restore"
+        self.scratch.mkdir(exist_ok=True)
+
+    def path_of(self, item: Any) -> Path:
+        i = item.inst
+        name = i.sop_uid + (f".v{i.version}" if i.version != 1 else "")
+        return self.root / item.study_uid / i.series_uid / f"{name}.dcm"
+
+    def done(self, item: Any) -> bool:
+        p = self.path_of(item)
+        return p.is_file() and p.stat().st_size == item.inst.size and _sha256(p) == item.inst.sha256
+
+    def deliver(self, item: Any, path: Path) -> None:
+        final = self.path_of(item)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(path, final)           # scratch is on the same filesystem: no copy
+
+    def close(self) -> None:
+        try:
+            self.scratch.rmdir()
+        except OSError:
+            pass
+
+
+class OnlineDelivery:
+    """Back onto every healthy online site, through their verified write; the
+    catalog's copies become 'ok' (a study restored from DR is online again)."""
+
+    def __init__(self, catalog: Catalog, sites: list[Backend]) -> None:
+        self.catalog = catalog
+        self.sites = [s for s in sites if s.health().ok]
+        if not self.sites:
+            raise InvalidInput("no healthy online site to restore to")
+        self.name = "online sites " + ", ".join(s.name for s in self.sites)
+
+    def done(self, item: Any) -> bool:
+        """Every healthy site has a verified copy in the catalog and the file is there
+        with its size (after a disaster the catalog may still say ok)."""
+        for s in self.sites:
+            c = item.inst.copies.get(s.name)
+            if c is None or c.state != "ok":
+                return False
+            try:
+                if s.stat(c.key).size != item.inst.size:
+                    return False
+            except BackendError:
+                return False
+        return True
+
+    def deliver(self, item: Any, path: Path) -> None:
+        inst = item.inst
+        payload = FilePayload(path, inst.size, inst.sha256)
+        now = utcnow()
+        for site in self.sites:
+            c = inst.copies.get(site.name)
+            key = c.key if c is not None else instance_key(
+                item.study_uid, inst.sop_uid, inst.sha256 if inst.version > 1 else None)
+            try:
+                site.put(key, payload, replace=c is not None and c.state in ("corrupt",))
+            except ObjectExists:
+                key = instance_key(item.study_uid, inst.sop_uid, inst.sha256)
+                site.put(key, payload)
+            with self.catalog.unit(write=True) as uow:
+                if c is not None:
+                    uow.session.execute(update(Copy).where(Copy.id == c.id).values(
+                        key=key, state="ok", verified_at=now))
+                else:
+                    uow.session.add(Copy(instance_fk=inst.id, location=site.name, key=key,
+                                         state="ok", verified_at=now))
+                uow.commit()
+        path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        pass
+
+
+AE_TARGET = re.compile(r"^(?P<ae>[ -~]{1,16})@(?P<host>[A-Za-z0-9.:\[\]-]{1,253}):(?P<port>\d{1,5})$")
+
+
+def parse_ae_target(text: str) -> tuple[str, str, int]:
+    m = AE_TARGET.match(text)
+    if not m or not m["ae"].strip() or "\\" in m["ae"] or not 0 < int(m["port"]) < 65536:
+        raise InvalidInput("--to-ae wants AE_TITLE@HOST:PORT, e.g. ORTHANC@10.0.0.5:4242")
+    return m["ae"].strip(), m["host"].strip("[]"), int(m["port"])
+
+
+class AeDelivery:
+    """C-STORE to a PACS, the file's bytes sent verbatim (pynetdicom's chunked
+    send), in one association proposing the (SOP class, transfer syntax) pairs the
+    restored instances need. A journal of instances already stored makes an
+    interrupted restore resume without sending them twice."""
+
+    def __init__(self, target: str, calling_ae: str, contexts: list[tuple[str, str]],
+                 journal: Path) -> None:
+        from pynetdicom import AE, _config
+        from pynetdicom.presentation import build_context
+
+        self.ae_title, self.host, self.port = parse_ae_target(target)
+        self.name = f"{self.ae_title}@{self.host}:{self.port}"
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        ae = AE(ae_title=calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+        if len(contexts) > 128:
+            raise InvalidInput(f"{len(contexts)} SOP class / transfer syntax pairs: more than "
+                               "one association can carry (128); restore fewer studies at once")
+        ae.requested_contexts = [build_context(c, t) for c, t in contexts]
+        self.assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
+        if not self.assoc.is_established:
+            raise InvalidInput(f"{self.name} refused the association (check its AE title, "
+                               "and that it accepts our calling AE title)")
+        self.journal = journal
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        self.sent = set(journal.read_text().split()) if journal.exists() else set()
+        self.log = open(journal, "a")
+
+    def done(self, item: Any) -> bool:
+        return f"{item.inst.sop_uid}/{item.inst.version}" in self.sent
+
+    def deliver(self, item: Any, path: Path) -> None:
+        status = self.assoc.send_c_store(path)
+        code = getattr(status, "Status", None)
+        path.unlink(missing_ok=True)
+        if code is None:
+            raise BackendError("C-STORE", self.name, "no response (association lost)")
+        if code not in (0x0000, 0xB000, 0xB007, 0xB006):
+            raise BackendError("C-STORE", self.name, f"status 0x{code:04X}")
+        key = f"{item.inst.sop_uid}/{item.inst.version}"
+        self.log.write(key + "\n")
+        self.log.flush()
+        self.sent.add(key)
+
+    def close(self) -> None:
+        self.log.close()
+        if self.assoc.is_established:
+            self.assoc.release()
