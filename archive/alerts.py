@@ -127,6 +127,17 @@ def dr_alert(report: dict[str, Any], job_run: int | None) -> Alert:
                  run_id=job_run, details=f"job run {job_run} in `pacsvault jobs`")
 
 
+def drill_alert(report: dict[str, Any]) -> Alert:
+    """A restore drill that failed: counts only; `pacsvault drill --history` has the rest."""
+    return Alert(source="drill", severity="critical",
+                 summary=f"restore drill {report.get('drill_id')} failed: "
+                         f"{len(report.get('failures') or [])} instances not restored intact",
+                 counts={"failures": len(report.get("failures") or [])},
+                 run_id=report.get("drill_id"),
+                 details=f"drill {report.get('drill_id')} (seed {report.get('seed')}) in "
+                         "`pacsvault drill --history`")
+
+
 def send_alert(settings: AlertSettings, alert: Alert) -> list[str]:
     """Deliver ``alert`` to every configured hook. Never raises; returns the problems."""
     level = logging.ERROR if alert.severity == "critical" else logging.WARNING

@@ -85,3 +85,14 @@ def open_object_scrubber(settings: Settings, catalog: Catalog, stop=None):  # no
                               scratch=settings.ingest.spool_dir / "scrub",
                               max_mb_per_s=settings.scrub.max_mb_per_s,
                               threads=settings.scrub.threads, stop=stop)
+
+
+def open_driller(settings: Settings, catalog: Catalog, *, identities=None, volume_paths=None,  # noqa: ANN001
+                 trigger: str = "manual", actor: str | None = None):  # noqa: ANN201
+    """Restore drills over this config's sites, object tier and DR volumes."""
+    from dr.drill import Driller
+
+    tier = open_object_tier_or_none(settings)
+    return Driller(catalog, open_sites(settings), tier if hasattr(tier, "open_range") else None,
+                   scratch=settings.ingest.spool_dir / "drill", identities=identities,
+                   volume_paths=volume_paths, trigger=trigger, actor=actor)

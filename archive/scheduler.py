@@ -10,7 +10,7 @@ Every run, skipped and failed ones included, is a ``job_runs`` row.
 
 Jobs now: ``migrate`` ([lifecycle].schedule), ``scrub`` ([scrub].schedule) and
 ``scrub-objects`` ([scrub].objects_schedule) and ``dr-write`` ([dr].schedule,
-once recipients are configured). Drills join this table as they arrive.
+once recipients are configured) and ``drill`` ([drill].schedule).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from archive import jobs
-from archive.alerts import dr_alert, migrate_alert, scrub_alert, send_alert
+from archive.alerts import dr_alert, drill_alert, migrate_alert, scrub_alert, send_alert
 from archive.clock import utcnow
 from archive.config.schema import Settings
 
@@ -179,6 +179,32 @@ def run_dr_write_job(settings: Settings, stop: threading.Event, trigger: str = "
     return j
 
 
+def run_drill_job(settings: Settings, stop: threading.Event, trigger: str = "schedule",
+                  scheduled_for: datetime | None = None) -> dict:
+    """A restore drill of [drill] tiers (DR needs the identity: not in the daemon)."""
+    from archive.bootstrap import open_catalog, open_driller
+
+    catalog = open_catalog(settings)
+    try:
+        with jobs.recorded(catalog, "drill", trigger, scheduled_for=scheduled_for) as rec:
+            report = open_driller(settings, catalog, trigger="schedule", actor="pacsvault serve"
+                                  ).run(list(settings.drill.tiers), settings.drill.sample)
+            j = report.to_json()
+            rec.outcome = "ok" if report.ok else "findings"
+            rec.summary = {"drill_id": j["drill_id"], "seed": j["seed"],
+                           "failures": len(j["failures"]),
+                           "tiers": {t: f["instances"] for t, f in j["figures"].items()}}
+    finally:
+        catalog.close()
+    log.log(logging.INFO if report.ok else logging.ERROR,
+            "scheduled drill %d (seed %d): %s; %d failures", j["drill_id"], j["seed"],
+            ", ".join(f"{t}: {f['instances']} instances in {f['time_to_last_s']}s"
+                      for t, f in j["figures"].items()) or "nothing to drill", len(j["failures"]))
+    if not report.ok:
+        send_alert(settings.alerts, drill_alert(j))
+    return j
+
+
 def scrub_summary(j: dict) -> dict:
     """A scrub report's counts, for job_runs and alerts (no UIDs)."""
     return {k: j[k] for k in ("run_id", "objects", "bytes", "damaged", "repaired",
@@ -196,6 +222,8 @@ def configured_jobs(settings: Settings) -> list[tuple[str, str, object]]:
         out.append(("scrub-objects", settings.scrub.objects_schedule, run_scrub_objects_job))
     if settings.dr.schedule.strip() and settings.dr.recipients:
         out.append(("dr-write", settings.dr.schedule, run_dr_write_job))
+    if settings.drill.schedule.strip():
+        out.append(("drill", settings.drill.schedule, run_drill_job))
     return out
 
 

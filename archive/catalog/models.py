@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
     text,
 )
@@ -304,3 +305,23 @@ class DrCustody(Base):
     note: Mapped[str] = mapped_column(String(512), default="")
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     __table_args__ = (Index("ix_dr_custody_volume", "volume_fk"),)
+
+
+class Drill(Base):
+    """One restore drill: a reproducible random sample of studies per tier restored
+    to scratch and checked. figures: per tier, studies, instances, bytes, time to
+    first and last instance, MB/s (JSON). failures: what failed and why (JSON)."""
+
+    __tablename__ = "drills"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    trigger: Mapped[str] = mapped_column(String(16))          # manual | schedule
+    tiers: Mapped[str] = mapped_column(String(64))            # comma-separated
+    sample: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ok: Mapped[bool] = mapped_column(Boolean)
+    figures: Mapped[str] = mapped_column(Text, default="{}")
+    failures: Mapped[str] = mapped_column(Text, default="[]")
+    __table_args__ = (Index("ix_drills_started", "started_at"),)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from archive.cli import dr, jobs, peers, replicate, restore, scrub, serve, setup, status, tiering
+from archive.cli import dr, drill, jobs, peers, replicate, restore, scrub, serve, setup, status, tiering
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,6 +31,7 @@ cli.add_command(jobs.jobs)
 cli.add_command(replicate.replicate)
 cli.add_command(dr.dr)
 cli.add_command(restore.restore)
+cli.add_command(drill.drill)
 
 
 def main() -> None:

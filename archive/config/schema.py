@@ -357,6 +357,20 @@ class DrSettings(_Strict):
         return self
 
 
+class DrillSettings(_Strict):
+    """Scheduled restore drills (dr/drill.py). DR volumes need the identity, which
+    the daemon never holds: drill them by hand (pacsvault drill --tier dr --identity)."""
+
+    sample: int = Field(3, ge=1, le=10_000)            # studies per tier
+    tiers: tuple[Literal["online", "objects"], ...] = ("online", "objects")
+    schedule: str = "0 5 1 * *"                        # monthly; "" = by hand only
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        return LifecycleSettings._cron(v)
+
+
 class Settings(_Strict):
     config_path: Path | None = None
     data_dir: Path = Path(".")
@@ -372,6 +386,7 @@ class Settings(_Strict):
     lifecycle: LifecycleSettings = LifecycleSettings()
     scrub: ScrubSettings = ScrubSettings()
     dr: DrSettings = DrSettings()
+    drill: DrillSettings = DrillSettings()
     alerts: AlertSettings = AlertSettings()
 
     @model_validator(mode="after")

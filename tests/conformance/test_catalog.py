@@ -41,7 +41,8 @@ from tiers.layout import instance_key
 pytestmark = pytest.mark.timeout(180)
 
 TABLES = {"alembic_version", "patients", "studies", "series", "instances", "copies", "peers",
-          "bundles", "leases", "scrub_runs", "scrub_findings"}
+          "bundles", "leases", "scrub_runs", "scrub_findings", "job_runs", "dr_volumes",
+          "dr_segments", "dr_instances", "dr_custody", "drills"}
 
 
 class Site(FilesystemBackend):

@@ -103,7 +103,7 @@ def test_serve_makes_up_a_missed_scrub_once_at_start_up(inst):
         try:
             ids = {j.id for j in sched.get_jobs()}
             assert "scrub-catch-up" in ids and "migrate-catch-up" not in ids
-            assert "scrub-objects-catch-up" not in ids
+            assert "scrub-objects-catch-up" not in ids and "drill-catch-up" not in ids
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 runs = jobs.history(catalog, "scrub")
@@ -134,7 +134,7 @@ def test_manual_runs_show_in_jobs_status_and_metrics(inst):
     f.write_bytes(bytes(raw))
     assert run_cli(inst.config, "scrub", "--all", check=False).returncode == 1
     out = json.loads(run_cli(inst.config, "jobs", "--json").stdout)
-    assert [s["job"] for s in out["schedule"]] == ["migrate", "scrub", "scrub-objects"]
+    assert [s["job"] for s in out["schedule"]] == ["migrate", "scrub", "scrub-objects", "drill"]
     run = out["runs"][0]
     assert (run["job"], run["trigger"], run["outcome"]) == ("scrub", "manual", "findings")
     assert run["summary"]["damaged"] == 1 and run["summary"]["repaired"] == 1
