@@ -83,6 +83,19 @@ def _scrub_and_jobs(st: dict[str, Any]):  # noqa: ANN202
         last_ok.add_metric([name], _iso_ts(j.get("last_ok_at")))
     yield ok
     yield last_ok
+    n = GaugeMetricFamily("pacsvault_unprotected_objects",
+                          "Acknowledged instances not yet protected at this level", labels=["level"])
+    b = GaugeMetricFamily("pacsvault_unprotected_bytes",
+                          "Bytes of those instances", labels=["level"])
+    age = GaugeMetricFamily("pacsvault_unprotected_oldest_age_seconds",
+                            "Age of the oldest of them (0: none)", labels=["level"])
+    for level, e in st.get("unprotected", {}).items():
+        n.add_metric([level], e["objects"])
+        b.add_metric([level], e["bytes"])
+        age.add_metric([level], e["oldest_age_s"] or 0.0)
+    yield n
+    yield b
+    yield age
 
 
 def start_http(bind: str, port: int, status: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer:

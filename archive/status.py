@@ -7,6 +7,7 @@ from sqlalchemy import func, select, true
 
 from archive.catalog import repo
 from archive import jobs
+from archive.rpo import exposure
 from archive.scheduler import schedule_of
 from archive.catalog.models import Bundle, Copy, Instance, ScrubFinding, ScrubRun, Study
 from archive.catalog.uow import Catalog
@@ -83,6 +84,7 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         oldest = repo.oldest_missing(s)
         objects = _object_tier(settings, s, by_loc, studies_by_loc, tier)
         last_scrub = _last_scrub(s)
+        unprotected = exposure(s, settings, clock)
     job_table = _jobs(settings, catalog)
     site_rows = []
     under = 0
@@ -121,6 +123,8 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         "sites": site_rows,
         "object_tier": objects,
         "last_scrub": last_scrub,
+        # Acknowledged data not yet protected at each level (RPO exposure).
+        "unprotected": unprotected,
         "jobs": job_table,
         # Damage a scrub could not repair keeps the install unhealthy until dealt with.
         "healthy": all(r["healthy"] and not r["corrupt"] for r in site_rows) and under == 0

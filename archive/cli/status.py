@@ -57,3 +57,9 @@ def status(ctx: click.Context, as_json: bool, config: str | None) -> None:
         run = j["last_run"]
         last = f"last {run['outcome']} ({run['trigger']}) at {run['started_at']}" if run else "never run"
         console.print(f"job {name}: {last}; next {j['next_run'] or 'not scheduled'}")
+    parts = []
+    for level, e in st["unprotected"].items():
+        if e["objects"]:
+            parts.append(f"{level.replace('_', ' ')}: {e['objects']} objects, {e['bytes']} bytes, "
+                         f"oldest {e['oldest_age_s']:.0f}s")
+    console.print("not yet protected: " + ("; ".join(parts) if parts else "nothing"))

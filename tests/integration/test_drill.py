@@ -84,3 +84,18 @@ def test_dr_needs_the_key_and_the_scheduled_drill_skips_it(inst):
     assert runs[0]["trigger"] == "schedule" and runs[0]["outcome"] == "ok"
     h = json.loads(run_cli(inst.config, "drill", "--history", "--json").stdout)
     assert h["drills"][0]["trigger"] == "schedule" and h["drills"][0]["actor"] == "pacsvault serve"
+
+
+def test_status_shows_what_is_not_yet_protected_at_each_level(inst, tmp_path):
+    st = json.loads(run_cli(inst.config, "status", "--json").stdout)
+    u = st["unprotected"]
+    total = sum(len(s) for s in inst.studies)
+    tail = sum(len(s) for s in inst.studies[3:])                 # not migrated
+    assert u["second_site"]["objects"] == 0
+    assert u["object_tier"]["objects"] == tail and u["object_tier"]["oldest_age_s"] >= 0
+    assert u["dr"]["objects"] == 0                               # all on sealed volumes
+    assert u["offsite"]["objects"] == total                      # none moved offsite yet
+    inst.ingest(make_ct_series(tmp_path / "late", 2, size=5000, seed=99))
+    u = json.loads(run_cli(inst.config, "status", "--json").stdout)["unprotected"]
+    assert u["dr"]["objects"] == 2 and u["object_tier"]["objects"] == tail + 2
+    assert "not yet protected" in run_cli(inst.config, "status").stdout
