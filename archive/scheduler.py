@@ -17,13 +17,16 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from archive import jobs
-from archive.alerts import dr_alert, drill_alert, migrate_alert, scrub_alert, send_alert
+from archive.alerts import Alert, dr_alert, drill_alert, migrate_alert, scrub_alert, send_alert
+from archive.catalog.uow import Catalog
 from archive.clock import utcnow
 from archive.config.schema import Settings
 
@@ -44,165 +47,130 @@ def cron_trigger(expr: str) -> CronTrigger:
     return CronTrigger.from_crontab(" ".join(fields), timezone="UTC")
 
 
-def run_migrate_job(settings: Settings, stop: threading.Event, trigger: str = "schedule",
-                    scheduled_for: datetime | None = None) -> dict:
-    """One policy run of the lifecycle migration; returns the report's totals."""
-    from archive.bootstrap import open_catalog, open_object_tier, open_sites
+@dataclass
+class Outcome:
+    """What a job body hands back to ``_run_job``."""
+    report: dict                 # returned to the caller (tests, catch-up)
+    ok: bool
+    summary: dict                # kept in job_runs: counts only
+    line: str                    # the daemon log line: counts only, no UIDs
+    alert: Alert | None = None
+
+
+def _run_job(settings: Settings, name: str, trigger: str, scheduled_for: datetime | None,
+             body: Callable[[Catalog, int], Outcome], lease_name: str | None) -> dict:
+    """Run one job: recorded in job_runs, under its lease (skipped if another run
+    holds it), logged with counts only, alerting when the body says so."""
+    from archive.bootstrap import open_catalog
     from archive.catalog import lease
-    from tiers.migrate import Migrator
 
     catalog = open_catalog(settings)
     try:
-        with jobs.recorded(catalog, "migrate", trigger, scheduled_for=scheduled_for) as rec:
-            migrator = Migrator(catalog, open_sites(settings), open_object_tier(settings),
-                                settings, stop=stop)
+        with jobs.recorded(catalog, name, trigger, scheduled_for=scheduled_for) as rec:
             try:
-                with lease.lease(catalog, "job:migrate", what="the migrate job", ttl_s=120):
-                    report = migrator.run()
+                if lease_name is None:           # the body takes its own lease
+                    out = body(catalog, rec.id)
+                else:
+                    with lease.lease(catalog, lease_name, what=f"the {name} job", ttl_s=120):
+                        out = body(catalog, rec.id)
             except lease.LeaseHeld as e:
-                log.warning("scheduled migrate skipped: %s", e)
+                log.warning("scheduled %s skipped: %s", name, e)
                 rec.outcome, rec.summary = "skipped", {"reason": "lease held by another run"}
                 return {"skipped": str(e)}
-            totals = report.to_json()["totals"]
-            rec.outcome = "ok" if report.ok else "findings"
-            rec.summary = {**totals, "findings": len(report.findings)}
+            rec.outcome = "ok" if out.ok else "findings"
+            rec.summary = out.summary
     finally:
         catalog.close()
-    if not report.ok:
-        send_alert(settings.alerts, migrate_alert(totals, len(report.findings), rec.id))
-    level = logging.INFO if report.ok else logging.ERROR
-    # Counts only: study UIDs and findings are in the CLI report, not the daemon log.
-    log.log(level, "scheduled migrate: %d studies, %d instances, %d bytes moved, %d failed, "
-                   "%d findings in %.1fs", totals["studies"], totals["instances"], totals["bytes"],
-            totals["failed"], len(report.findings), totals["seconds"])
-    return totals
+    log.log(logging.INFO if out.ok else logging.ERROR, "scheduled %s: %s", name, out.line)
+    if out.alert is not None:
+        send_alert(settings.alerts, out.alert)
+    return out.report
+
+
+def run_migrate_job(settings: Settings, stop: threading.Event, trigger: str = "schedule",
+                    scheduled_for: datetime | None = None) -> dict:
+    """One policy run of the lifecycle migration; returns the report's totals."""
+    from archive.bootstrap import open_object_tier, open_sites
+    from tiers.migrate import Migrator
+
+    def body(catalog: Catalog, run_id: int) -> Outcome:
+        report = Migrator(catalog, open_sites(settings), open_object_tier(settings), settings,
+                          stop=stop).run()
+        t = report.to_json()["totals"]
+        n = len(report.findings)
+        return Outcome(t, report.ok, {**t, "findings": n},
+                       f"{t['studies']} studies, {t['instances']} instances, {t['bytes']} bytes "
+                       f"moved, {t['failed']} failed, {n} findings in {t['seconds']:.1f}s",
+                       None if report.ok else migrate_alert(t, n, run_id))
+    return _run_job(settings, "migrate", trigger, scheduled_for, body, "job:migrate")
+
+
+def _scrub_outcome(j: dict, what: str) -> Outcome:
+    return Outcome(j, j["ok"], scrub_summary(j),
+                   f"run {j['run_id']}: {j['objects']} {what}, {j['bytes']} bytes, {j['damaged']} "
+                   f"damaged, {j['repaired']} repaired, {j['unrecoverable']} unrecoverable, "
+                   f"{j['orphans']} orphans", scrub_alert(j))
 
 
 def run_scrub_job(settings: Settings, stop: threading.Event, trigger: str = "schedule",
                   scheduled_for: datetime | None = None) -> dict:
     """A scheduled scrub of every site (resumes an interrupted one)."""
-    from archive.bootstrap import open_catalog, open_scrubber
-    from archive.catalog import lease
+    from archive.bootstrap import open_scrubber
 
-    catalog = open_catalog(settings)
-    try:
-        with jobs.recorded(catalog, "scrub", trigger, scheduled_for=scheduled_for) as rec:
-            scrubber = open_scrubber(settings, catalog, stop)
-            try:
-                with lease.lease(catalog, "job:scrub", what="the scrub job", ttl_s=120):
-                    report = scrubber.run([s.name for s in settings.sites])
-            except lease.LeaseHeld as e:
-                log.warning("scheduled scrub skipped: %s", e)
-                rec.outcome, rec.summary = "skipped", {"reason": "lease held by another run"}
-                return {"skipped": str(e)}
-            j = report.to_json()
-            rec.outcome = "ok" if report.ok else "findings"
-            rec.summary = scrub_summary(j)
-    finally:
-        catalog.close()
-    alert = scrub_alert(j)
-    if alert is not None:
-        send_alert(settings.alerts, alert)
-    log.log(logging.INFO if report.ok else logging.ERROR,
-            "scheduled scrub run %d: %d copies, %d bytes, %d damaged, %d repaired, "
-            "%d unrecoverable, %d orphans", j["run_id"], j["objects"], j["bytes"], j["damaged"],
-            j["repaired"], j["unrecoverable"], j["orphans"])
-    return j
+    def body(catalog: Catalog, run_id: int) -> Outcome:
+        report = open_scrubber(settings, catalog, stop).run([s.name for s in settings.sites])
+        return _scrub_outcome(report.to_json(), "copies")
+    return _run_job(settings, "scrub", trigger, scheduled_for, body, "job:scrub")
 
 
 def run_scrub_objects_job(settings: Settings, stop: threading.Event, trigger: str = "schedule",
                           scheduled_for: datetime | None = None) -> dict:
     """A scheduled read-back of every study bundle on the object tier."""
-    from archive.bootstrap import open_catalog, open_object_scrubber
-    from archive.catalog import lease
+    from archive.bootstrap import open_object_scrubber
 
-    catalog = open_catalog(settings)
-    try:
-        with jobs.recorded(catalog, "scrub-objects", trigger, scheduled_for=scheduled_for) as rec:
-            scrubber = open_object_scrubber(settings, catalog, stop)
-            try:
-                with lease.lease(catalog, "job:scrub", what="the scrub job", ttl_s=120):
-                    report = scrubber.run()
-            except lease.LeaseHeld as e:
-                log.warning("scheduled object-tier scrub skipped: %s", e)
-                rec.outcome, rec.summary = "skipped", {"reason": "lease held by another run"}
-                return {"skipped": str(e)}
-            j = report.to_json()
-            rec.outcome = "ok" if report.ok else "findings"
-            rec.summary = scrub_summary(j)
-    finally:
-        catalog.close()
-    log.log(logging.INFO if report.ok else logging.ERROR,
-            "scheduled object-tier scrub run %d: %d bundles, %d bytes, %d damaged, %d repaired, "
-            "%d unrecoverable", j["run_id"], j["objects"], j["bytes"], j["damaged"],
-            j["repaired"], j["unrecoverable"])
-    alert = scrub_alert(j)
-    if alert is not None:
-        send_alert(settings.alerts, alert)
-    return j
+    def body(catalog: Catalog, run_id: int) -> Outcome:
+        return _scrub_outcome(open_object_scrubber(settings, catalog, stop).run().to_json(),
+                              "bundles")
+    return _run_job(settings, "scrub-objects", trigger, scheduled_for, body, "job:scrub")
 
 
 def run_dr_write_job(settings: Settings, stop: threading.Event, trigger: str = "schedule",
                      scheduled_for: datetime | None = None) -> dict:
     """Write the studies not yet on a DR volume of the pool ([dr] device)."""
-    from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
-    from archive.catalog import lease
+    from archive.bootstrap import open_object_tier_or_none, open_sites
     from dr.writer import DrWriter
 
-    catalog = open_catalog(settings)
-    try:
-        with jobs.recorded(catalog, "dr-write", trigger, scheduled_for=scheduled_for) as rec:
-            tier = open_object_tier_or_none(settings)
-            writer = DrWriter(catalog, open_sites(settings),
-                              tier if hasattr(tier, "open_range") else None, settings.dr,
-                              recipients=list(settings.dr.recipients), stop=stop)
-            try:
-                report = writer.run()
-            except lease.LeaseHeld as e:
-                log.warning("scheduled DR write skipped: %s", e)
-                rec.outcome, rec.summary = "skipped", {"reason": "lease held by another run"}
-                return {"skipped": str(e)}
-            j = report.to_json()
-            rec.outcome = "ok" if report.ok else "findings"
-            rec.summary = {k: j[k] for k in ("studies", "instances", "bytes", "stream_bytes",
-                                             "pending_studies")} | {
-                "volumes": [v["barcode"] for v in j["volumes"]]}
-    finally:
-        catalog.close()
-    log.log(logging.INFO if report.ok else logging.ERROR,
-            "scheduled DR write: %d studies, %d bytes on %d volumes (%s); %d studies pending%s",
-            j["studies"], j["bytes"], len(j["volumes"]),
-            ", ".join(v["barcode"] for v in j["volumes"]) or "none", j["pending_studies"],
-            f"; load volume {j['next_barcode']}" if j["next_barcode"] else "")
-    if not report.ok or j["next_barcode"]:
-        send_alert(settings.alerts, dr_alert(j, rec.id))
-    return j
+    def body(catalog: Catalog, run_id: int) -> Outcome:
+        tier = open_object_tier_or_none(settings)
+        report = DrWriter(catalog, open_sites(settings),
+                          tier if hasattr(tier, "open_range") else None, settings.dr,
+                          recipients=list(settings.dr.recipients), stop=stop).run()
+        j = report.to_json()
+        return Outcome(j, report.ok, report.summary(),
+                       f"{j['studies']} studies, {j['bytes']} bytes on {len(j['volumes'])} "
+                       f"volumes ({', '.join(v['barcode'] for v in j['volumes']) or 'none'}); "
+                       f"{j['pending_studies']} studies pending"
+                       + (f"; load volume {j['next_barcode']}" if j["next_barcode"] else ""),
+                       dr_alert(j, run_id) if not report.ok or j["next_barcode"] else None)
+    return _run_job(settings, "dr-write", trigger, scheduled_for, body, None)
 
 
 def run_drill_job(settings: Settings, stop: threading.Event, trigger: str = "schedule",
                   scheduled_for: datetime | None = None) -> dict:
     """A restore drill of [drill] tiers (DR needs the identity: not in the daemon)."""
-    from archive.bootstrap import open_catalog, open_driller
+    from archive.bootstrap import open_driller
 
-    catalog = open_catalog(settings)
-    try:
-        with jobs.recorded(catalog, "drill", trigger, scheduled_for=scheduled_for) as rec:
-            report = open_driller(settings, catalog, trigger="schedule", actor="pacsvault serve"
-                                  ).run(list(settings.drill.tiers), settings.drill.sample)
-            j = report.to_json()
-            rec.outcome = "ok" if report.ok else "findings"
-            rec.summary = {"drill_id": j["drill_id"], "seed": j["seed"],
-                           "failures": len(j["failures"]),
-                           "tiers": {t: f["instances"] for t, f in j["figures"].items()}}
-    finally:
-        catalog.close()
-    log.log(logging.INFO if report.ok else logging.ERROR,
-            "scheduled drill %d (seed %d): %s; %d failures", j["drill_id"], j["seed"],
-            ", ".join(f"{t}: {f['instances']} instances in {f['time_to_last_s']}s"
-                      for t, f in j["figures"].items()) or "nothing to drill", len(j["failures"]))
-    if not report.ok:
-        send_alert(settings.alerts, drill_alert(j))
-    return j
+    def body(catalog: Catalog, run_id: int) -> Outcome:
+        report = open_driller(settings, catalog, trigger="schedule", actor="pacsvault serve"
+                              ).run(list(settings.drill.tiers), settings.drill.sample)
+        j = report.to_json()
+        figures = ", ".join(f"{t}: {f['instances']} instances in {f['time_to_last_s']}s"
+                            for t, f in j["figures"].items()) or "nothing to drill"
+        return Outcome(j, report.ok, report.summary(),
+                       f"drill {j['drill_id']} (seed {j['seed']}): {figures}; "
+                       f"{len(j['failures'])} failures",
+                       None if report.ok else drill_alert(j))
+    return _run_job(settings, "drill", trigger, scheduled_for, body, "job:drill")
 
 
 def scrub_summary(j: dict) -> dict:

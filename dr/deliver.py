@@ -6,7 +6,6 @@ restore resumes without sending twice).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Protocol
 from sqlalchemy import update
 
 from archive.catalog.models import Copy
+from archive.checksum import sha256_file
 from archive.catalog.uow import Catalog
 from archive.clock import utcnow
 from archive.errors import InvalidInput
@@ -30,14 +30,6 @@ class Delivery(Protocol):
     def deliver(self, item: Any, path: Path) -> None: ...
 
     def close(self) -> None: ...
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class DirDelivery:
@@ -58,7 +50,7 @@ class DirDelivery:
 
     def done(self, item: Any) -> bool:
         p = self.path_of(item)
-        return p.is_file() and p.stat().st_size == item.inst.size and _sha256(p) == item.inst.sha256
+        return p.is_file() and p.stat().st_size == item.inst.size and sha256_file(p) == item.inst.sha256
 
     def deliver(self, item: Any, path: Path) -> None:
         final = self.path_of(item)

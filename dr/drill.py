@@ -12,7 +12,6 @@ figures, failures) is a row in ``drills``; ``history`` gives monthly trends.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import random
 import shutil
@@ -36,6 +35,7 @@ from archive.catalog.models import (
     Study,
 )
 from archive.catalog.uow import Catalog
+from archive.checksum import sha256_file
 from archive.clock import Clock, utcnow
 from archive.jobs import _iso
 from dr.deliver import DirDelivery
@@ -60,6 +60,11 @@ class DrillReport:
     @property
     def ok(self) -> bool:
         return not self.failures
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for job_runs (no UIDs)."""
+        return {"drill_id": self.id, "seed": self.seed, "failures": len(self.failures),
+                "tiers": {t: f["instances"] for t, f in self.figures.items()}}
 
     def to_json(self) -> dict[str, Any]:
         return {"drill_id": self.id, "ok": self.ok, "seed": self.seed, "sample": self.sample,
@@ -89,11 +94,7 @@ def candidates(catalog: Catalog, tier: str, sites: list[str], tier_name: str | N
 
 def _check_file(path: Path, sop: str, study: str, sha: str) -> str | None:
     """Why the restored file is not right, or None."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    if h.hexdigest() != sha:
+    if sha256_file(path) != sha:
         return "SHA-256 differs from the catalog"
     try:
         ds = dcmread(path, stop_before_pixels=True)

@@ -37,6 +37,7 @@ from sqlalchemy import and_, select
 from archive import failpoints, phi
 from archive.catalog.models import Bundle, DrInstance, DrSegment, DrVolume, Patient, Study
 from archive.catalog.uow import Catalog
+from archive.checksum import sha256_file
 from archive.errors import InvalidInput
 from archive.uids import validate_uid
 from dr import crypt, segment
@@ -422,19 +423,11 @@ class Restorer:
             nparts = plan[fk][0].parts
             if part == nparts - 1:
                 parts.pop((fk, 0))
-                if p.stat().st_size == item.inst.size and _sha(p) == item.inst.sha256:
+                if p.stat().st_size == item.inst.size and sha256_file(p) == item.inst.sha256:
                     self._delivered(item, "dr", p, report)
                 else:
                     p.unlink(missing_ok=True)
                     item.tried.append(f"DR copy on {v['barcode']} does not match the catalog")
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _label_barcode(where: str) -> str | None:

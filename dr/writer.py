@@ -22,9 +22,12 @@ size of a study. Nothing is sealed until its last byte is written and flushed.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import logging
 import queue
+import tarfile
 import threading
 import time
 import uuid
@@ -60,6 +63,8 @@ INDEX = "INDEX.json.zst.age"
 CATALOG = "CATALOG.json.zst.age"
 GOOD_STATES = ("sealed", "in-library", "in-transit", "offsite", "recalled", "returned")
 DEPTH = 2      # segments compressed/encrypted ahead of the one being written
+READ_AHEAD = 4             # instances whose reading the kernel is asked to start early
+HINT_BYTES = 8 << 20       # ... at most this much of each (a huge instance is read in parts)
 
 
 @dataclass
@@ -100,6 +105,12 @@ class WriteReport:
     def ok(self) -> bool:
         return not self.findings
 
+    def summary(self) -> dict[str, Any]:
+        """Counts and barcodes, for job_runs (no UIDs)."""
+        j = self.to_json()
+        return {k: j[k] for k in ("studies", "instances", "bytes", "stream_bytes",
+                                  "pending_studies")} | {"volumes": [v.barcode for v in self.volumes]}
+
     def to_json(self) -> dict[str, Any]:
         stream = sum(v.bytes for v in self.volumes)
         return {
@@ -127,6 +138,17 @@ class _Raw:
     study_instances: int
     bytes: int
     done_study: bool             # every pending instance of the study is in this or earlier
+    digests: list[str] = field(default_factory=list)   # SHA-256 of each piece's data
+
+
+@dataclass
+class _Sealed:
+    """A segment compressed and encrypted, ready to be written as one member."""
+    name: str
+    chunks: list[bytes]          # the age file, in the pieces it was read from age in
+    size: int
+    manifest: dict[str, Any]
+    sha256: str
 
 
 class _End:
@@ -146,6 +168,47 @@ def pending_studies(session, pool: str, study_fks: list[int] | None = None) -> l
     if study_fks:
         q = q.where(Instance.study_fk.in_(study_fks))
     return [(fk, n) for fk, n in session.execute(q)]
+
+
+def segment_pieces(stem: str, head: dict[str, Any], pieces: list[segment.Piece],
+                   digests: list[str]) -> tuple[bytes, list[bytes | memoryview], dict[str, Any]]:
+    """segment.build's tar, byte for byte, as the front (manifest and checksum files,
+    compressed as a frame of their own) and a list of buffers for the rest, without
+    copying the instances' bytes or hashing them again (``digests``: their SHA-256,
+    from the reader). tests/bench/test_bench_dr.py checks it against segment.build."""
+    files, sums, joined = [], [], []
+    for p, digest in zip(pieces, digests, strict=True):
+        files.append({**p.entry, "path": p.path, "file": p.file, "part": p.part,
+                      "parts": p.parts, "part_size": len(p.data), "part_sha256": digest})
+        sums.append(f"{digest}  {p.file}\n")
+        if p.parts > 1 and p.part == p.parts - 1:
+            joined.append(f"{p.entry['sha256']}  {p.path}\n")
+    manifest = {"format": segment.FORMAT, "version": segment.VERSION, "stem": stem, **head,
+                "files": files}
+    now = int(time.time())
+    front_members = [(f"pacsvault/{stem}.manifest.json",
+                      json.dumps(manifest, sort_keys=True, ensure_ascii=False).encode()),
+                     (f"pacsvault/{stem}.sha256", "".join(sums).encode())]
+    if joined:
+        front_members.append((f"pacsvault/{stem}.joined-sha256", "".join(joined).encode()))
+    front = b"".join(b for name, data in front_members for b in _tar_member(name, data, now))
+    rest: list[bytes | memoryview] = []
+    for p in pieces:
+        rest += _tar_member(p.file, p.data, now)
+    size = len(front) + sum(len(b) for b in rest) + 2 * tarfile.BLOCKSIZE
+    # tarfile's end of archive: two zero blocks, then zeros to a whole record.
+    rest.append(bytes(2 * tarfile.BLOCKSIZE + (-size) % tarfile.RECORDSIZE))
+    return front, rest, manifest
+
+
+def _tar_member(name: str, data: bytes, mtime: int) -> list[bytes]:
+    """What tarfile.addfile writes for a regular file (as segment._add makes it)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), mtime, 0o640
+    out = [info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"), data]
+    if len(data) % tarfile.BLOCKSIZE:
+        out.append(bytes(tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
+    return out
 
 
 class DrWriter:
@@ -294,8 +357,9 @@ class DrWriter:
                     break
                 raw, fut = ahead.popleft()
                 member_no += 1
-                name, data, manifest, sha = fut.result()
-                if vol.used + vol.cost(name, len(data)) + self._tail_cost(vol, tail) > self.capacity:
+                sealed = fut.result()
+                if vol.used + vol.cost(sealed.name, sealed.size) + self._tail_cost(vol, tail) \
+                        > self.capacity:
                     # End of medium: close this volume cleanly, continue on the next.
                     self._seal_volume(vol, vol_id, vrep, tail, continues=True)
                     report.volumes.append(vrep)
@@ -311,13 +375,14 @@ class DrWriter:
                     tail = self._new_tail(volume_set, barcode, seq)
                     # Segments are named for their volume: seal this one again for it.
                     member_no = 1
-                    name, data, manifest, sha = self._seal(raw, barcode, member_no, volume_set)
+                    sealed = self._seal(raw, barcode, member_no, volume_set)
                     for i, (r2, _) in enumerate(list(ahead)):
                         ahead[i] = (r2, pool.submit(self._seal, r2, barcode, member_no + i + 1,
                                                     volume_set))
-                offset = vol.member(name, data)
+                offset = vol.member(sealed.name, sealed.chunks)
                 failpoints.hit("dr.after_member")
-                self._record_segment(vol_id, raw, name, offset, len(data), sha, manifest, tail)
+                self._record_segment(vol_id, raw, sealed.name, offset, sealed.size, sealed.sha256,
+                                     sealed.manifest, tail)
                 vrep.segments += 1
                 report.instances += len({p.instance_fk for p in raw.pieces if p.part == p.parts - 1})
                 report.bytes += raw.bytes
@@ -344,23 +409,32 @@ class DrWriter:
         with self.catalog.unit() as uow:
             report.pending_studies = len(pending_studies(uow.session, self.s.pool))
 
-    def _seal(self, raw: _Raw, barcode: str, member_no: int, volume_set: str
-              ) -> tuple[str, bytes, dict[str, Any], str]:
-        """Build, compress, encrypt and hash one segment (runs in a worker thread)."""
+    def _seal(self, raw: _Raw, barcode: str, member_no: int, volume_set: str) -> _Sealed:
+        """Build, compress, encrypt and hash one segment (runs in a worker thread).
+        The tar is never assembled: its pieces stream through zstd (which drops the
+        GIL) into age (another process, on the other core), whose output is hashed
+        by a thread as it arrives."""
         stem = f"{barcode}-{member_no:06d}"
         name = f"seg/{stem}.tar.zst.age"
         head = {"volume_set": volume_set, "barcode": barcode, "member": name,
                 "study_uid": raw.study_uid, "study_segment": raw.study_segment,
                 "last_of_study": raw.last, "study_instances": raw.study_instances,
                 "study": raw.study_doc}
-        plain, manifest, files_at = segment.build(stem, head, raw.pieces)
+        front, files, manifest = segment_pieces(stem, head, raw.pieces, raw.digests)
         cctx = zstandard.ZstdCompressor(level=self.s.zstd_level)
-        # Two zstd frames (zstd -d reads them as one stream): the manifest's frame
-        # stays readable when a later part of the member is damaged.
-        with memoryview(plain) as view:
-            packed = cctx.compress(view[:files_at]) + cctx.compress(view[files_at:])
-        data = crypt.encrypt(packed, self.recipients)
-        return name, data, manifest, hashlib.sha256(data).hexdigest()
+        enc = crypt.Encryptor(self.recipients)
+        try:
+            # Two zstd frames (zstd -d reads them as one stream): the manifest's frame
+            # stays readable when a later part of the member is damaged.
+            enc.write(cctx.compress(front))
+            z = cctx.compressobj(size=sum(len(b) for b in files))
+            for buf in files:
+                enc.write(z.compress(buf))
+            enc.write(z.flush())
+            chunks, size, sha = enc.finish()
+        finally:
+            enc.abort()
+        return _Sealed(name, chunks, size, manifest, sha)
 
     # -- tail: index and catalog -----------------------------------------------------------------
     def _new_tail(self, volume_set: str, barcode: str, seq: int) -> dict[str, Any]:
@@ -468,9 +542,14 @@ class DrWriter:
         todo = [i for i in state.instances if i.id not in covered]
         cap = self.s.segment_bytes
         pieces: list[segment.Piece] = []
+        digests: list[str] = []
         size = 0
         n = 0
+        for i in range(min(READ_AHEAD, len(todo))):
+            self._read_ahead(todo[i])
         for idx, inst in enumerate(todo):
+            if idx + READ_AHEAD < len(todo):
+                self._read_ahead(todo[idx + READ_AHEAD])
             entry = {"sop_uid": inst.sop_uid, "version": inst.version,
                      "series_uid": inst.series_uid, "sop_class": inst.sop_class,
                      "transfer_syntax": inst.transfer_syntax, "size": inst.size,
@@ -479,13 +558,14 @@ class DrWriter:
             path = segment.instance_path(uid, entry)
             nparts = max(1, -(-inst.size // cap))
             try:
-                for k, data in enumerate(self._parts(inst, cap)):
+                for k, (data, digest) in enumerate(self._parts(inst, cap)):
                     if pieces and size + len(data) > cap:
                         n += 1
                         yield _Raw(study_fk, uid, n, False, pieces, doc, len(state.instances),
-                                   size, False)
-                        pieces, size = [], 0
+                                   size, False, digests)
+                        pieces, digests, size = [], [], 0
                     pieces.append(segment.Piece(inst.id, entry, path, data, k, nparts))
+                    digests.append(digest)
                     size += len(data)
             except _NoSource as e:
                 report.findings.append(Finding("no-source", uid, inst.sop_uid, str(e)))
@@ -493,12 +573,28 @@ class DrWriter:
                           phi.token(inst.sop_uid))
         if pieces:
             n += 1
-            yield _Raw(study_fk, uid, n, True, pieces, doc, len(state.instances), size, True)
+            yield _Raw(study_fk, uid, n, True, pieces, doc, len(state.instances), size, True,
+                       digests)
 
-    def _parts(self, inst, cap: int) -> Iterator[bytes]:  # noqa: ANN001
-        """The instance's bytes in parts of at most ``cap``, from a verified copy.
-        A large instance is hashed whole first, then read again part by part (and
-        hashed again), so no part of a copy that does not verify is ever written."""
+    def _read_ahead(self, inst) -> None:  # noqa: ANN001
+        """Ask the kernel to start reading an instance the reader will soon reach
+        (the copy _parts will pick), so the disk reads while the reader hashes."""
+        for loc, c in inst.copies.items():
+            if loc in self.sites and c.state == "ok":
+                try:
+                    with self.sites[loc].open(c.key) as f:
+                        os.posix_fadvise(f.fileno(), 0, min(inst.size, HINT_BYTES),
+                                         os.POSIX_FADV_WILLNEED)
+                except (ObjectNotFound, BackendError, OSError, AttributeError,
+                        io.UnsupportedOperation):
+                    pass   # only a hint: _parts reads (or finds no copy) all the same
+                return
+
+    def _parts(self, inst, cap: int) -> Iterator[tuple[bytes, str]]:  # noqa: ANN001
+        """The instance's bytes in parts of at most ``cap``, each with its SHA-256,
+        from a verified copy. A large instance is hashed whole first, then read
+        again part by part (and hashed again), so no part of a copy that does not
+        verify is ever written."""
         for loc, c in inst.copies.items():
             if loc in self.sites and c.state == "ok":
                 site = self.sites[loc]
@@ -507,7 +603,7 @@ class DrWriter:
                         with site.open(c.key) as f:
                             data = f.read()
                         if len(data) == inst.size and hashlib.sha256(data).hexdigest() == inst.sha256:
-                            yield data
+                            yield data, inst.sha256
                             return
                         continue
                     if site.sha256(c.key) != inst.sha256:   # type: ignore[attr-defined]
@@ -516,7 +612,7 @@ class DrWriter:
                     with site.open(c.key) as f:
                         while chunk := f.read(cap):
                             h.update(chunk)
-                            yield chunk
+                            yield chunk, hashlib.sha256(chunk).hexdigest()
                     if h.hexdigest() != inst.sha256:
                         raise RuntimeError("an online copy changed while it was being written "
                                            "to a DR volume")
@@ -528,8 +624,11 @@ class DrWriter:
             if c is not None and c.state == "ok" and c.bundle_fk is not None:
                 data = self._from_bundle(c, inst)
                 if data is not None:
+                    if len(data) <= cap:
+                        yield data, inst.sha256          # extract_to checked it whole
+                        return
                     for i in range(0, len(data), cap):
-                        yield data[i:i + cap]
+                        yield data[i:i + cap], hashlib.sha256(data[i:i + cap]).hexdigest()
                     return
         raise _NoSource("no online copy or bundle frame matches the catalog SHA-256")
 

@@ -124,9 +124,7 @@ def write(ctx: click.Context, recipients: tuple[str, ...], device: str | None, l
             report = w.run(list(studies) or None)
             j = report.to_json()
             rec.outcome = "ok" if report.ok else "findings"
-            rec.summary = {k: j[k] for k in ("studies", "instances", "bytes", "stream_bytes",
-                                             "pending_studies")} | {
-                "volumes": [v["barcode"] for v in j["volumes"]]}
+            rec.summary = report.summary()
     finally:
         catalog.close()
     for f in report.findings:

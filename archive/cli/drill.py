@@ -73,8 +73,7 @@ def drill(ctx: click.Context, sample: int | None, tier: str, identities: tuple[P
             report = d.run(tiers, n, seed)
             j = report.to_json()
             rec.outcome = "ok" if report.ok else "findings"
-            rec.summary = {"drill_id": j["drill_id"], "seed": j["seed"],
-                           "failures": len(j["failures"])}
+            rec.summary = report.summary()
     finally:
         catalog.close()
     click.echo(f"drill {j['drill_id']}: seed {j['seed']} (repeat with --seed {j['seed']})", err=True)
