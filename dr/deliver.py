@@ -42,6 +42,7 @@ class DirDelivery:
         root.mkdir(parents=True, exist_ok=True)
         self.scratch = root / ".pacsvault-restore"
         self.scratch.mkdir(exist_ok=True)
+        self.written: list[Path] = []
 
     def path_of(self, item: Any) -> Path:
         i = item.inst
@@ -55,11 +56,26 @@ class DirDelivery:
     def deliver(self, item: Any, path: Path) -> None:
         final = self.path_of(item)
         final.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
         os.replace(path, final)           # scratch is on the same filesystem: no copy
+        self.written.append(final)
 
     def close(self) -> None:
+        """Make everything delivered durable before the restore reports success: one
+        fsync per file and directory at the end, not one per file as it arrives (a
+        file torn by a crash fails its SHA-256 check and is restored again)."""
+        for d in {p.parent for p in self.written} | {p.parent.parent for p in self.written}:
+            fd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for p in self.written:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.written.clear()
         try:
             self.scratch.rmdir()
         except OSError:
