@@ -1,12 +1,14 @@
 """A small read-only HTTP endpoint: /healthz, /status (JSON), /metrics (Prometheus).
 
 Only GET is served; every other method, path or malformed request gets a plain
-error. It binds to loopback by default (see [http] in the config).
+error. It binds to loopback by default (see [http] in the config); off loopback
+it serves HTTPS (ssl_context), plain HTTP only if the config explicitly allows it.
 """
 from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +16,8 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+
+from archive.dicom.tls import DeferredHandshake
 
 log = logging.getLogger("pacsvault.http")
 
@@ -98,7 +102,12 @@ def _scrub_and_jobs(st: dict[str, Any]):  # noqa: ANN202
     yield age
 
 
-def start_http(bind: str, port: int, status: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer:
+class _Server(DeferredHandshake, ThreadingHTTPServer):
+    daemon_threads = True
+
+
+def start_http(bind: str, port: int, status: Callable[[], dict[str, Any]],
+               ssl_context: ssl.SSLContext | None = None) -> ThreadingHTTPServer:
     registry = CollectorRegistry()
     registry.register(_StatusCollector(status))
 
@@ -131,7 +140,7 @@ def start_http(bind: str, port: int, status: Callable[[], dict[str, Any]]) -> Th
                 log.exception("http handler failed")
                 self._send(500, b"internal error\n", "text/plain")
 
-    server = ThreadingHTTPServer((bind, port), Handler)
-    server.daemon_threads = True
+    server = _Server((bind, port), Handler)
+    server.ssl_context = ssl_context
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server

@@ -55,6 +55,8 @@ class StoreResult:
     instance_id: int | None = None
     conflict: bool = False
     missing_sites: list[str] = field(default_factory=list)
+    study_uid: str | None = None       # for the audit trail (set when the object was understood)
+    patient_id: str | None = None
 
     @property
     def acknowledged(self) -> bool:
@@ -143,7 +145,8 @@ class IngestService:
             versions = repo.versions_of(conn, attrs.sop_uid)
         if any(sha == obj.sha256 for _, sha in versions):
             log.info("duplicate of stored object %s from %s acknowledged", tok, req.calling_ae)
-            return StoreResult(Outcome.DUPLICATE)
+            return StoreResult(Outcome.DUPLICATE, study_uid=attrs.study_uid,
+                               patient_id=attrs.patient_id)
 
         conflict = bool(versions)
         key = instance_key(attrs.study_uid, attrs.sop_uid, obj.sha256 if conflict else None)
@@ -168,6 +171,7 @@ class IngestService:
                       req.calling_ae, tok, type(e).__name__)
             return StoreResult(Outcome.CATALOG_DOWN, "catalog commit failed")
         failpoints.hit("ingest.after_commit")
+        result.study_uid, result.patient_id = attrs.study_uid, attrs.patient_id
         if result.missing_sites:
             log.warning("object %s stored under-replicated: missing on %s",
                         tok, ",".join(result.missing_sites))

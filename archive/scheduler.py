@@ -33,6 +33,7 @@ from archive.config.schema import Settings
 log = logging.getLogger("pacsvault.scheduler")
 
 MISFIRE_GRACE_S = 24 * 3600
+DAEMON = "pacsvault serve"       # the actor the audit trail names for scheduled jobs
 _DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 
@@ -98,6 +99,8 @@ def run_migrate_job(settings: Settings, stop: threading.Event, trigger: str = "s
                           stop=stop).run()
         t = report.to_json()["totals"]
         n = len(report.findings)
+        from archive.cli.tiering import audit_migration
+        audit_migration(catalog, DAEMON, report)
         return Outcome(t, report.ok, {**t, "findings": n},
                        f"{t['studies']} studies, {t['instances']} instances, {t['bytes']} bytes "
                        f"moved, {t['failed']} failed, {n} findings in {t['seconds']:.1f}s",
@@ -105,7 +108,10 @@ def run_migrate_job(settings: Settings, stop: threading.Event, trigger: str = "s
     return _run_job(settings, "migrate", trigger, scheduled_for, body, "job:migrate")
 
 
-def _scrub_outcome(j: dict, what: str) -> Outcome:
+def _scrub_outcome(catalog: Catalog, j: dict, what: str) -> Outcome:
+    from archive.cli.scrub import audit_findings
+
+    audit_findings(catalog, DAEMON, j)
     return Outcome(j, j["ok"], scrub_summary(j),
                    f"run {j['run_id']}: {j['objects']} {what}, {j['bytes']} bytes, {j['damaged']} "
                    f"damaged, {j['repaired']} repaired, {j['unrecoverable']} unrecoverable, "
@@ -119,7 +125,7 @@ def run_scrub_job(settings: Settings, stop: threading.Event, trigger: str = "sch
 
     def body(catalog: Catalog, run_id: int) -> Outcome:
         report = open_scrubber(settings, catalog, stop).run([s.name for s in settings.sites])
-        return _scrub_outcome(report.to_json(), "copies")
+        return _scrub_outcome(catalog, report.to_json(), "copies")
     return _run_job(settings, "scrub", trigger, scheduled_for, body, "job:scrub")
 
 
@@ -129,7 +135,7 @@ def run_scrub_objects_job(settings: Settings, stop: threading.Event, trigger: st
     from archive.bootstrap import open_object_scrubber
 
     def body(catalog: Catalog, run_id: int) -> Outcome:
-        return _scrub_outcome(open_object_scrubber(settings, catalog, stop).run().to_json(),
+        return _scrub_outcome(catalog, open_object_scrubber(settings, catalog, stop).run().to_json(),
                               "bundles")
     return _run_job(settings, "scrub-objects", trigger, scheduled_for, body, "job:scrub")
 
@@ -146,6 +152,8 @@ def run_dr_write_job(settings: Settings, stop: threading.Event, trigger: str = "
                           tier if hasattr(tier, "open_range") else None, settings.dr,
                           recipients=list(settings.dr.recipients), stop=stop).run()
         j = report.to_json()
+        from archive.cli.dr import audit_volumes
+        audit_volumes(catalog, DAEMON, j)
         return Outcome(j, report.ok, report.summary(),
                        f"{j['studies']} studies, {j['bytes']} bytes on {len(j['volumes'])} "
                        f"volumes ({', '.join(v['barcode'] for v in j['volumes']) or 'none'}); "
@@ -161,9 +169,11 @@ def run_drill_job(settings: Settings, stop: threading.Event, trigger: str = "sch
     from archive.bootstrap import open_driller
 
     def body(catalog: Catalog, run_id: int) -> Outcome:
-        report = open_driller(settings, catalog, trigger="schedule", actor="pacsvault serve"
+        report = open_driller(settings, catalog, trigger="schedule", actor=DAEMON
                               ).run(list(settings.drill.tiers), settings.drill.sample)
         j = report.to_json()
+        from archive.cli.drill import audit_drill
+        audit_drill(catalog, DAEMON, j)
         figures = ", ".join(f"{t}: {f['instances']} instances in {f['time_to_last_s']}s"
                             for t, f in j["figures"].items()) or "nothing to drill"
         return Outcome(j, report.ok, report.summary(),

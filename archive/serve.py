@@ -52,11 +52,21 @@ def _sweep_dir(d: Path) -> int:
     return n
 
 
+def _audit_setup(settings: Settings) -> None:
+    """Every process that writes audit records signs checkpoints and, if configured,
+    sends each record to the audit collector (workers are spawned: each needs it)."""
+    from archive import atna, audit
+
+    audit.configure(settings.data_dir)
+    atna.install(settings)
+
+
 def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | None") -> None:
     """One DICOM worker: listener + ingest. Runs until SIGTERM."""
     _die_with_parent()
     setup_logging()
     from archive.dicom.scp import configure_pynetdicom, start_listener
+    from archive.dicom.tls import server_context
     from archive.ingest import IngestService
     from archive.peers import PeerRegistry
     from replication.mirror import MirrorWriter
@@ -68,20 +78,29 @@ def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | No
     spool.mkdir(parents=True, exist_ok=True)
     _sweep_dir(spool)
     configure_pynetdicom(spool, settings.dicom.reactor_sleep_s)
+    _audit_setup(settings)
     catalog = open_catalog(settings)
     mirror = MirrorWriter(open_sites(settings), timeout_s=settings.ingest.site_timeout_s,
                           retry_after_s=settings.ingest.site_retry_after_s)
     ingest = IngestService(catalog, mirror)
     peers = PeerRegistry(catalog, settings.dicom.allow_any_peer)
-    ae, server = start_listener(settings.dicom, port, ingest, peers)
+    d = settings.dicom
+    listeners = []  # (ae, server): the plain port, the TLS port, or both
+    if not d.tls_only:
+        listeners.append(start_listener(d, port, ingest, peers))
+    if d.tls_port:
+        ctx = server_context(d.tls_cert, d.tls_key, d.tls_ca, d.tls_require_client_cert,
+                             what="dicom.tls")
+        listeners.append(start_listener(d, d.tls_port, ingest, peers, ssl_context=ctx))
     if ready is not None:
         ready.put(index)
     stop.wait()
-    server.shutdown()  # stop accepting; open associations carry on
+    for _, server in listeners:
+        server.shutdown()  # stop accepting; open associations carry on
     deadline = time.monotonic() + settings.dicom.shutdown_grace_s
-    while ae.active_associations and time.monotonic() < deadline:
+    while any(ae.active_associations for ae, _ in listeners) and time.monotonic() < deadline:
         time.sleep(0.05)
-    for assoc in ae.active_associations:
+    for assoc in [a for ae, _ in listeners for a in ae.active_associations]:
         log.warning("aborting an association still open after the shutdown grace period")
         assoc.abort()
     ingest.close()
@@ -157,6 +176,8 @@ class Supervisor:
         from archive.status import collect
 
         s = self.settings
+        http_tls = self._check_tls()
+        _audit_setup(s)
         catalog = open_catalog(s, migrate=True)
         sites = open_sites(s)
         for site in sites:
@@ -177,7 +198,7 @@ class Supervisor:
         if self.http_port:
             tier = open_object_tier_or_none(s)
             snapshot = _StatusSnapshot(lambda: collect(s, catalog, sites, tier=tier), self.stop)
-            http = start_http(s.http.bind, self.http_port, snapshot.get)
+            http = start_http(s.http.bind, self.http_port, snapshot.get, ssl_context=http_tls)
         ready = self._ctx.Queue()
         for i in range(self.workers):
             self._spawn(i, ready)
@@ -192,8 +213,11 @@ class Supervisor:
                     log.error("a DICOM worker failed to start")
                     self._terminate()
                     return 1
-        log.info("pacsvault listening: DICOM %s:%d as %s (%d workers), HTTP %s",
-                 s.dicom.bind, self.dicom_port, s.dicom.ae_title, self.workers,
+        ports = ([] if s.dicom.tls_only else [str(self.dicom_port)]) + \
+            ([f"{s.dicom.tls_port} (TLS)"] if s.dicom.tls_port else [])
+        log.info("pacsvault listening: DICOM %s:%s as %s (%d workers), HTTP%s %s",
+                 s.dicom.bind, ", ".join(ports), s.dicom.ae_title, self.workers,
+                 "S" if http_tls else "",
                  f"{s.http.bind}:{self.http_port}" if self.http_port else "off")
         repair = threading.Thread(target=self._repair_loop, args=(catalog, sites),
                                   name="repair", daemon=True)
@@ -216,6 +240,25 @@ class Supervisor:
         catalog.close()
         log.info("pacsvault stopped")
         return 0
+
+    def _check_tls(self):  # noqa: ANN202
+        """Load every certificate now, so that a bad one stops start-up with a clear
+        message instead of killing workers; returns the HTTPS context (or None)."""
+        from archive.dicom.tls import server_context, warn_if_key_exposed
+        from archive.errors import ConfigError
+
+        d, h = self.settings.dicom, self.settings.http
+        if d.tls_port:
+            if d.tls_port == self.dicom_port and not d.tls_only:
+                # SO_REUSEPORT would let both bind it and split connections between them.
+                raise ConfigError(f"dicom.tls_port {d.tls_port} is also the plain DICOM port")
+            warn_if_key_exposed(d.tls_key)
+            server_context(d.tls_cert, d.tls_key, d.tls_ca, d.tls_require_client_cert,
+                           what="dicom.tls")
+        if h.tls_cert is None or not self.http_port:
+            return None
+        warn_if_key_exposed(h.tls_key)
+        return server_context(h.tls_cert, h.tls_key, what="http.tls")
 
     def _terminate(self) -> None:
         for p in self._procs.values():

@@ -4,13 +4,16 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from archive.config import config_path_from, load_settings
 from archive.config.schema import Settings
 from archive.errors import PacsvaultError
+
+if TYPE_CHECKING:
+    from archive import auth
 
 
 def config_option(f: Callable) -> Callable:
@@ -38,3 +41,59 @@ def handle_errors(f: Callable) -> Callable:
 
 def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def authorize(settings: Settings, permission: str, verb: str, *,
+              allow_must_change: bool = False) -> "auth.Actor":
+    """The operator running this verb, allowed to (archive/auth.py); named in the
+    audit trail from here on. Also notes a changed config in the audit trail."""
+    from archive import atna, audit, auth
+    from archive.bootstrap import open_catalog
+
+    audit.configure(settings.data_dir)
+    atna.install(settings)
+    catalog = open_catalog(settings)
+    try:
+        actor = auth.authenticate(catalog, settings.accounts, settings.config_path,
+                                  allow_must_change=allow_must_change)
+        auth.current_actor.set(actor.name)
+        note_config(catalog, settings, actor.name)
+        try:
+            auth.require(actor, permission, verb)
+        except auth.AuthError:
+            # A refused verb is a security event (PS3.15: Security Alert).
+            audit.record_quietly(catalog, audit.Event(
+                "user-change", "failure", actor.name, audit.host(),
+                detail={"refused": verb, "role": actor.role, "permission": permission}))
+            raise
+    finally:
+        catalog.close()
+    return actor
+
+
+def note_config(catalog, settings: Settings, actor: str) -> None:  # noqa: ANN001
+    """An audit record whenever the config file differs from the last one seen."""
+    import hashlib
+
+    from sqlalchemy import select
+
+    from archive import audit
+    from archive.catalog.models import AuditRecord
+
+    if settings.config_path is None or not settings.config_path.exists():
+        return
+    digest = hashlib.sha256(settings.config_path.read_bytes()).hexdigest()
+    with catalog.unit() as uow:
+        last = uow.session.scalar(select(AuditRecord.detail).where(
+            AuditRecord.action == "config-change").order_by(AuditRecord.id.desc()).limit(1))
+    if last is None or json.loads(last).get("sha256") != digest:
+        audit.record_quietly(catalog, audit.Event("config-change", actor=actor, source=audit.host(),
+                                                  detail={"sha256": digest,
+                                                          "path": str(settings.config_path),
+                                                          "first_seen": last is None}))
+
+
+def actor_name() -> str:
+    from archive.auth import current_actor
+
+    return current_actor.get() or "system"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from archive import jobs
+from archive import audit, jobs
 from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
-from archive.cli.common import config_option, emit_json, handle_errors, settings_from
+from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
 from archive.cli.tiering import _progress
 from archive.errors import InvalidInput
 
@@ -97,6 +97,7 @@ def write(ctx: click.Context, recipients: tuple[str, ...], device: str | None, l
     from dr.writer import DrWriter
 
     settings = settings_from(ctx, config)
+    actor = authorize(settings, "operate", "dr write")
     if device and ltfs:
         raise InvalidInput("give --device or --ltfs, not both")
     kind = "ltfs" if ltfs else settings.dr.kind if device is None else "stream"
@@ -122,6 +123,7 @@ def write(ctx: click.Context, recipients: tuple[str, ...], device: str | None, l
                 _progress("writing DR volumes (MB)", None, as_json or to_stdout) as advance:
             w.progress = lambda n: advance(n // 1_000_000 or 0)
             report = w.run(list(studies) or None)
+            audit_volumes(catalog, actor.name, report.to_json())
             j = report.to_json()
             rec.outcome = "ok" if report.ok else "findings"
             rec.summary = report.summary()
@@ -146,6 +148,15 @@ def write(ctx: click.Context, recipients: tuple[str, ...], device: str | None, l
         click.echo(f"pacsvault: {j['pending_studies']} studies still to write", err=True)
     if not report.ok:
         sys.exit(1)
+
+
+def audit_volumes(catalog, actor: str, j: dict) -> None:  # noqa: ANN001
+    """One audit record per volume written (its barcode and counts, no patient)."""
+    for v in j["volumes"]:
+        audit.record_quietly(catalog, audit.Event(
+            "dr-volume-written", actor=actor, source=audit.host(),
+            detail={k: v[k] for k in ("barcode", "sequence", "segments", "studies", "bytes",
+                                      "sha256", "continues")} | {"volume_set": j["volume_set"]}))
 
 
 def _where(catalog, volume: str) -> str:  # noqa: ANN001
@@ -188,9 +199,11 @@ def verify(ctx: click.Context, volumes: tuple[str, ...], identities: tuple[Path,
     from dr.media import verify as check
 
     settings = settings_from(ctx, config)
+    actor = authorize(settings, "keys", "dr verify")
     idents = load_identities(list(identities))
     catalog = open_catalog(settings)
     try:
+        audit.record_key_use(catalog, actor.name, idents, "dr verify")
         reports = [check(catalog, _where(catalog, v), idents) for v in volumes]
     finally:
         catalog.close()
@@ -233,9 +246,11 @@ def rebuild_catalog(ctx: click.Context, identities: tuple[Path, ...], volumes: t
     from dr.media import rebuild_catalog as rebuild
 
     settings = settings_from(ctx, config)
+    actor = authorize(settings, "keys", "dr rebuild-catalog")
     idents = load_identities(list(identities))
     catalog = open_catalog(settings)
     try:
+        audit.record_key_use(catalog, actor.name, idents, "dr rebuild-catalog")
         r = rebuild(catalog, list(volumes), idents, settings.dr.retain_days)
     finally:
         catalog.close()
@@ -268,6 +283,7 @@ def volumes(ctx: click.Context, pool: str | None, as_json: bool, config: str | N
     from dr.volumes import list_volumes
 
     settings = settings_from(ctx, config)
+    authorize(settings, "read", "dr volumes")
     catalog = open_catalog(settings)
     try:
         rows = list_volumes(catalog, pool)
@@ -323,6 +339,7 @@ def custody(ctx: click.Context, barcode: str, to_state: str | None, location: st
     if show_history and (location or actor or courier_ref or note):
         raise InvalidInput("--history takes no --location, --by, --courier or --note")
     settings = settings_from(ctx, config)
+    operator = authorize(settings, "read" if show_history else "operate", "dr custody")
     catalog = open_catalog(settings)
     try:
         if show_history:
@@ -330,6 +347,10 @@ def custody(ctx: click.Context, barcode: str, to_state: str | None, location: st
         else:
             event = move(catalog, barcode, to_state, location or "", actor or "", courier_ref,
                          note)
+            audit.record_quietly(catalog, audit.Event(
+                "dr-volume-moved", actor=operator.name, source=audit.host(),
+                detail={k: event[k] for k in ("barcode", "from_state", "to_state", "location",
+                                              "actor", "courier_ref")}))
     finally:
         catalog.close()
     if not show_history:
@@ -374,6 +395,7 @@ def manifest(ctx: click.Context, barcodes: tuple[str, ...], out: Path, courier_r
     from dr.manifest_html import write_manifest
 
     settings = settings_from(ctx, config)
+    authorize(settings, "operate", "dr manifest")
     catalog = open_catalog(settings)
     try:
         r = write_manifest(catalog, list(barcodes), out, courier_ref)
@@ -401,6 +423,7 @@ def rotation(ctx: click.Context, days: int, pool: str | None, as_json: bool,
     from dr.volumes import rotation as plan
 
     settings = settings_from(ctx, config)
+    authorize(settings, "read", "dr rotation")
     catalog = open_catalog(settings)
     try:
         r = plan(catalog, days, pool)

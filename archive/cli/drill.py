@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from archive import jobs
+from archive import audit, jobs
 from archive.bootstrap import open_catalog, open_driller
-from archive.cli.common import config_option, emit_json, handle_errors, settings_from
+from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
 from archive.errors import InvalidInput
 
 
@@ -46,6 +46,7 @@ def drill(ctx: click.Context, sample: int | None, tier: str, identities: tuple[P
     from dr.keys import load_identities
 
     settings = settings_from(ctx, config)
+    actor = authorize(settings, "read" if show_history else "restore", "drill")
     catalog = open_catalog(settings)
     try:
         if show_history:
@@ -67,13 +68,17 @@ def drill(ctx: click.Context, sample: int | None, tier: str, identities: tuple[P
             raise InvalidInput("--tier dr needs --identity: the volumes are encrypted")
         tiers = ["online", "objects", "dr"] if tier == "all" else [tier]
         idents = load_identities(list(identities)) if identities else []
-        d = open_driller(settings, catalog, identities=idents, volume_paths=list(volume_paths))
+        d = open_driller(settings, catalog, identities=idents, volume_paths=list(volume_paths),
+                         actor=actor.name)
         n = sample or settings.drill.sample
         with jobs.recorded(catalog, "drill", "manual") as rec:
             report = d.run(tiers, n, seed)
             j = report.to_json()
             rec.outcome = "ok" if report.ok else "findings"
             rec.summary = report.summary()
+        audit_drill(catalog, actor.name, j)
+        if "dr" in j["figures"]:
+            audit.record_key_use(catalog, actor.name, idents, "drill")
     finally:
         catalog.close()
     click.echo(f"drill {j['drill_id']}: seed {j['seed']} (repeat with --seed {j['seed']})", err=True)
@@ -92,3 +97,14 @@ def drill(ctx: click.Context, sample: int | None, tier: str, identities: tuple[P
         click.echo("drill passed" if j["ok"] else "drill FAILED")
     if not report.ok:
         sys.exit(1)
+
+
+def audit_drill(catalog, actor: str, j: dict) -> None:  # noqa: ANN001
+    """The drill as one record, and one per study it restored (patients touched)."""
+    audit.record_quietly(catalog, audit.Event(
+        "drill", "success" if j["ok"] else "failure", actor, audit.host(),
+        detail={"drill_id": j["drill_id"], "seed": j["seed"], "tiers": list(j["figures"]),
+                "failures": len(j["failures"])}))
+    per = {uid: {"drill_id": j["drill_id"], "tier": t}
+           for t, f in j["figures"].items() for uid in f["sampled"]}
+    audit.record_studies(catalog, "retrieve", actor, per)

@@ -5,7 +5,7 @@ import click
 
 from archive import jobs as job_runs
 from archive.bootstrap import open_catalog
-from archive.cli.common import config_option, emit_json, handle_errors, settings_from
+from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
 from archive.scheduler import schedule_of
 
 
@@ -27,6 +27,7 @@ def jobs(ctx: click.Context, job: str | None, limit: int, as_json: bool,
     run held the job), interrupted (its process died), running.
     """
     settings = settings_from(ctx, config)
+    authorize(settings, "read", "jobs")
     catalog = open_catalog(settings)
     try:
         job_runs.settle_interrupted(catalog)

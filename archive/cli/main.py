@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from archive.cli import dr, drill, jobs, peers, replicate, restore, scrub, serve, setup, status, tiering
+from archive.cli import (audit, dr, drill, jobs, peers, replicate, restore, scrub, serve, setup,
+                         status, tiering, users)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,6 +33,10 @@ cli.add_command(replicate.replicate)
 cli.add_command(dr.dr)
 cli.add_command(restore.restore)
 cli.add_command(drill.drill)
+cli.add_command(users.user)
+cli.add_command(users.login)
+cli.add_command(users.logout)
+cli.add_command(audit.audit)
 
 
 def main() -> None:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import click
 
+from archive import audit
+
 from archive.bootstrap import open_catalog
-from archive.cli.common import config_option, emit_json, handle_errors, settings_from
+from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
 from archive.clock import utcnow
 from archive.peers import add_peer, list_peers, remove_peer
 
@@ -23,9 +25,14 @@ def peer() -> None:
 @handle_errors
 def peer_add(ctx: click.Context, ae_title: str, host: str, port: int | None, config: str | None) -> None:
     """Allow AE_TITLE to associate from HOST (an IP address or a host name)."""
-    catalog = open_catalog(settings_from(ctx, config))
+    settings = settings_from(ctx, config)
+    actor = authorize(settings, "admin", "peer add")
+    catalog = open_catalog(settings)
     try:
         add_peer(catalog, ae_title, host, port, utcnow())
+        audit.record(catalog, audit.Event("peer-change", actor=actor.name, source=audit.host(),
+                                          detail={"added": ae_title.strip(), "host": host,
+                                                  "port": port}))
     finally:
         catalog.close()
     click.echo(f"peer {ae_title.strip()} at {host} allowed")
@@ -38,7 +45,9 @@ def peer_add(ctx: click.Context, ae_title: str, host: str, port: int | None, con
 @handle_errors
 def peer_list(ctx: click.Context, as_json: bool, config: str | None) -> None:
     """List allowed peers."""
-    catalog = open_catalog(settings_from(ctx, config))
+    settings = settings_from(ctx, config)
+    authorize(settings, "read", "peer list")
+    catalog = open_catalog(settings)
     try:
         rows = list_peers(catalog)
     finally:
@@ -58,9 +67,13 @@ def peer_list(ctx: click.Context, as_json: bool, config: str | None) -> None:
 @handle_errors
 def peer_remove(ctx: click.Context, ae_title: str, host: str | None, config: str | None) -> None:
     """Remove AE_TITLE (from HOST only, if given). Exit 1 if nothing matched."""
-    catalog = open_catalog(settings_from(ctx, config))
+    settings = settings_from(ctx, config)
+    actor = authorize(settings, "admin", "peer remove")
+    catalog = open_catalog(settings)
     try:
         n = remove_peer(catalog, ae_title, host)
+        audit.record(catalog, audit.Event("peer-change", actor=actor.name, source=audit.host(),
+                                          detail={"removed": ae_title, "host": host, "entries": n}))
     finally:
         catalog.close()
     click.echo(f"removed {n} peer entr{'y' if n == 1 else 'ies'}")

@@ -9,7 +9,7 @@ import click
 from archive import jobs
 from archive.bootstrap import open_catalog, open_scrubber, open_sites
 from archive.catalog import lease
-from archive.cli.common import config_option, emit_json, handle_errors, settings_from
+from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
 from archive.cli.tiering import _progress
 from archive.errors import InvalidInput
 
@@ -41,6 +41,7 @@ def replicate(ctx: click.Context, rebuild_site: str | None, initialize: bool, th
     verified.
     """
     settings = settings_from(ctx, config)
+    authorize(settings, "operate", "replicate")
     catalog = open_catalog(settings)
     try:
         if rebuild_site is None:

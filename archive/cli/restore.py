@@ -10,7 +10,7 @@ import click
 
 from archive import jobs
 from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
-from archive.cli.common import config_option, emit_json, handle_errors, settings_from
+from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
 from archive.cli.tiering import _progress
 from archive.errors import InvalidInput
 
@@ -33,6 +33,15 @@ from archive.errors import InvalidInput
 @click.option("--volume", "volume_paths", multiple=True, metavar="PATH",
               help="A DR volume file or LTFS volume directory to read (repeatable); by default "
                    "where each volume was written.")
+@click.option("--deidentify", is_flag=True,
+              help="Export de-identified copies (PS3.15 basic profile, new UIDs); "
+                   "--to or --to-ae only.")
+@click.option("--deid-key", default=None, envvar="PACSVAULT_DEID_KEY", metavar="TEXT",
+              help="Key for a mapping that is the same across exports "
+                   "(default $PACSVAULT_DEID_KEY, else random per export).")
+@click.option("--deid-map", default=None, metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the original -> new UID mapping to FILE (mode 0600).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
 @config_option
 @click.pass_context
@@ -40,7 +49,8 @@ from archive.errors import InvalidInput
 def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
             accession: str | None, from_date: str | None, to_date: str | None,
             to_dir: Path | None, to_ae: str | None, to_online: bool, from_tier: str | None,
-            identities: tuple[Path, ...], volume_paths: tuple[str, ...], as_json: bool,
+            identities: tuple[Path, ...], volume_paths: tuple[str, ...], deidentify: bool,
+            deid_key: str | None, deid_map: Path | None, as_json: bool,
             config: str | None) -> None:
     """Restore studies, every instance checked against its catalog SHA-256 first.
 
@@ -57,8 +67,10 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
     from dr.restore import TIERS, Restorer, Selection, select_studies
 
     settings = settings_from(ctx, config)
+    actor = authorize(settings, "restore", "restore")
     if sum(x is not None and x is not False for x in (to_dir, to_ae, to_online or None)) != 1:
         raise InvalidInput("say where to: one of --to DIR, --to-ae AE@HOST:PORT, --online")
+    _check_deid(ctx, deidentify, to_online, to_dir, deid_map, deid_key)
     sel = Selection(studies, patient, accession, from_date, to_date)
     idents = load_identities(list(identities)) if identities else []
     catalog = open_catalog(settings)
@@ -76,6 +88,14 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
             key = hashlib.sha1(f"{to_ae}|{sorted(u for _, u in chosen)}".encode()).hexdigest()
             delivery = AeDelivery(to_ae, settings.dicom.ae_title, contexts,
                                   settings.ingest.spool_dir / "restore" / f"{key}.journal")
+        deid = None
+        if deidentify:
+            from dr.deidentify import DeidentifyingDelivery, journal_path
+
+            deid = delivery = DeidentifyingDelivery(
+                delivery, key=deid_key, map_file=deid_map, journal=journal_path(
+                    settings.ingest.spool_dir, str(to_dir.resolve()) if to_dir else to_ae,
+                    [u for _, u in chosen]))
         tier = open_object_tier_or_none(settings)
 
         def load(barcode: str, device: str) -> bool:
@@ -87,18 +107,30 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
         r = Restorer(catalog, sites, tier if hasattr(tier, "open_range") else None, delivery,
                      sources=(from_tier,) if from_tier else TIERS, identities=idents,
                      volume_paths=list(volume_paths),
-                     scratch=(to_dir / ".pacsvault-restore") if to_dir is not None
+                     # De-identifying: originals never sit in the export directory.
+                     scratch=(to_dir / ".pacsvault-restore") if to_dir is not None and not deid
                      else settings.ingest.spool_dir / "restore", load_volume=load)
         with jobs.recorded(catalog, "restore", "manual") as rec, \
                 _progress("restoring instances", None, as_json) as advance:
             r.progress = advance
-            report = r.run(chosen)
+            report = None
+            try:
+                report = r.run(chosen)
+            finally:
+                if deid is not None:        # what left is audited, also after a failure
+                    from dr.deidentify import audit_exports
+
+                    audit_exports(catalog, deid, actor=actor.name, target="dir" if to_dir else "ae",
+                                  ok=report is not None and report.ok)
             j = report.to_json()
+            if deid is not None:
+                j |= {"deidentified": True, "deidentification": deid.summary()}
             rec.outcome = "ok" if report.ok else "findings"
             rec.summary = {k: j[k] for k in ("studies", "instances", "restored", "already_there",
                                              "bytes", "by_source")} | {
                 "failures": len(j["failures"]), "target": "dir" if to_dir else
-                "ae" if to_ae else "online"}
+                "ae" if to_ae else "online", "deidentified": deid is not None}
+        _audit(catalog, actor.name, chosen, j, "dir" if to_dir else to_ae or "online", idents)
     finally:
         catalog.close()
     for v in j["volumes_needed"]:
@@ -110,6 +142,11 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
     for f in j["failures"]:
         click.echo(f"FAILED instance {f['sop_uid']} of study {f['study_uid']}: {f['reason']}",
                    err=True)
+    if deid is not None and any(j["deidentification"]["needs_review"].values()):
+        click.echo("REVIEW before release: pixel data and document/report content are not "
+                   "de-identified; " + ", ".join(f"{k.replace('_', ' ')}: {v} instance(s)" for k, v
+                                                 in j["deidentification"]["needs_review"].items()
+                                                 if v), err=True)
     if as_json:
         emit_json(j)
     else:
@@ -118,6 +155,43 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
                    f"from {', '.join(f'{k}: {v}' for k, v in j['by_source'].items()) or 'nowhere'}")
     if not report.ok:
         sys.exit(1)
+
+
+def _audit(catalog, actor: str, chosen, j: dict, target: str, idents: list) -> None:  # noqa: ANN001
+    """One record per study restored (who, which patient, where to, from which tier)."""
+    from archive import audit
+
+    per: dict[str, dict] = {uid: {"target": target, "instances": 0, "failed": 0, "sources": {}}
+                            for _, uid in chosen}
+    for d in j["instances_detail"]:
+        s = per[d["study_uid"]]
+        s["instances"] += 1
+        s["sources"][d["source"]] = s["sources"].get(d["source"], 0) + 1
+    for f in j["failures"]:
+        per[f["study_uid"]]["failed"] += 1
+    audit.record_studies(catalog, "restore", actor, per,
+                         outcome_of=lambda d: "failure" if d["failed"] else "success")
+    if j["by_source"].get("dr"):
+        audit.record_key_use(catalog, actor, idents, "restore")
+
+
+def _check_deid(ctx: click.Context, deidentify: bool, to_online: bool, to_dir: Path | None,
+                deid_map: Path | None, deid_key: str | None) -> None:
+    from click.core import ParameterSource
+
+    from dr.deidentify import check_key
+
+    if not deidentify:
+        if deid_map is not None or ctx.get_parameter_source("deid_key") == ParameterSource.COMMANDLINE:
+            raise InvalidInput("--deid-key and --deid-map go with --deidentify")
+        return
+    if to_online:
+        raise InvalidInput("--deidentify exports copies: use --to DIR or --to-ae; de-identified "
+                           "copies must never replace the archive's originals (--online)")
+    if deid_map is not None and to_dir is not None and \
+            deid_map.resolve().is_relative_to(to_dir.resolve()):
+        raise InvalidInput("--deid-map must be outside the export directory (it re-identifies)")
+    check_key(deid_key)
 
 
 def _contexts(catalog, study_fks: list[int]) -> list[tuple[str, str]]:  # noqa: ANN001

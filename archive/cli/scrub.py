@@ -9,7 +9,7 @@ from archive import jobs
 from archive.alerts import scrub_alert, send_alert
 from archive.bootstrap import open_catalog, open_object_scrubber, open_scrubber
 from archive.catalog import lease
-from archive.cli.common import config_option, emit_json, handle_errors, settings_from
+from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
 from archive.cli.tiering import _progress
 from archive.errors import InvalidInput
 from archive.scheduler import scrub_summary
@@ -50,6 +50,7 @@ def scrub(ctx: click.Context, site_names: tuple[str, ...], all_sites: bool, tier
     found, even if it was repaired; the report names every damaged object.
     """
     settings = settings_from(ctx, config)
+    actor = authorize(settings, "operate", "scrub")
     known = [s.name for s in settings.sites]
     if site_names and tier == "objects":
         raise InvalidInput("--site names an online site; --tier objects scrubs the object tier")
@@ -79,6 +80,7 @@ def scrub(ctx: click.Context, site_names: tuple[str, ...], all_sites: bool, tier
                     rec.outcome = "ok" if report.ok else "findings"
                     rec.summary = scrub_summary(report.to_json())
                 reports.append(report)
+                audit_findings(catalog, actor.name, report.to_json())
     finally:
         catalog.close()
     for report in reports:
@@ -105,6 +107,26 @@ def scrub(ctx: click.Context, site_names: tuple[str, ...], all_sites: bool, tier
             for problem in send_alert(settings.alerts, alert):
                 click.echo(f"ALERT not delivered: {problem}", err=True)
         sys.exit(1)
+
+
+def audit_findings(catalog, actor: str, j: dict) -> None:  # noqa: ANN001
+    """Damage found by a scrub touches the protection of a patient's data: one audit
+    record per damaged study (orphans, which belong to no study, as one count)."""
+    from archive import audit
+
+    per: dict[str, dict] = {}
+    for f in j["findings"]:
+        if f["study_uid"]:
+            d = per.setdefault(f["study_uid"], {"run_id": j["run_id"], "findings": []})
+            d["findings"].append({"kind": f["kind"], "sop_uid": f["sop_uid"], "site": f["site"],
+                                  "repaired_from": f["repaired_from"]})
+    audit.record_studies(catalog, "scrub-finding", actor, per,
+                         outcome_of=lambda d: "failure" if any(
+                             x["kind"] == "unrecoverable" for x in d["findings"]) else "success")
+    if j["orphans"]:
+        audit.record_quietly(catalog, audit.Event("scrub-finding", actor=actor, source=audit.host(),
+                                                  detail={"run_id": j["run_id"],
+                                                          "orphans": j["orphans"]}))
 
 
 def combined(parts: list[dict]) -> dict:

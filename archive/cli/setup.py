@@ -15,8 +15,11 @@ from archive.errors import ConfigError
 @click.argument("directory", default=".", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--config", "config", metavar="FILE", default=None,
               help="Initialize what an existing config names instead of writing a new one.")
+@click.option("--admin", "admin", metavar="NAME", default=None,
+              help="Create the first administrator account (password from PACSVAULT_PASSWORD, "
+                   "or asked twice); from then on every data verb needs an operator.")
 @handle_errors
-def init(directory: Path, config: str | None) -> None:
+def init(directory: Path, config: str | None, admin: str | None) -> None:
     """Write DIR/pacsvault.toml (DIR defaults to .) and create sites and catalog.
 
     The embedded default keeps everything under DIR: two site directories, the
@@ -50,6 +53,33 @@ def init(directory: Path, config: str | None) -> None:
                f"{settings.objects.path if settings.objects.kind == 'directory' else ''}".rstrip())
     settings.ingest.spool_dir.mkdir(parents=True, exist_ok=True)
     catalog = open_catalog(settings, migrate=True)
-    catalog.close()
+    try:
+        from archive import audit
+        audit.configure(settings.data_dir)
+        if admin is not None:
+            _first_admin(catalog, settings, admin)
+    finally:
+        catalog.close()
     click.echo(f"catalog ready ({settings.catalog.url.split('://', 1)[0]})")
     click.echo("next: pacsvault peer add AE_TITLE HOST   then   pacsvault serve")
+
+
+def _first_admin(catalog, settings, name: str) -> None:  # noqa: ANN001
+    """The first account: an admin whose password (from init) need not be changed."""
+    import os
+    import sys
+
+    from archive import audit, auth
+
+    if auth.has_accounts(catalog):
+        raise auth.AuthError("this install already has accounts: add more with 'pacsvault user add'")
+    pw = os.environ.get("PACSVAULT_PASSWORD")
+    if pw is None:
+        if not sys.stdin.isatty():
+            raise auth.AuthError("--admin: give the password in PACSVAULT_PASSWORD")
+        pw = click.prompt(f"Password for {name}", hide_input=True, confirmation_prompt=True, err=True)
+    auth.create_user(catalog, name, "admin", pw, settings.accounts, must_change=False)
+    audit.record(catalog, audit.Event("user-change", actor=name, source=audit.host(),
+                                      detail={"added": name, "role": "admin", "first": True}))
+    click.echo(f"administrator {name} created: every data verb now needs PACSVAULT_USER and "
+               "PACSVAULT_PASSWORD, or 'pacsvault login'")

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
-from archive.cli.common import config_option, emit_json, handle_errors, settings_from
+from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
 from archive.status import collect
 
 
@@ -18,6 +18,7 @@ from archive.status import collect
 def status(ctx: click.Context, as_json: bool, config: str | None) -> None:
     """Objects, studies and bytes per site, site health, under-replicated copies."""
     settings = settings_from(ctx, config)
+    authorize(settings, "read", "status")
     catalog = open_catalog(settings)
     try:
         st = collect(settings, catalog, open_sites(settings),

@@ -9,9 +9,9 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from archive import jobs
+from archive import audit, jobs
 from archive.bootstrap import open_catalog, open_object_tier, open_sites
-from archive.cli.common import config_option, emit_json, handle_errors, settings_from
+from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
 from archive.catalog import lease
 from tiers.migrate import Migrator
 from tiers.recall import Recaller
@@ -50,6 +50,7 @@ def migrate(ctx: click.Context, studies: tuple[str, ...], dry_run: bool, as_json
     next one. Exits 1 if any study failed or damage was found (see the report).
     """
     settings = settings_from(ctx, config)
+    actor = authorize(settings, "operate", "migrate")
     catalog = open_catalog(settings)
     try:
         migrator = Migrator(catalog, open_sites(settings), open_object_tier(settings), settings)
@@ -63,6 +64,8 @@ def migrate(ctx: click.Context, studies: tuple[str, ...], dry_run: bool, as_json
                 report = _run(migrator, None, False, as_json)
                 rec.outcome = "ok" if report.ok else "findings"
                 rec.summary = {**report.to_json()["totals"], "findings": len(report.findings)}
+        if not dry_run:
+            audit_migration(catalog, actor.name, report)
     finally:
         catalog.close()
     if as_json:
@@ -72,6 +75,14 @@ def migrate(ctx: click.Context, studies: tuple[str, ...], dry_run: bool, as_json
     _tell(report)
     if not report.ok and not dry_run:
         sys.exit(EXIT_INCOMPLETE)
+
+
+def audit_migration(catalog, actor: str, report) -> None:  # noqa: ANN001
+    """One audit record per study the run touched."""
+    audit.record_studies(catalog, "migration", actor, {
+        s.study_uid: {"outcome": s.outcome, "instances": s.instances, "bundled": s.bundled,
+                      "purged": s.purged} for s in report.studies if s.outcome != "skipped"},
+        outcome_of=lambda d: "failure" if d["outcome"] == "failed" else "success")
 
 
 def _run(migrator: Migrator, studies: list[str] | None, dry_run: bool, quiet: bool):  # noqa: ANN202
@@ -122,6 +133,7 @@ def recall(ctx: click.Context, study_uid: str, as_json: bool, config: str | None
     instance could not be recalled.
     """
     settings = settings_from(ctx, config)
+    actor = authorize(settings, "operate", "recall")
     catalog = open_catalog(settings)
     try:
         recaller = Recaller(catalog, open_sites(settings), open_object_tier(settings),
@@ -129,6 +141,9 @@ def recall(ctx: click.Context, study_uid: str, as_json: bool, config: str | None
         with _progress("recalling instances", None, as_json) as advance:
             recaller.progress = advance
             report = recaller.recall(study_uid)
+        audit.record_studies(catalog, "recall", actor.name, {report.study_uid: {
+            "instances": report.recalled, "failed": len(report.failures)}},
+            outcome_of=lambda d: "failure" if d["failed"] else "success")
     finally:
         catalog.close()
     for f in report.failures:

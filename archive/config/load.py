@@ -70,10 +70,18 @@ def resolve(settings: Settings, path: Path) -> Settings:
     if device != "-" and not device.startswith("/"):
         device = str(under(Path(device)))
     dr = settings.dr.model_copy(update={"device": device})
+    dicom = settings.dicom.model_copy(update={
+        k: under(getattr(settings.dicom, k)) for k in ("tls_cert", "tls_key", "tls_ca")
+        if getattr(settings.dicom, k) is not None})
+    http = settings.http.model_copy(update={
+        k: under(getattr(settings.http, k)) for k in ("tls_cert", "tls_key")
+        if getattr(settings.http, k) is not None})
     return settings.model_copy(
         update={
             "objects": objects,
             "dr": dr,
+            "dicom": dicom,
+            "http": http,
             "config_path": path.resolve(),
             "data_dir": data_dir,
             "catalog": settings.catalog.model_copy(update={"url": url}),

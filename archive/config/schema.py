@@ -37,6 +37,13 @@ class DicomSettings(_Strict):
     reactor_sleep_s: float = Field(0.001, gt=0, le=0.01)
     # On SIGTERM, open associations get this long to finish before they are aborted.
     shutdown_grace_s: float = Field(30, ge=0)
+    # DICOM TLS (PS3.15 Annex B, TLS 1.2+) on a second port; None = off.
+    tls_port: int | None = Field(None, ge=1, le=65535)
+    tls_only: bool = False              # true: no plain listener on `port`
+    tls_cert: Path | None = None        # PEM, server certificate (chain)
+    tls_key: Path | None = None         # PEM, its private key (mode 600)
+    tls_ca: Path | None = None          # PEM bundle that client certificates must chain to
+    tls_require_client_cert: bool = False
 
     @field_validator("ae_title")
     @classmethod
@@ -46,10 +53,52 @@ class DicomSettings(_Strict):
         except InvalidAETitle as e:
             raise ValueError(str(e)) from None
 
+    @model_validator(mode="after")
+    def _tls(self) -> "DicomSettings":
+        if self.tls_port is None:
+            if self.tls_only:
+                raise ValueError("tls_only = true needs tls_port")
+            return self
+        if self.tls_cert is None or self.tls_key is None:
+            raise ValueError("tls_port is set: tls_cert and tls_key (PEM files) are required")
+        if self.tls_port == self.port and not self.tls_only:
+            raise ValueError("tls_port must differ from port (or set tls_only = true)")
+        if self.tls_require_client_cert and self.tls_ca is None:
+            raise ValueError("tls_require_client_cert = true needs tls_ca "
+                             "(the CA that client certificates are checked against)")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: assume it is reachable
+
 
 class HttpSettings(_Strict):
     bind: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    # HTTPS with this certificate (PEM) and key; both or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Plain HTTP is refused off loopback unless this says the network is trusted.
+    allow_plain_off_loopback: bool = False
+
+    @model_validator(mode="after")
+    def _tls(self) -> "HttpSettings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (both PEM files)")
+        if self.tls_cert is None and not is_loopback(self.bind) \
+                and not self.allow_plain_off_loopback:
+            raise ValueError(f"bind = {self.bind!r} is not loopback and HTTPS is off: set "
+                             "tls_cert and tls_key, or allow_plain_off_loopback = true "
+                             "if this network is trusted")
+        return self
 
 
 class CatalogSettings(_Strict):
@@ -371,6 +420,62 @@ class DrillSettings(_Strict):
         return LifecycleSettings._cron(v)
 
 
+class AccountSettings(_Strict):
+    """Operator accounts (archive/auth.py): the password policy, lockout, sessions."""
+
+    min_length: int = Field(12, ge=8, le=256)
+    min_classes: int = Field(3, ge=1, le=4)          # of lower, upper, digit, other
+    history: int = Field(5, ge=0, le=50)             # no reuse of the last N passwords
+    max_age_days: int = Field(365, ge=0)             # 0: passwords do not expire
+    lockout_after: int = Field(5, ge=1, le=100)      # failed log-ins before a lock
+    lockout_base_s: int = Field(60, ge=1)            # first lock; doubles with each failure
+    lockout_max_s: int = Field(3600, ge=1)
+    session_hours: float = Field(8, gt=0, le=24 * 7)
+
+
+class AuditSettings(_Strict):
+    """Audit records as DICOM audit messages (IHE ATNA) to a syslog collector (archive/atna.py)."""
+
+    # "" = off; "udp://host:port" (RFC 5426) or "tls://host:port" (RFC 5425; 6514 is usual).
+    syslog: str = ""
+    syslog_ca: Path | None = None       # PEM CA the collector's certificate must chain to (tls)
+    syslog_cert: Path | None = None     # PEM client certificate, for collectors that want one
+    syslog_key: Path | None = None      # its private key (mode 600)
+    enterprise_site_id: str = Field("", max_length=64)    # AuditEnterpriseSiteID; "" = none
+    ae_title: str = ""                  # our UserID in the messages; "" = dicom.ae_title
+    timeout_s: float = Field(5, gt=0, le=120)             # connect/send; the caller never waits
+    queue_size: int = Field(10_000, ge=1, le=1_000_000)   # messages held while it is away
+
+    @field_validator("syslog")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v:
+            from archive.syslog_sender import parse_url
+
+            parse_url(v)                # ValueError says what is wrong
+        return v
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        try:
+            return validate_ae_title(v) if v else v
+        except InvalidAETitle as e:
+            raise ValueError(str(e)) from None
+
+    @model_validator(mode="after")
+    def _tls(self) -> "AuditSettings":
+        tls = self.syslog.startswith("tls://")
+        if tls and self.syslog_ca is None:
+            raise ValueError("syslog = tls://...: syslog_ca (the PEM CA that signed the "
+                             "collector's certificate) is required")
+        if not tls and (self.syslog_ca or self.syslog_cert or self.syslog_key):
+            raise ValueError("syslog_ca, syslog_cert and syslog_key are for syslog = tls://...")
+        if (self.syslog_cert is None) != (self.syslog_key is None):
+            raise ValueError("syslog_cert and syslog_key go together (both PEM files)")
+        return self
+
+
 class Settings(_Strict):
     config_path: Path | None = None
     data_dir: Path = Path(".")
@@ -387,7 +492,9 @@ class Settings(_Strict):
     scrub: ScrubSettings = ScrubSettings()
     dr: DrSettings = DrSettings()
     drill: DrillSettings = DrillSettings()
+    accounts: AccountSettings = AccountSettings()
     alerts: AlertSettings = AlertSettings()
+    audit: AuditSettings = AuditSettings()
 
     @model_validator(mode="after")
     def _sites_distinct(self) -> "Settings":

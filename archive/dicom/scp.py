@@ -10,11 +10,14 @@
   "calling AE title not recognized") before any data is exchanged.
 * The listening socket sets SO_REUSEPORT, so several worker processes share the
   port and the kernel spreads associations over them (one GIL each).
+* A TLS listener (archive/dicom/tls.py) is the same server with an SSL context:
+  same handlers, so the same allow-list.
 """
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import tempfile
 import time
 import warnings
@@ -26,6 +29,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from archive.config.schema import DicomSettings
 from archive.dicom.status import CANNOT_UNDERSTAND, store_status
+from archive.dicom.tls import DeferredHandshake
 from archive.ingest import IngestService, StoreRequest
 from archive.peers import PeerRegistry
 
@@ -76,7 +80,7 @@ def configure_pynetdicom(spool_dir: Path, reactor_sleep_s: float = 0.001) -> Non
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
-class _ReusePortServer(ThreadedAssociationServer):
+class _ReusePortServer(DeferredHandshake, ThreadedAssociationServer):
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
@@ -113,9 +117,55 @@ def make_handlers(ingest: IngestService, peers: PeerRegistry, reactor_sleep_s: f
             transfer_syntax=str(event.context.transfer_syntax),
             calling_ae=str(event.assoc.requestor.ae_title).strip(),
         ))
+        received.count(event.assoc, result)
         return store_status(result.outcome)
 
-    return [(evt.EVT_REQUESTED, on_requested), (evt.EVT_C_STORE, on_c_store)]
+    def on_ended(event) -> None:  # noqa: ANN001
+        received.flush(event.assoc, ingest.catalog)
+
+    received = _Received()
+    return [(evt.EVT_REQUESTED, on_requested), (evt.EVT_C_STORE, on_c_store),
+            (evt.EVT_RELEASED, on_ended), (evt.EVT_ABORTED, on_ended),
+            (evt.EVT_CONN_CLOSE, on_ended)]
+
+
+class _Received:
+    """What each association delivered, per study, for the audit trail: one
+    "object-received" record per study and association when it ends (PS3.15's
+    DICOM Instances Transferred), not one per object on the ingest path."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.by_assoc: dict[int, dict] = {}
+
+    def count(self, assoc, result) -> None:  # noqa: ANN001
+        if result.study_uid is None:
+            return
+        with self.lock:
+            a = self.by_assoc.setdefault(id(assoc), {"who": _who(assoc), "studies": {}})
+            st = a["studies"].setdefault(result.study_uid, {"patient_id": result.patient_id,
+                                                            "stored": 0, "refused": 0})
+            st["stored" if result.acknowledged else "refused"] += 1
+
+    def flush(self, assoc, catalog) -> None:  # noqa: ANN001
+        from archive import audit
+
+        with self.lock:
+            a = self.by_assoc.pop(id(assoc), None)
+        if a is None:
+            return
+        for uid, st in a["studies"].items():
+            audit.record_quietly(catalog, audit.Event(
+                "object-received", "failure" if st["refused"] else "success", a["who"][0],
+                a["who"][1], st["patient_id"], uid,
+                {"stored": st["stored"], "refused": st["refused"]}))
+
+
+def _who(assoc) -> tuple[str, str]:  # noqa: ANN001
+    ae = str(assoc.requestor.ae_title).strip()
+    return ae, f"{ae}@{assoc.requestor.address}"
 
 
 def make_ae(settings: DicomSettings) -> AE:
@@ -131,8 +181,9 @@ def make_ae(settings: DicomSettings) -> AE:
 
 
 def start_listener(settings: DicomSettings, port: int, ingest: IngestService,
-                   peers: PeerRegistry) -> tuple[AE, ThreadedAssociationServer]:
-    """Bind and serve in a background thread. Returns (ae, server)."""
+                   peers: PeerRegistry, ssl_context: ssl.SSLContext | None = None,
+                   ) -> tuple[AE, ThreadedAssociationServer]:
+    """Bind and serve in a background thread (TLS if ssl_context). Returns (ae, server)."""
     import threading
 
     ae = make_ae(settings)
@@ -140,8 +191,10 @@ def start_listener(settings: DicomSettings, port: int, ingest: IngestService,
         (settings.bind, port),
         evt_handlers=make_handlers(ingest, peers, settings.reactor_sleep_s),
         server_class=_ReusePortServer,
+        ssl_context=ssl_context,
     )
     ae._servers.append(server)  # as ae.start_server does; server.shutdown() expects it
-    thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True,
+                              name="dicom-tls-listener" if ssl_context else "dicom-listener")
     thread.start()
     return ae, server
