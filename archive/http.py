@@ -107,7 +107,11 @@ class _Server(DeferredHandshake, ThreadingHTTPServer):
 
 
 def start_http(bind: str, port: int, status: Callable[[], dict[str, Any]],
-               ssl_context: ssl.SSLContext | None = None) -> ThreadingHTTPServer:
+               ssl_context: ssl.SSLContext | None = None,
+               authorize: Callable[[str | None], bool] | None = None) -> ThreadingHTTPServer:
+    """``authorize(authorization_header)`` says whether a request for /status or
+    /metrics may be answered (an install with operator accounts: HTTP Basic with
+    an account allowed to read); None: no accounts, no check. /healthz is open."""
     registry = CollectorRegistry()
     registry.register(_StatusCollector(status))
 
@@ -130,6 +134,12 @@ def start_http(bind: str, port: int, status: Callable[[], dict[str, Any]],
             try:
                 if path == "/healthz":
                     self._send(200, b"ok\n", "text/plain")
+                elif path in ("/status", "/metrics") and authorize is not None and \
+                        not authorize(self.headers.get("Authorization")):
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="pacsvault"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                 elif path == "/status":
                     self._send(200, json.dumps(status()).encode(), "application/json")
                 elif path == "/metrics":

@@ -61,6 +61,37 @@ def _audit_setup(settings: Settings) -> None:
     atna.install(settings)
 
 
+def _http_authorizer(settings: Settings, catalog):  # noqa: ANN001, ANN202
+    """With operator accounts, /status and /metrics answer HTTP Basic credentials of
+    an account allowed to read (a Prometheus scraper gets a viewer account).
+    A right answer is remembered for a minute: argon2 is slow on purpose."""
+    import base64
+    import hashlib
+
+    from archive import auth
+
+    if not auth.has_accounts(catalog):
+        return None
+    good: dict[str, float] = {}
+
+    def check(header: str | None) -> bool:
+        if not header or not header.startswith("Basic "):
+            return False
+        key = hashlib.sha256(header.encode()).hexdigest()
+        if good.get(key, 0) > time.monotonic():
+            return True
+        try:
+            name, _, pw = base64.b64decode(header[6:], validate=True).decode().partition(":")
+            u = auth.check_password(catalog, name, pw, settings.accounts, source="http")
+        except (ValueError, UnicodeDecodeError, auth.AuthError):
+            return False
+        if u.must_change or "read" not in auth.ROLES[u.role]:
+            return False
+        good[key] = time.monotonic() + 60
+        return True
+    return check
+
+
 def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | None") -> None:
     """One DICOM worker: listener + ingest. Runs until SIGTERM."""
     _die_with_parent()
@@ -198,7 +229,8 @@ class Supervisor:
         if self.http_port:
             tier = open_object_tier_or_none(s)
             snapshot = _StatusSnapshot(lambda: collect(s, catalog, sites, tier=tier), self.stop)
-            http = start_http(s.http.bind, self.http_port, snapshot.get, ssl_context=http_tls)
+            http = start_http(s.http.bind, self.http_port, snapshot.get, ssl_context=http_tls,
+                              authorize=_http_authorizer(s, catalog))
         ready = self._ctx.Queue()
         for i in range(self.workers):
             self._spawn(i, ready)

@@ -143,3 +143,33 @@ def test_a_person_logs_in_once_for_a_session(inst, tmp_path):
     assert token not in stored and len(stored) == 1                     # only its hash is kept
     assert run_cli(inst.config, "logout", check=False).returncode == 0
     assert run_cli(inst.config, "status", check=False).returncode == 13
+
+
+def test_the_http_endpoint_asks_for_an_account_allowed_to_read(inst):
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from tests.support.daemon import Daemon, free_port
+
+    d = Daemon(inst.config, free_port(), free_port(), workers=1).start()
+    try:
+        url = f"http://127.0.0.1:{d.http_port}"
+        assert urllib.request.urlopen(url + "/healthz", timeout=10).read() == b"ok\n"
+        for path in ("/status", "/metrics"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(url + path, timeout=10)
+            assert e.value.code == 401 and "Basic" in e.value.headers["WWW-Authenticate"]
+
+        def get(path: str, user: str, pw: str) -> int:
+            req = urllib.request.Request(url + path, headers={"Authorization": "Basic " + base64
+                                         .b64encode(f"{user}:{pw}".encode()).decode()})
+            try:
+                return urllib.request.urlopen(req, timeout=10).status
+            except urllib.error.HTTPError as err:
+                return err.code
+        assert get("/status", "alice", ADMIN_PW) == 200
+        assert get("/metrics", "alice", ADMIN_PW) == 200
+        assert get("/status", "alice", "wrong") == 401
+    finally:
+        assert d.stop() == 0
