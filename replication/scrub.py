@@ -24,12 +24,12 @@ import random
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from archive import phi
 from archive.catalog.models import Bundle, Copy, Instance, ScrubFinding, ScrubRun, Study
@@ -41,6 +41,7 @@ from tiers.bundle import BundleError, extract_to
 log = logging.getLogger("pacsvault.scrub")
 
 BATCH = 256
+SLICE = 64      # copies one worker reads in a row (its read-ahead runs within a slice)
 STATES = ("ok", "corrupt", "missing")
 
 
@@ -104,13 +105,38 @@ class _RateLimit:
             time.sleep(ahead)
 
 
-def _hash(site: Backend, key: str) -> tuple[int, str] | None:
-    """(size, SHA-256) of a stored copy read back, None if it is gone."""
-    try:
-        size = site.stat(key).size
-        return size, site.sha256(key)  # type: ignore[attr-defined]
-    except ObjectNotFound:
-        return None
+# The next copies to scrub at a site by copy id, with the catalog's size and SHA-256:
+# one ordered index seek per state (ix_copies_location_state), merged in _copies_after.
+# With ``state IN (...)`` the database would read and sort every remaining copy of the
+# site for each batch, which grows with the catalog. Built once: building the
+# statement costs more than running it.
+_NEXT_COPIES = [
+    select(Copy.id, Copy.instance_fk, Copy.key, Copy.state, Instance.size, Instance.sha256)
+    .join(Instance, Instance.id == Copy.instance_fk)
+    .where(Copy.location == bindparam("site"), Copy.state == state,
+           Copy.id > bindparam("after"))
+    .order_by(Copy.id).limit(BATCH)
+    for state in STATES]
+
+
+def _copies_after(session: Any, site: str, after: int) -> list[Any]:
+    rows = [r for q in _NEXT_COPIES for r in session.execute(q, {"site": site, "after": after})]
+    return sorted(rows, key=lambda r: r.id)[:BATCH]
+
+
+def _hash(site: Backend, keys: list[str]) -> Iterator[tuple[int, str] | None | BackendError]:
+    """(size, SHA-256) of each stored copy read back, in order; None if it is gone,
+    the BackendError if it cannot be read."""
+    if hasattr(site, "hash_each"):    # FilesystemBackend: one open per file, read-ahead
+        yield from site.hash_each(keys)
+        return
+    for key in keys:
+        try:
+            yield site.stat(key).size, site.sha256(key)  # type: ignore[attr-defined]
+        except ObjectNotFound:
+            yield None
+        except BackendError as e:
+            yield e
 
 
 class Scrubber:
@@ -184,20 +210,25 @@ class Scrubber:
     def _scrub_site(self, run_id: int, site: Backend, after: int, sample: float,
                     rng: random.Random, report: ScrubReport) -> bool:
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="scrub")
+
+        def read(after: int) -> tuple[list[Any], list[tuple[list[Any], Future]]]:
+            """The next batch of copies, handed to the pool in slices."""
+            with self.catalog.unit() as uow:
+                rows = _copies_after(uow.session, site.name, after)
+            todo = [r for r in rows if sample >= 1.0 or rng.random() < sample]
+            parts = [todo[i:i + SLICE] for i in range(0, len(todo), SLICE)]
+            return rows, [(p, pool.submit(self._check, site, p)) for p in parts]
+
         try:
-            while not self.stop.is_set():
-                with self.catalog.unit() as uow:
-                    rows = list(uow.session.execute(
-                        select(Copy.id, Copy.instance_fk, Copy.key, Copy.state, Instance.size,
-                               Instance.sha256)
-                        .join(Instance, Instance.id == Copy.instance_fk)
-                        .where(Copy.location == site.name, Copy.state.in_(STATES),
-                               Copy.id > after)
-                        .order_by(Copy.id).limit(BATCH)))
+            batch = None if self.stop.is_set() else read(after)
+            while batch is not None:
+                rows, parts = batch
                 if not rows:
                     return True
-                todo = [r for r in rows if sample >= 1.0 or rng.random() < sample]
-                results = list(pool.map(lambda r: (r, self._check(site, r.key, r.size)), todo))
+                # The next batch is read while this one is recorded: the pool never
+                # waits for the catalog. The cursor still moves only past recorded copies.
+                following = None if self.stop.is_set() else read(rows[-1].id)
+                results = [(r, got) for p, fut in parts for r, got in zip(p, fut.result())]
                 if not site.health().ok:     # unmounted mid-scrub: say so, resume later
                     report.skipped_sites[site.name] = "became unavailable during the scrub"
                     return False
@@ -208,20 +239,28 @@ class Scrubber:
                         self._damaged(run_id, site, r, got, report)
                     elif r.state != "ok":
                         self._set_copy(r.id, "ok")   # a copy thought bad now verifies
-                after = rows[-1].id
-                self._save(run_id, site.name, after, report)
+                self._save(run_id, site.name, rows[-1].id, report)
                 self.progress(len(rows))
+                batch = None if self.stop.is_set() else following
             return False
         finally:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=True)   # reads of a batch not recorded
 
-    def _check(self, site: Backend, key: str, size: int) -> tuple[int, str] | None:
-        self.limit.take(size)
+    def _check(self, site: Backend, rows: list[Any]) -> list[tuple[int, str] | None]:
+        """Read back consecutive copies: (size, SHA-256), None if gone, (-1, "") if unreadable."""
+        out: list[tuple[int, str] | None] = []
+        hashes = _hash(site, [r.key for r in rows])
         try:
-            return _hash(site, key)
-        except BackendError as e:
-            log.warning("scrub could not read a copy on %s: %s", site.name, e)
-            return (-1, "")
+            for r in rows:
+                self.limit.take(r.size)     # before the read it pays for
+                got = next(hashes)
+                if isinstance(got, BackendError):
+                    log.warning("scrub could not read a copy on %s: %s", site.name, got)
+                    got = (-1, "")
+                out.append(got)
+        finally:
+            hashes.close()
+        return out
 
     # -- damage and repair ------------------------------------------------------------
     def _damaged(self, run_id: int, site: Backend, row: Any, got: tuple[int, str] | None,
