@@ -17,10 +17,10 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, Sequence
 
 from archive.errors import InvalidInput
-from dr.tarstream import RecordWriter
+from dr.tarstream import Data, RecordWriter, pieces
 
 LABEL = "PACSVAULT-LABEL.json"
 
@@ -28,7 +28,7 @@ LABEL = "PACSVAULT-LABEL.json"
 class Volume(Protocol):
     used: int
 
-    def member(self, name: str, data: bytes) -> int: ...
+    def member(self, name: str, data: Data | Sequence[Data]) -> int: ...
 
     def cost(self, name: str, size: int) -> int: ...
 
@@ -46,7 +46,7 @@ class StreamVolume:
     def used(self) -> int:
         return self.rw.n
 
-    def member(self, name: str, data: bytes) -> int:
+    def member(self, name: str, data: Data | Sequence[Data]) -> int:
         return self.rw.member(name, data)
 
     def cost(self, name: str, size: int) -> int:
@@ -78,20 +78,21 @@ class LtfsVolume:
         self.used = 0
         self.h = hashlib.sha256()
 
-    def member(self, name: str, data: bytes) -> int:
+    def member(self, name: str, data: Data | Sequence[Data]) -> int:
         at = self.used
         path = self.root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for chunk in pieces(data):
+                self.h.update(chunk)
+                self.used += len(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
-        self.h.update(data)
-        self.used += len(data)
         return at
 
     def cost(self, name: str, size: int) -> int:

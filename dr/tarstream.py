@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import tarfile
 import time
-from typing import BinaryIO
+from typing import BinaryIO, Sequence
 
 TAR_BLOCK = 512
 
@@ -31,8 +31,18 @@ def padding(size: int) -> int:
     return (-size) % TAR_BLOCK
 
 
+Data = bytes | bytearray | memoryview
+
+
+def pieces(data: Data | Sequence[Data]) -> Sequence[Data]:
+    """A member's data given whole or as the list of chunks it was made in."""
+    return [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+
 class RecordWriter:
-    """Buffers bytes into ``block_size`` records and writes only whole records."""
+    """Writes ``block_size`` records, hashing them as they go. Whole records are
+    written straight from the caller's buffers; only a record that straddles two
+    buffers is assembled in ``buf`` (at most one record is ever held)."""
 
     def __init__(self, sink: BinaryIO, block_size: int) -> None:
         self.sink = sink
@@ -41,24 +51,36 @@ class RecordWriter:
         self.n = 0                    # bytes accepted (the tar stream's offset)
         self.h = hashlib.sha256()
 
-    def write(self, data: bytes | memoryview) -> None:
-        self.n += len(data)
-        self.buf += data
-        if len(self.buf) >= self.block_size:
-            whole = len(self.buf) - len(self.buf) % self.block_size
-            with memoryview(self.buf) as view:
-                for i in range(0, whole, self.block_size):
-                    with view[i:i + self.block_size] as rec:
-                        self.h.update(rec)
-                        self.sink.write(rec)
-            del self.buf[:whole]
+    def _record(self, rec: Data) -> None:
+        self.h.update(rec)
+        self.sink.write(rec)
 
-    def member(self, name: str, data: bytes, mtime: float | None = None) -> int:
-        """Write one member; returns the stream offset of its header."""
+    def write(self, data: Data) -> None:
+        with memoryview(data) as view:
+            self.n += len(view)
+            if self.buf:
+                take = self.block_size - len(self.buf)
+                self.buf += view[:take]
+                view = view[take:]
+                if len(self.buf) < self.block_size:
+                    return
+                self._record(self.buf)
+                self.buf.clear()
+            whole = len(view) - len(view) % self.block_size
+            for i in range(0, whole, self.block_size):
+                self._record(view[i:i + self.block_size])
+            self.buf += view[whole:]
+
+    def member(self, name: str, data: Data | Sequence[Data], mtime: float | None = None) -> int:
+        """Write one member (its data whole or as a list of chunks); returns the
+        stream offset of its header."""
+        parts = pieces(data)
+        size = sum(len(p) for p in parts)
         at = self.n
-        self.write(member_header(name, len(data), mtime))
-        self.write(data)
-        self.write(b"\0" * padding(len(data)))
+        self.write(member_header(name, size, mtime))
+        for p in parts:
+            self.write(p)
+        self.write(b"\0" * padding(size))
         return at
 
     def member_size(self, name: str, size: int) -> int:

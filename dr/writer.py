@@ -7,9 +7,11 @@ Per run, under the pool's lease:
 2. the studies whose instances are not all on a good volume of the pool are
    read, oldest first, from a copy that verifies against the catalog SHA-256
    (an online site, else the instance's frame in a bundle on the object tier);
-3. a reader thread cuts them into segments (dr/segment.py); two workers
-   compress (zstd, which releases the GIL) and encrypt (Debian's age in its own
-   process); the main thread writes the members in order to the volume and
+3. a reader thread cuts them into segments (dr/segment.py) while three fetchers
+   read and hash the instances into the segment's buffer; two workers stream
+   each segment's tar through zstd (which releases the GIL) into Debian's age
+   (a process of its own, on the other core), whose output a thread hashes as
+   it comes; the main thread writes the members in order to the volume and
    records each segment in the catalog;
 4. when the next member would not leave room for the volume's tail, the volume
    is finished (encrypted index and catalog members, end of archive) and sealed,
@@ -17,14 +19,15 @@ Per run, under the pool's lease:
    or an LTFS mount, after the operator loads it for a tape/FIFO/stdout.
 
 Memory is bounded by the segment size times the pipeline depth, whatever the
-size of a study. Nothing is sealed until its last byte is written and flushed.
+size of a study: DEPTH + 2 reading buffers and DEPTH + 1 sealed-member buffers
+of about one segment each, reused from segment to segment (~290 MB peak RSS
+with 32 MiB segments). Nothing is sealed until its last byte is written and
+flushed. Throughput and where the CPU goes: docs/performance.md, "DR volumes".
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import logging
 import queue
 import tarfile
@@ -38,7 +41,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 import zstandard
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 
 from archive import failpoints, phi
 from archive.catalog import lease
@@ -63,8 +66,8 @@ INDEX = "INDEX.json.zst.age"
 CATALOG = "CATALOG.json.zst.age"
 GOOD_STATES = ("sealed", "in-library", "in-transit", "offsite", "recalled", "returned")
 DEPTH = 2      # segments compressed/encrypted ahead of the one being written
-READ_AHEAD = 4             # instances whose reading the kernel is asked to start early
-HINT_BYTES = 8 << 20       # ... at most this much of each (a huge instance is read in parts)
+FETCHERS = 3   # instances read and hashed at once: keeps the disk and both cores busy
+SEALERS = 2    # segments compressed and encrypted at once
 
 
 @dataclass
@@ -139,20 +142,53 @@ class _Raw:
     bytes: int
     done_study: bool             # every pending instance of the study is in this or earlier
     digests: list[str] = field(default_factory=list)   # SHA-256 of each piece's data
+    slab: bytearray | None = None  # the buffer most pieces' data are views of
 
 
 @dataclass
 class _Sealed:
     """A segment compressed and encrypted, ready to be written as one member."""
     name: str
-    chunks: list[bytes]          # the age file, in the pieces it was read from age in
+    chunks: list[bytes | memoryview]   # the age file: a view of ``buf``, then any overflow
     size: int
     manifest: dict[str, Any]
     sha256: str
+    buf: bytearray | None        # the pooled buffer ``chunks`` is (mostly) a view of
 
 
 class _End:
     pass
+
+
+class _Buffers:
+    """Buffers reused from segment to segment: the reader's slabs (instances are
+    read into them) and the sealed members (age's output is read into them).
+    Reused, their pages are faulted in once rather than on every read (a fresh
+    bytes object per instance cost as much CPU as hashing it); their number
+    bounds the writer's memory whatever the size of a study."""
+
+    def __init__(self, count: int, size: int, halt: threading.Event) -> None:
+        self.size, self.halt = size, halt
+        self.free: queue.Queue[bytearray] = queue.Queue()
+        self.unmade = count          # made on first need: a small write stays small
+        self.lock = threading.Lock()
+
+    def get(self) -> bytearray | None:
+        """A free buffer (waiting for one), or None once the writer stops."""
+        with self.lock:
+            if self.unmade and self.free.empty():
+                self.unmade -= 1
+                return bytearray(self.size)
+        while not self.halt.is_set():
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def put(self, buf: bytearray | None) -> None:
+        if buf is not None:
+            self.free.put(buf)
 
 
 def pending_studies(session, pool: str, study_fks: list[int] | None = None) -> list[tuple[int, int]]:  # noqa: ANN001
@@ -239,6 +275,7 @@ class DrWriter:
         self.next_volume = next_volume
         self.stop = stop or threading.Event()
         self.holder = new_holder()
+        self._local = threading.local()
 
     # -- the run ---------------------------------------------------------------------
     def run(self, study_uids: list[str] | None = None) -> WriteReport:
@@ -328,12 +365,19 @@ class DrWriter:
     def _write(self, todo: list[tuple[int, int]], report: WriteReport) -> None:
         volume_set, seq = self._set_and_sequence()
         report.volume_set = volume_set
-        raw_q: queue.Queue = queue.Queue(maxsize=DEPTH)
+        # Segments in flight: DEPTH being sealed or written, one queued, one being read.
+        raw_q: queue.Queue = queue.Queue(maxsize=1)
         halt = threading.Event()
-        reader = threading.Thread(target=self._read_segments, args=(todo, raw_q, halt, report),
+        slabs = _Buffers(DEPTH + 2, self.s.segment_bytes, halt)
+        # Sealed members: DEPTH being sealed or waiting, one being written. Room for
+        # zstd's worst case and age's 16 bytes per 64 KiB; a longer one spills over.
+        self._sealed = _Buffers(DEPTH + 1, self.s.segment_bytes * 65 // 64 + (1 << 20), halt)
+        fetch = ThreadPoolExecutor(FETCHERS, thread_name_prefix="dr-fetch")
+        reader = threading.Thread(target=self._read_segments,
+                                  args=(todo, raw_q, halt, report, slabs, fetch),
                                   name="dr-reader", daemon=True)
         reader.start()
-        pool = ThreadPoolExecutor(2, thread_name_prefix="dr-seal")
+        pool = ThreadPoolExecutor(SEALERS, thread_name_prefix="dr-seal")
         ahead: deque[tuple[_Raw, Future]] = deque()
         barcode = self.first_barcode or self._next_barcode()
         vol = vol_id = None
@@ -375,14 +419,18 @@ class DrWriter:
                     tail = self._new_tail(volume_set, barcode, seq)
                     # Segments are named for their volume: seal this one again for it.
                     member_no = 1
+                    self._sealed.put(sealed.buf)
                     sealed = self._seal(raw, barcode, member_no, volume_set)
-                    for i, (r2, _) in enumerate(list(ahead)):
+                    for i, (r2, old) in enumerate(list(ahead)):
+                        old.add_done_callback(self._drop)
                         ahead[i] = (r2, pool.submit(self._seal, r2, barcode, member_no + i + 1,
                                                     volume_set))
                 offset = vol.member(sealed.name, sealed.chunks)
                 failpoints.hit("dr.after_member")
                 self._record_segment(vol_id, raw, sealed.name, offset, sealed.size, sealed.sha256,
                                      sealed.manifest, tail)
+                slabs.put(raw.slab)
+                self._sealed.put(sealed.buf)
                 vrep.segments += 1
                 report.instances += len({p.instance_fk for p in raw.pieces if p.part == p.parts - 1})
                 report.bytes += raw.bytes
@@ -404,6 +452,7 @@ class DrWriter:
                 except queue.Empty:
                     reader.join(0.05)
             pool.shutdown(wait=True, cancel_futures=True)
+            fetch.shutdown(wait=True, cancel_futures=True)
             if vol is not None:                      # an error mid-volume: it stays 'writing'
                 vol.abort()                          # until the next run marks it failed
         with self.catalog.unit() as uow:
@@ -421,20 +470,33 @@ class DrWriter:
                 "last_of_study": raw.last, "study_instances": raw.study_instances,
                 "study": raw.study_doc}
         front, files, manifest = segment_pieces(stem, head, raw.pieces, raw.digests)
-        cctx = zstandard.ZstdCompressor(level=self.s.zstd_level)
-        enc = crypt.Encryptor(self.recipients)
+        cctx = self._compressor()
+        buf = self._sealed.get()
+        enc = crypt.Encryptor(self.recipients, out=buf)
         try:
             # Two zstd frames (zstd -d reads them as one stream): the manifest's frame
             # stays readable when a later part of the member is damaged.
             enc.write(cctx.compress(front))
             z = cctx.compressobj(size=sum(len(b) for b in files))
-            for buf in files:
-                enc.write(z.compress(buf))
+            for piece in files:
+                enc.write(z.compress(piece))
             enc.write(z.flush())
             chunks, size, sha = enc.finish()
         finally:
             enc.abort()
-        return _Sealed(name, chunks, size, manifest, sha)
+        return _Sealed(name, chunks, size, manifest, sha, buf)
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        """This worker thread's compressor, kept: its tables are allocated once."""
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.s.zstd_level)
+        return cctx
+
+    def _drop(self, fut: Future) -> None:
+        """A seal made for a volume that was closed meanwhile: its buffer is free."""
+        if not fut.cancelled() and fut.exception() is None:
+            self._sealed.put(fut.result().buf)
 
     # -- tail: index and catalog -----------------------------------------------------------------
     def _new_tail(self, volume_set: str, barcode: str, seq: int) -> dict[str, Any]:
@@ -474,9 +536,10 @@ class DrWriter:
                             instances=len(raw.pieces), bytes=raw.bytes)
             uow.session.add(seg)
             uow.session.flush()
-            uow.session.add_all([DrInstance(instance_fk=p.instance_fk, segment_fk=seg.id,
-                                            path=p.file, part=p.part, parts=p.parts)
-                                 for p in raw.pieces])
+            # One executemany, not an ORM object per instance (the writing thread's time).
+            uow.session.execute(insert(DrInstance), [
+                {"instance_fk": p.instance_fk, "segment_fk": seg.id, "path": p.file,
+                 "part": p.part, "parts": p.parts} for p in raw.pieces])
             uow.commit()
 
     def _seal_volume(self, vol: Volume, vol_id: int, vrep: VolumeReport, tail: dict[str, Any],
@@ -504,12 +567,13 @@ class DrWriter:
 
     # -- reading the studies (reader thread) ----------------------------------------------------
     def _read_segments(self, todo: list[tuple[int, int]], out: queue.Queue,
-                       halt: threading.Event, report: WriteReport) -> None:
+                       halt: threading.Event, report: WriteReport, slabs: _Buffers,
+                       fetch: ThreadPoolExecutor) -> None:
         try:
             for study_fk, _ in todo:
                 if halt.is_set() or self.stop.is_set():
                     break
-                for raw in self._study_segments(study_fk, report):
+                for raw in self._study_segments(study_fk, report, slabs, fetch):
                     while not halt.is_set():
                         try:
                             out.put(raw, timeout=0.1)
@@ -528,7 +592,8 @@ class DrWriter:
                 except queue.Full:
                     continue
 
-    def _study_segments(self, study_fk: int, report: WriteReport) -> Iterator[_Raw]:
+    def _study_segments(self, study_fk: int, report: WriteReport, slabs: _Buffers,
+                        fetch: ThreadPoolExecutor) -> Iterator[_Raw]:
         with self.catalog.unit() as uow:
             state = study_state.load(uow.session, study_fk)
             covered = set(uow.session.scalars(
@@ -543,27 +608,78 @@ class DrWriter:
         cap = self.s.segment_bytes
         pieces: list[segment.Piece] = []
         digests: list[str] = []
-        size = 0
-        n = 0
-        for i in range(min(READ_AHEAD, len(todo))):
-            self._read_ahead(todo[i])
-        for idx, inst in enumerate(todo):
-            if idx + READ_AHEAD < len(todo):
-                self._read_ahead(todo[idx + READ_AHEAD])
+        fetching: list[tuple[Any, dict[str, Any], str, Future]] = []
+        size = used = n = 0          # size: of the segment, fetches included; used: of the slab
+        slab: bytearray | None = None
+        # A segment that was cut is yielded once a later piece of the study is known
+        # to be read: if none is (no copy verifies), it is the study's last after all.
+        held: _Raw | None = None
+
+        def settle() -> None:
+            """The instances being fetched join the segment, in order."""
+            nonlocal size, used
+            for inst, entry, path, fut in fetching:
+                try:
+                    data, digest = fut.result()
+                except _NoSource as e:
+                    report.findings.append(Finding("no-source", uid, inst.sop_uid, str(e)))
+                    log.error("DR write: object %s has no copy that verifies; not written",
+                              phi.token(inst.sop_uid))
+                    continue
+                pieces.append(segment.Piece(inst.id, entry, path, data, 0, 1))
+                digests.append(digest)
+            fetching.clear()
+            size = sum(len(p.data) for p in pieces)
+            if not pieces:
+                used = 0
+
+        def cut(last: bool) -> _Raw:
+            nonlocal pieces, digests, size, used, n, slab
+            n += 1
+            raw = _Raw(study_fk, uid, n, last, pieces, doc, len(state.instances), size, last,
+                       digests, slab)
+            pieces, digests, size, used, slab = [], [], 0, 0, None
+            return raw
+
+        for inst in todo:
             entry = {"sop_uid": inst.sop_uid, "version": inst.version,
                      "series_uid": inst.series_uid, "sop_class": inst.sop_class,
                      "transfer_syntax": inst.transfer_syntax, "size": inst.size,
                      "sha256": inst.sha256, "received_at": inst.received_at.isoformat(),
                      "calling_ae": inst.calling_ae, "conflict": inst.conflict}
             path = segment.instance_path(uid, entry)
-            nparts = max(1, -(-inst.size // cap))
+            if inst.size <= cap:
+                # A whole instance: read and hashed by a fetcher straight into its
+                # place in the segment's slab, while the next ones are started.
+                full = size + inst.size > cap or used + inst.size > cap
+                if full and fetching:
+                    settle()
+                    full = size + inst.size > cap or used + inst.size > cap
+                if full and pieces:
+                    held = cut(False)
+                if slab is None:
+                    slab = slabs.get()
+                    if slab is None:
+                        return                    # the writer stopped
+                into = memoryview(slab)[used:used + inst.size]
+                used += inst.size
+                size += inst.size
+                fut = fetch.submit(self._whole, inst, cap, into)
+                fetching.append((inst, entry, path, fut))
+                if held is not None and fut.exception() is None:
+                    yield held
+                    held = None
+                continue
+            # A large instance, in parts read here in turn (each part fills a segment).
+            settle()
+            nparts = -(-inst.size // cap)
             try:
-                for k, (data, digest) in enumerate(self._parts(inst, cap)):
+                for k, (data, digest) in enumerate(self._parts(inst, cap, None)):
                     if pieces and size + len(data) > cap:
-                        n += 1
-                        yield _Raw(study_fk, uid, n, False, pieces, doc, len(state.instances),
-                                   size, False, digests)
-                        pieces, digests, size = [], [], 0
+                        held = cut(False)
+                    if held is not None:
+                        yield held
+                        held = None
                     pieces.append(segment.Piece(inst.id, entry, path, data, k, nparts))
                     digests.append(digest)
                     size += len(data)
@@ -571,38 +687,40 @@ class DrWriter:
                 report.findings.append(Finding("no-source", uid, inst.sop_uid, str(e)))
                 log.error("DR write: object %s has no copy that verifies; not written",
                           phi.token(inst.sop_uid))
+        settle()
         if pieces:
-            n += 1
-            yield _Raw(study_fk, uid, n, True, pieces, doc, len(state.instances), size, True,
-                       digests)
+            yield cut(True)
+        else:
+            slabs.put(slab)
+            if held is not None:
+                held.last = held.done_study = True
+                yield held
 
-    def _read_ahead(self, inst) -> None:  # noqa: ANN001
-        """Ask the kernel to start reading an instance the reader will soon reach
-        (the copy _parts will pick), so the disk reads while the reader hashes."""
-        for loc, c in inst.copies.items():
-            if loc in self.sites and c.state == "ok":
-                try:
-                    with self.sites[loc].open(c.key) as f:
-                        os.posix_fadvise(f.fileno(), 0, min(inst.size, HINT_BYTES),
-                                         os.POSIX_FADV_WILLNEED)
-                except (ObjectNotFound, BackendError, OSError, AttributeError,
-                        io.UnsupportedOperation):
-                    pass   # only a hint: _parts reads (or finds no copy) all the same
-                return
+    def _whole(self, inst, cap: int, into: memoryview  # noqa: ANN001
+               ) -> tuple[bytes | memoryview, str]:
+        """An instance of at most ``cap`` bytes (a fetcher's job)."""
+        return next(self._parts(inst, cap, into))
 
-    def _parts(self, inst, cap: int) -> Iterator[tuple[bytes, str]]:  # noqa: ANN001
+    def _parts(self, inst, cap: int, into: memoryview | None  # noqa: ANN001
+               ) -> Iterator[tuple[bytes | memoryview, str]]:
         """The instance's bytes in parts of at most ``cap``, each with its SHA-256,
-        from a verified copy. A large instance is hashed whole first, then read
-        again part by part (and hashed again), so no part of a copy that does not
-        verify is ever written."""
+        from a verified copy; an instance of at most ``cap`` bytes is read into
+        ``into`` (exactly its size) when given. A large instance is hashed whole
+        first, then read again part by part (and hashed again), so no part of a
+        copy that does not verify is ever written."""
         for loc, c in inst.copies.items():
             if loc in self.sites and c.state == "ok":
                 site = self.sites[loc]
                 try:
                     if inst.size <= cap:
                         with site.open(c.key) as f:
-                            data = f.read()
-                        if len(data) == inst.size and hashlib.sha256(data).hexdigest() == inst.sha256:
+                            if into is None:
+                                data: bytes | memoryview = f.read()
+                                whole = len(data) == inst.size
+                            else:
+                                data = into
+                                whole = f.readinto(into) == inst.size and not f.read(1)
+                        if whole and hashlib.sha256(data).hexdigest() == inst.sha256:
                             yield data, inst.sha256
                             return
                         continue
