@@ -5,6 +5,7 @@ import json
 import socket
 import sys
 
+from tests.integration.test_scrub import files, flip
 from tests.support.daemon import run_cli
 from tests.support.dataset import make_varied_study
 from tests.support.tiering import Install
@@ -16,16 +17,6 @@ alert["env_severity"] = os.environ["PACSVAULT_ALERT_SEVERITY"]
 with open(sys.argv[1], "a") as f:
     f.write(json.dumps(alert) + "\\n")
 """
-
-
-def files(inst: Install, site: int):
-    return sorted((inst.settings.sites[site].path / "objects").rglob("*.dcm"))
-
-
-def flip(path, at: int = -100) -> None:
-    raw = bytearray(path.read_bytes())
-    raw[at] ^= 0x20
-    path.write_bytes(bytes(raw))
 
 
 def test_damaged_copies_raise_one_alert_with_counts_and_no_uid(tmp_path):

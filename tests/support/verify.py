@@ -1,12 +1,13 @@
 """Recount the catalog against every copy: the check every fault test ends with."""
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
+
+from archive.checksum import sha256_file  # noqa: F401 - tests import it from here
 
 
 @dataclass
@@ -17,14 +18,6 @@ class Audit:
     bad: list[str] = field(default_factory=list)        # ok copy absent or wrong SHA-256
     temp_files: list[str] = field(default_factory=list)
     sop_uids: set[str] = field(default_factory=set)
-
-
-def sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def audit(catalog_url: str, sites: dict[str, Path]) -> Audit:
