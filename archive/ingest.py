@@ -102,7 +102,7 @@ class IngestService:
         self.mirror = mirror
         self.clock = clock
         self.committer = GroupCommitter(catalog)
-        # study_uid -> study id, series_uid -> series id: rows are never deleted,
+        # study_uid -> study id, (study id, series_uid) -> series id: rows are never deleted,
         # so a cached id stays valid; saves three SELECTs per object of a study.
         self._studies: _LRU = _LRU(4096)
         self._series: _LRU = _LRU(8192)
@@ -230,11 +230,15 @@ class IngestService:
                 attrs.study_uid, patient_fk, now, attrs.study_date, attrs.study_time,
                 attrs.accession, attrs.study_description, calling_ae[:16])
             learned.append((self._studies, attrs.study_uid, study_fk))
-        series_fk = self._series.get(attrs.series_uid)
+        # Keyed by study too: a series UID reused by another study is another row.
+        series_fk = self._series.get((study_fk, attrs.series_uid))
         if series_fk is None:
-            series_fk = tx.ensure_series(attrs.series_uid, study_fk, attrs.modality,
-                                         attrs.series_number)
-            learned.append((self._series, attrs.series_uid, series_fk))
+            series_fk, reused = tx.ensure_series(attrs.series_uid, study_fk, attrs.modality,
+                                                 attrs.series_number)
+            if reused:
+                log.warning("series %s is also used by another study: filed under study %s "
+                            "as sent, flagged (uid_reused)", attrs.series_uid, attrs.study_uid)
+            learned.append((self._series, (study_fk, attrs.series_uid), series_fk))
             tx.touch_study(study_fk, now)
         return study_fk, series_fk
 

@@ -9,7 +9,7 @@ from archive.catalog import repo
 from archive import jobs
 from archive.rpo import exposure
 from archive.scheduler import schedule_of
-from archive.catalog.models import Bundle, Copy, Instance, ScrubFinding, ScrubRun, Study
+from archive.catalog.models import Bundle, Copy, Instance, ScrubFinding, ScrubRun, Series, Study
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.config.schema import Settings
@@ -81,6 +81,8 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         studies = s.scalar(select(func.count()).select_from(Study)) or 0
         conflicts = s.scalar(select(func.count()).select_from(Instance)
                              .where(Instance.conflict == true())) or 0
+        reused_series = s.scalar(select(func.count(func.distinct(Series.series_uid)))
+                                 .where(Series.uid_reused == true())) or 0
         oldest = repo.oldest_missing(s)
         objects = _object_tier(settings, s, by_loc, studies_by_loc, tier)
         last_scrub = _last_scrub(s)
@@ -118,6 +120,8 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         "studies": studies,
         "bytes": int(total_bytes),
         "conflicts": conflicts,
+        # Series UIDs sent in more than one study (kept apart per study).
+        "series_uid_reused": reused_series,
         "under_replicated": under,
         "oldest_under_replicated_age_s": oldest_age,
         "sites": site_rows,

@@ -119,12 +119,18 @@ def _study_rows(s, doc: dict[str, Any]) -> int:  # noqa: ANN001
         s.add(st)
         s.flush()
     for se in doc.get("series", []):
-        if s.scalar(select(Series.id).where(Series.series_uid == se["series_uid"])) is None:
+        if _series_fk(s, st.id, se["series_uid"]) is None:
             s.add(Series(series_uid=se["series_uid"], study_fk=st.id,
                          modality=se.get("modality", ""),
                          series_number=se.get("series_number", "")))
     s.flush()
     return st.id
+
+
+def _series_fk(s, study_fk: int, series_uid: str) -> int | None:  # noqa: ANN001
+    """Series rows are per study: a series UID another study reused is not this one's."""
+    return s.scalar(select(Series.id).where(Series.study_fk == study_fk,
+                                            Series.series_uid == series_uid))
 
 
 def _instance_row(s, study_fk: int, e: dict[str, Any]) -> int:  # noqa: ANN001
@@ -133,7 +139,7 @@ def _instance_row(s, study_fk: int, e: dict[str, Any]) -> int:  # noqa: ANN001
                                              Instance.version == version))
     if got is not None:
         return got
-    series_fk = s.scalar(select(Series.id).where(Series.series_uid == e["series_uid"]))
+    series_fk = _series_fk(s, study_fk, e["series_uid"])
     if series_fk is None:
         se = Series(series_uid=e["series_uid"], study_fk=study_fk, modality="", series_number="")
         s.add(se)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from archive.catalog.models import Bundle, Copy, Instance, Patient, Series, Study
@@ -78,7 +78,11 @@ def load(session: Session, study_fk: int) -> StudyState:
     study, patient = session.execute(
         select(Study, Patient).join(Patient, Patient.id == Study.patient_fk)
         .where(Study.id == study_fk)).one()
-    series = {s.id: s for s in session.scalars(select(Series).where(Series.study_fk == study_fk))}
+    # The study's series rows, and any row its instances point at: a catalog rebuilt
+    # from foreign media may still file an instance under another study's series.
+    series = {s.id: s for s in session.scalars(select(Series).where(or_(
+        Series.study_fk == study_fk,
+        Series.id.in_(select(Instance.series_fk).where(Instance.study_fk == study_fk)))))}
     # Core rows, not ORM objects: a 50,000-image study loads in a fraction of the time.
     rows = session.execute(
         select(Instance.id, Instance.sop_uid, Instance.version, Instance.series_fk,
@@ -95,7 +99,8 @@ def load(session: Session, study_fk: int) -> StudyState:
         instances[c.instance_fk].copies[c.location] = CopyRow(
             c.id, c.location, c.key, c.state, c.bundle_fk, c.frame_offset, c.frame_length)
     session.expunge_all()  # plain snapshots: usable after the unit of work ends
-    return StudyState(study, patient, {s.series_uid: s for s in series.values()},
+    return StudyState(study, patient, {s.series_uid: s for s in series.values()
+                                       if s.study_fk == study_fk},
                       list(instances.values()))
 
 

@@ -44,6 +44,10 @@ class RawTx:
         row = self.cur.fetchone()
         return None if row is None else row[0]
 
+    def row(self, sql: str, params: tuple) -> tuple | None:
+        self.cur.execute(self._sql(sql), params)
+        return self.cur.fetchone()
+
     def begin(self) -> None:
         if self.sqlite:
             # Take the write lock up front: a deferred transaction that read and then
@@ -90,16 +94,23 @@ class RawTx:
                          (self._ts(now), study_fk))
 
     def ensure_series(self, series_uid: str, study_fk: int, modality: str,
-                      series_number: str) -> int:
-        q = "SELECT id FROM series WHERE series_uid = ?"
-        found = self.one(q, (series_uid,))
+                      series_number: str) -> tuple[int, bool]:
+        """The study's row for this series UID, and whether the UID is also used by
+        another study (then both rows are flagged uid_reused)."""
+        q = "SELECT id, uid_reused FROM series WHERE study_fk = ? AND series_uid = ?"
+        found = self.row(q, (study_fk, series_uid))
         if found is None:
+            elsewhere = self.one("SELECT id FROM series WHERE series_uid = ? AND study_fk <> ? "
+                                 "LIMIT 1", (series_uid, study_fk)) is not None
             self.cur.execute(self._sql(
-                "INSERT INTO series (series_uid, study_fk, modality, series_number) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"),
-                (series_uid, study_fk, modality, series_number))
-            found = self.one(q, (series_uid,))
-        return int(found)
+                "INSERT INTO series (series_uid, study_fk, modality, series_number, uid_reused) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                (series_uid, study_fk, modality, series_number, elsewhere))
+            if elsewhere:
+                self.cur.execute(self._sql("UPDATE series SET uid_reused = ? WHERE series_uid = ?"),
+                                 (True, series_uid))
+            found = self.row(q, (study_fk, series_uid))
+        return int(found[0]), bool(found[1])
 
     def insert_instance(self, *, sop_uid: str, version: int, series_fk: int, study_fk: int,
                         sop_class: str, transfer_syntax: str, size: int, sha256: str,

@@ -59,12 +59,19 @@ class Study(Base):
 
 
 class Series(Base):
+    """One series of one study. A Series Instance UID is meant to be unique, but
+    broken modalities (and spoofed peers) reuse one across studies: each study
+    then gets its own row, so an object stays filed under the study it was sent
+    in, and every such row is flagged (uid_reused) like a conflict."""
+
     __tablename__ = "series"
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_uid: Mapped[str] = mapped_column(String(64), index=True)
     study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     modality: Mapped[str] = mapped_column(String(16), default="")
     series_number: Mapped[str] = mapped_column(String(12), default="")
+    uid_reused: Mapped[bool] = mapped_column(Boolean, default=False)
+    __table_args__ = (UniqueConstraint("study_fk", "series_uid", name="uq_series_study"),)
 
 
 class Instance(Base):

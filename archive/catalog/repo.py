@@ -47,11 +47,19 @@ def touch_study(session: Session, study_fk: int, now: datetime) -> None:
 
 def ensure_series(session: Session, series_uid: str, study_fk: int, modality: str,
                   series_number: str) -> int:
-    q = select(Series.id).where(Series.series_uid == series_uid)
+    """The study's row for this series UID (rows are per study: a UID reused by
+    another study gets a row of its own, flagged uid_reused on both)."""
+    q = select(Series.id).where(Series.study_fk == study_fk, Series.series_uid == series_uid)
     found = session.scalar(q)
     if found is None:
+        elsewhere = session.scalar(select(Series.id).where(
+            Series.series_uid == series_uid, Series.study_fk != study_fk).limit(1)) is not None
         _insert_ignore(session, Series, dict(series_uid=series_uid, study_fk=study_fk,
-                                             modality=modality, series_number=series_number))
+                                             modality=modality, series_number=series_number,
+                                             uid_reused=elsewhere))
+        if elsewhere:
+            session.execute(update(Series).where(Series.series_uid == series_uid)
+                            .values(uid_reused=True))
         found = session.scalar(q)
     return found
 

@@ -48,6 +48,9 @@ def status(ctx: click.Context, as_json: bool, config: str | None) -> None:
     if st["conflicts"]:
         console.print(f"[yellow]{st['conflicts']} instances received again with different "
                       f"content (both versions kept)[/]")
+    if st.get("series_uid_reused"):
+        console.print(f"[yellow]{st['series_uid_reused']} series UIDs were sent in more than one "
+                      f"study (each study keeps its own objects)[/]")
     sc = st["last_scrub"]
     if sc:
         console.print(f"last scrub (run {sc['run_id']}, {', '.join(sc['sites'])}) finished "
