@@ -53,7 +53,7 @@ def _mask(text: str) -> str:
 
 @dataclass(frozen=True)
 class Alert:
-    source: str                         # scrub | migrate | repair | job
+    source: str                         # scrub | migrate | repair | job | audit | ...
     severity: Severity
     summary: str                        # one line, no identifiers
     counts: dict[str, int] = field(default_factory=dict)
@@ -136,6 +136,21 @@ def drill_alert(report: dict[str, Any]) -> Alert:
                  run_id=report.get("drill_id"),
                  details=f"drill {report.get('drill_id')} (seed {report.get('seed')}) in "
                          "`pacsvault drill --history`")
+
+
+def audit_alert(result: dict[str, Any], job_run: int | None) -> Alert:
+    """The audit trail failed verification (``audit.verify``): where, and why (fixed text,
+    no record contents)."""
+    bad = result.get("first_bad") or {}
+    pos = bad.get("position")
+    where = f"broken at record {pos}" if pos is not None else "cannot be verified"
+    return Alert(source="audit", severity="critical",
+                 summary=f"audit trail {where}: {bad.get('why', '')}",
+                 counts={"records": int(result.get("records") or 0),
+                         **({"position": int(pos)} if pos is not None else {})},
+                 run_id=job_run,
+                 details=f"job run {job_run} in `pacsvault jobs`; `pacsvault audit --verify` "
+                         "says the same; docs/security.md (the audit trail) says what to do")
 
 
 def send_alert(settings: AlertSettings, alert: Alert) -> list[str]:

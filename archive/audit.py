@@ -2,13 +2,20 @@
 
 Every event is a row of ``audit_log``, appended under a lock on the one-row
 ``audit_head`` so that records chain in order across processes and daemons
-sharing a catalog. Each record carries the SHA-256 of the previous record and
-its own hash over a canonical form of all its fields, so editing, deleting or
+sharing a catalog. Each record carries the link of the previous record and its
+own link over a canonical form of all its fields, so editing, deleting or
 reordering any record, or cutting the log short, is found by ``verify`` (with
-the position of the first bad record). Checkpoints (the chain's hash at a
-record) are MAC'd with a key kept outside the database and sent with every
-audit message to the collector, an anchor a database administrator cannot
-rewrite.
+the position of the first bad record).
+
+A link is an HMAC-SHA-256 under the install's audit key, kept outside the
+catalog (``<data_dir>/secrets/audit.key``): whoever can write the catalog but
+not read that key cannot re-chain the records after one they changed. Records
+an older version wrote carry the plain SHA-256 link; the position of the first
+keyed record ("keyed-from N") is kept next to the key (``audit.chain``), so a
+rewrite cannot pass keyed records off as old ones, and an old record cannot be
+rewritten without re-chaining the first keyed one. Checkpoints (the chain's
+link at a record, MAC'd with the same key) are also sent with every audit
+message to the collector, an anchor outside this host.
 
 Audit records hold patient IDs and study UIDs: that is their purpose. They
 stay in the catalog (and go to the audit collector); the application log never
@@ -33,6 +40,7 @@ from sqlalchemy import select
 from archive.catalog.models import AuditCheckpoint, AuditHead, AuditRecord
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
+from archive.errors import PacsvaultError
 
 log = logging.getLogger("pacsvault.audit")
 
@@ -43,24 +51,36 @@ ACTIONS = (
     "scrub-finding", "dr-volume-written", "dr-volume-moved", "drill", "login", "login-failed",
     "logout", "user-change", "peer-change", "config-change", "key-use", "audit-read",
 )
+KEYED = "pacsvault-audit-hmac-1"   # the keyed link's domain (never a checkpoint's MAC)
 # Something else that wants every record (the ATNA sender): set by the daemon/CLI.
 _listeners: list[Callable[["Event", int, str], None]] = []
-_key_file: Path | None = None          # the checkpoint MAC key (see configure)
+_key_file: Path | None = None          # this install's audit key (see configure)
+
+
+class AuditKeyMissing(PacsvaultError):
+    """audit key unavailable: {}"""
+
+    exit_code = 1
 
 
 def key_path(data_dir: Path) -> Path:
     return data_dir / "secrets" / "audit.key"
 
 
+def mark_path(key_file: Path) -> Path:
+    """Where the position of the first keyed record is kept (next to the key)."""
+    return key_file.with_name("audit.chain")
+
+
 def configure(data_dir: Path) -> None:
-    """Use (and create) this install's checkpoint key for the records this process writes."""
+    """Sign the records this process writes with this install's audit key. The key
+    is made with the first record of an empty trail, never later: a key that went
+    missing is reported (records are refused, verify fails), not replaced."""
     global _key_file
-    path = key_path(data_dir)
-    try:
-        ensure_key(path)
-        _key_file = path
-    except OSError as e:
-        log.warning("audit checkpoint key unavailable (%s): checkpoints are not signed", e.strerror)
+    _key_file = key_path(data_dir)
+    if _key_file.parent.exists() and not _key_file.exists():
+        log.error("the audit key %s is missing: audit records cannot be written or verified "
+                  "until it is restored from the backup of %s", _key_file, _key_file.parent)
 
 
 @dataclass
@@ -100,25 +120,37 @@ def chain_hash(rec_id: int, at: datetime, actor: str, action: str, outcome: str,
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
+def keyed_hash(key: bytes, rec_id: int, at: datetime, actor: str, action: str, outcome: str,
+               source: str, patient_id: str | None, study_uid: str | None, detail: str,
+               prev: str) -> str:
+    """The link of a record from keyed-from on: HMAC-SHA-256 under the audit key."""
+    canon = json.dumps([KEYED, rec_id, _ts(at), actor, action, outcome, source, patient_id,
+                        study_uid, detail, prev], separators=(",", ":"), ensure_ascii=False)
+    return hmac.new(key, canon.encode(), hashlib.sha256).hexdigest()
+
+
 def record(catalog: Catalog, ev: Event, *, clock: Clock = utcnow,
            key_file: Path | None = None) -> int:
     """Append one event; returns its position (id)."""
     key_file = key_file or _key_file
     if ev.action not in ACTIONS:
         raise ValueError(f"unknown audit action {ev.action!r}")
+    if key_file is None:
+        raise AuditKeyMissing("no audit key configured for this process")
     detail = json.dumps(ev.detail, sort_keys=True, separators=(",", ":"), default=str)
     at = clock()
     with catalog.unit(write=True) as uow:
         s = uow.session
         head = s.execute(select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one()
         rec_id = head.last_id + 1
-        h = chain_hash(rec_id, at, ev.actor[:128], ev.action, ev.outcome, ev.source[:128],
+        key = _signing_key(key_file, rec_id)
+        h = keyed_hash(key, rec_id, at, ev.actor[:128], ev.action, ev.outcome, ev.source[:128],
                        ev.patient_id, ev.study_uid, detail, head.last_hash)
         s.add(AuditRecord(id=rec_id, at=at, actor=ev.actor[:128], action=ev.action,
                           outcome=ev.outcome, source=ev.source[:128], patient_id=ev.patient_id,
                           study_uid=ev.study_uid, detail=detail, prev_hash=head.last_hash, hash=h))
         head.last_id, head.last_hash = rec_id, h
-        if key_file is not None and rec_id % CHECKPOINT_EVERY == 0:
+        if rec_id % CHECKPOINT_EVERY == 0:
             s.add(AuditCheckpoint(upto_id=rec_id, hash=h, at=at, mac=_mac(key_file, rec_id, h)))
         uow.commit()
     for fn in list(_listeners):
@@ -137,24 +169,79 @@ def record_quietly(catalog: Catalog, ev: Event, **kw: Any) -> None:
         log.exception("could not write an audit record (action %s)", ev.action)
 
 
-# -- the checkpoint key ------------------------------------------------------------------
+# -- the audit key and the keyed-from mark --------------------------------------------------
 def ensure_key(path: Path) -> None:
-    """Create the checkpoint MAC key (32 random bytes, mode 0600) if absent."""
+    """Create the audit key (32 random bytes, mode 0600) if absent."""
     if path.exists():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_new(path, secrets.token_hex(32) + "\n")
+
+
+def _write_new(path: Path, text: str) -> None:
+    """A small secret file, created (never replaced), 0600, on disk before we go on."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _read_key(key_file: Path) -> bytes:
+    try:
+        return bytes.fromhex(key_file.read_text().strip())
+    except FileNotFoundError:
+        raise AuditKeyMissing(f"the audit key {key_file} is missing: restore it from the "
+                              f"backup of {key_file.parent}") from None
+    except (OSError, ValueError) as e:
+        raise AuditKeyMissing(f"the audit key {key_file} cannot be read "
+                              f"({getattr(e, 'strerror', None) or 'not hex'})") from None
+
+
+def keyed_from(key_file: Path) -> int | None:
+    """The position of the first keyed record, or None (an older version's trail)."""
+    try:
+        word, n = mark_path(key_file).read_text().split()
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        raise AuditKeyMissing(f"{mark_path(key_file)} cannot be read") from None
+    if word != "keyed-from" or not n.isdigit():
+        raise AuditKeyMissing(f"{mark_path(key_file)} is not a keyed-from mark")
+    return int(n)
+
+
+def _signing_key(key_file: Path, rec_id: int) -> bytes:
+    """The key for record ``rec_id`` (called under the head lock). The first record of
+    an empty trail makes the key; the first one an upgraded install writes sets the
+    keyed-from mark. A trail with records and no key refuses to go on."""
+    if rec_id == 1 and not key_file.exists():
+        ensure_key(key_file)
+    key = _read_key(key_file)
+    if keyed_from(key_file) is None:
+        mark = mark_path(key_file)
+        try:
+            _write_new(mark, f"keyed-from {rec_id}\n")
+        except FileExistsError:       # another process set it first: use theirs
+            pass
+        else:
+            log.info("audit trail: records from %d on are keyed (%s)", rec_id, mark)
+    return key
 
 
 def _mac(key_file: Path, upto: int, h: str) -> str:
-    key = bytes.fromhex(key_file.read_text().strip())
+    key = _read_key(key_file)
     return hmac.new(key, f"{upto}:{h}".encode(), hashlib.sha256).hexdigest()
 
 
 def checkpoint(catalog: Catalog, key_file: Path, clock: Clock = utcnow) -> dict[str, Any]:
     """A checkpoint at the chain's end now (also made every 1000 records)."""
+    _read_key(key_file)                       # a missing key is said, not replaced
     with catalog.unit(write=True) as uow:
         head = uow.session.execute(select(AuditHead).where(AuditHead.id == 1)
                                    .with_for_update()).scalar_one()
@@ -168,7 +255,16 @@ def checkpoint(catalog: Catalog, key_file: Path, clock: Clock = utcnow) -> dict[
 # -- verification ----------------------------------------------------------------------------
 def verify(catalog: Catalog, key_file: Path | None = None,
            anchor: tuple[int, str] | None = None) -> dict[str, Any]:
-    """Walk the chain. The first bad record (its position and why), or ok."""
+    """Walk the chain. The first bad record (its position and why), or ok. Without
+    the audit key nothing can be vouched for: that is a failure, with the key's path."""
+    key_file = key_file or _key_file
+    try:
+        if key_file is None:
+            raise AuditKeyMissing("no audit key configured for this process")
+        key, mark = _read_key(key_file), keyed_from(key_file)
+    except AuditKeyMissing as e:
+        return {"ok": False, "records": 0, "checkpoints": 0, "keyed_from": None,
+                "head": None, "first_bad": {"position": None, "why": str(e)}}
     bad: dict[str, Any] | None = None
     n = 0
     prev = GENESIS
@@ -185,13 +281,10 @@ def verify(catalog: Catalog, key_file: Path | None = None,
                 bad = {"position": r.id, "why": "does not follow the record before it "
                                                 "(a record before it was changed, removed or moved)"}
                 break
-            h = chain_hash(r.id, r.at, r.actor, r.action, r.outcome, r.source, r.patient_id,
-                           r.study_uid, r.detail, r.prev_hash)
-            if h != r.hash:
-                bad = {"position": r.id, "why": "its content was changed after it was written"}
+            bad = _link_problem(r, key, mark, key_file)
+            if bad is not None:
                 break
-            hashes[r.id] = h
-            prev = h
+            hashes[r.id] = prev = r.hash
             expect += 1
         head = s.get(AuditHead, 1)
         if bad is None and head is not None and (head.last_id != expect - 1 or head.last_hash != prev):
@@ -205,8 +298,7 @@ def verify(catalog: Catalog, key_file: Path | None = None,
             if hashes.get(upto) != cp_hash:
                 bad = {"position": upto, "why": f"differs from checkpoint {cp_id}"}
                 break
-            if key_file is not None and key_file.exists() and \
-                    not hmac.compare_digest(_mac(key_file, upto, cp_hash), mac):
+            if not hmac.compare_digest(_mac(key_file, upto, cp_hash), mac):
                 bad = {"position": upto, "why": f"checkpoint {cp_id} is not signed by our key"}
                 break
             checkpoints_ok += 1
@@ -214,8 +306,34 @@ def verify(catalog: Catalog, key_file: Path | None = None,
         at, h = anchor
         if hashes.get(at) != h:
             bad = {"position": at, "why": "differs from the anchor given (kept outside the catalog)"}
-    return {"ok": bad is None, "records": n, "checkpoints": checkpoints_ok,
+    return {"ok": bad is None, "records": n, "checkpoints": checkpoints_ok, "keyed_from": mark,
             "head": {"id": expect - 1, "hash": prev}, "first_bad": bad}
+
+
+def _link_problem(r: AuditRecord, key: bytes, mark: int | None,
+                  key_file: Path) -> dict[str, Any] | None:
+    """Why this record's own link is wrong, or None. From the keyed-from mark on the
+    link must be the keyed one; before it (or with no mark yet) the plain SHA-256."""
+    fields = (r.id, r.at, r.actor, r.action, r.outcome, r.source, r.patient_id, r.study_uid,
+              r.detail, r.prev_hash)
+    keyed = hmac.compare_digest(keyed_hash(key, *fields), r.hash)
+    if mark is not None and r.id >= mark:
+        if keyed:
+            return None
+        if chain_hash(*fields) == r.hash:
+            return {"position": r.id, "why": "its link was computed without the audit key "
+                                             "(a record was rewritten and the chain recomputed)"}
+        return {"position": r.id, "why": "its content was changed after it was written "
+                                         "(its link does not match under the audit key)"}
+    if chain_hash(*fields) == r.hash:
+        return None
+    if keyed:
+        return {"position": r.id, "why": f"it is keyed but {mark_path(key_file)} says keyed "
+                                         f"records start at {mark}: restore that file"
+                                         if mark else
+                                         f"it is keyed but {mark_path(key_file)} is missing: "
+                                         "restore it from the backup"}
+    return {"position": r.id, "why": "its content was changed after it was written"}
 
 
 def query(catalog: Catalog, *, patient_id: str | None = None, study_uid: str | None = None,

@@ -10,7 +10,8 @@ Every run, skipped and failed ones included, is a ``job_runs`` row.
 
 Jobs now: ``migrate`` ([lifecycle].schedule), ``scrub`` ([scrub].schedule) and
 ``scrub-objects`` ([scrub].objects_schedule) and ``dr-write`` ([dr].schedule,
-once recipients are configured) and ``drill`` ([drill].schedule).
+once recipients are configured) and ``drill`` ([drill].schedule) and
+``audit-verify`` ([audit].verify_schedule: the keyed audit chain, checked).
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from typing import Callable
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from archive import jobs
-from archive.alerts import Alert, dr_alert, drill_alert, migrate_alert, scrub_alert, send_alert
+from archive import audit, jobs
+from archive.alerts import Alert, audit_alert, dr_alert, drill_alert, migrate_alert, scrub_alert, send_alert
 from archive.catalog.uow import Catalog
 from archive.clock import utcnow
 from archive.config.schema import Settings
@@ -144,13 +145,15 @@ def run_dr_write_job(settings: Settings, stop: threading.Event, trigger: str = "
                      scheduled_for: datetime | None = None) -> dict:
     """Write the studies not yet on a DR volume of the pool ([dr] device)."""
     from archive.bootstrap import open_object_tier_or_none, open_sites
+    from dr.signing import writer_key
     from dr.writer import DrWriter
 
     def body(catalog: Catalog, run_id: int) -> Outcome:
         tier = open_object_tier_or_none(settings)
         report = DrWriter(catalog, open_sites(settings),
                           tier if hasattr(tier, "open_range") else None, settings.dr,
-                          recipients=list(settings.dr.recipients), stop=stop).run()
+                          recipients=list(settings.dr.recipients),
+                          signing_key=writer_key(settings.data_dir), stop=stop).run()
         j = report.to_json()
         from archive.cli.dr import audit_volumes
         audit_volumes(catalog, DAEMON, j)
@@ -183,6 +186,22 @@ def run_drill_job(settings: Settings, stop: threading.Event, trigger: str = "sch
     return _run_job(settings, "drill", trigger, scheduled_for, body, "job:drill")
 
 
+def run_audit_verify_job(settings: Settings, stop: threading.Event, trigger: str = "schedule",
+                         scheduled_for: datetime | None = None) -> dict:
+    """Check the audit chain under the install's key; a broken chain or a missing key
+    is a critical alert (no record contents in it: the position and why)."""
+    def body(catalog: Catalog, run_id: int) -> Outcome:
+        r = audit.verify(catalog, audit.key_path(settings.data_dir))
+        bad = r["first_bad"] or {}
+        summary = {"records": r["records"], "checkpoints": r["checkpoints"],
+                   **({"position": bad["position"]} if bad.get("position") is not None else {})}
+        line = (f"{r['records']} records intact" if r["ok"] else
+                f"BROKEN at record {bad['position']}: {bad['why']}" if bad.get("position")
+                is not None else f"cannot be verified: {bad['why']}")
+        return Outcome(r, r["ok"], summary, line, None if r["ok"] else audit_alert(r, run_id))
+    return _run_job(settings, "audit-verify", trigger, scheduled_for, body, "job:audit-verify")
+
+
 def scrub_summary(j: dict) -> dict:
     """A scrub report's counts, for job_runs and alerts (no UIDs)."""
     return {k: j[k] for k in ("run_id", "objects", "bytes", "damaged", "repaired",
@@ -202,6 +221,8 @@ def configured_jobs(settings: Settings) -> list[tuple[str, str, object]]:
         out.append(("dr-write", settings.dr.schedule, run_dr_write_job))
     if settings.drill.schedule.strip():
         out.append(("drill", settings.drill.schedule, run_drill_job))
+    if settings.audit.verify_schedule.strip():
+        out.append(("audit-verify", settings.audit.verify_schedule, run_audit_verify_job))
     return out
 
 

@@ -40,8 +40,8 @@ def _day(text: str | None, end: bool = False) -> datetime | None:
 def audit(ctx: click.Context, do_verify: bool, anchor: str | None, do_checkpoint: bool,
           patient: str | None, study: str | None, actor: str | None, since: str | None,
           until: str | None, as_json: bool, config: str | None) -> None:
-    """The audit trail: --verify finds an edited, deleted or reordered record (and
-    says where); --patient / --study / --user / --since / --until answer who
+    """The audit trail: --verify finds an edited, deleted, reordered or re-chained
+    record (and says where; it fails if the audit key is missing); --patient / --study / --user / --since / --until answer who
     touched what, when, from where. Exit 1 if verification fails."""
     settings = settings_from(ctx, config)
     who = authorize(settings, "audit", "audit")
@@ -49,7 +49,6 @@ def audit(ctx: click.Context, do_verify: bool, anchor: str | None, do_checkpoint
     catalog = open_catalog(settings)
     try:
         if do_checkpoint:
-            trail.ensure_key(key)
             cp = trail.checkpoint(catalog, key)
             emit_json(cp) if as_json else click.echo(
                 f"checkpoint at record {cp['upto_id']}: {cp['hash']} (keep it: --anchor "
@@ -66,8 +65,12 @@ def audit(ctx: click.Context, do_verify: bool, anchor: str | None, do_checkpoint
             if as_json:
                 emit_json(r)
             elif r["ok"]:
-                click.echo(f"audit trail intact: {r['records']} records, {r['checkpoints']} "
-                           f"checkpoints; head {r['head']['id']}:{r['head']['hash']}")
+                keyed = (f"keyed from record {r['keyed_from']}" if r["keyed_from"]
+                         else "no keyed records yet")
+                click.echo(f"audit trail intact: {r['records']} records ({keyed}), "
+                           f"{r['checkpoints']} checkpoints; head {r['head']['id']}:{r['head']['hash']}")
+            elif r["first_bad"]["position"] is None:
+                click.echo(f"audit trail cannot be verified: {r['first_bad']['why']}", err=True)
             else:
                 click.echo(f"audit trail BROKEN at record {r['first_bad']['position']}: "
                            f"{r['first_bad']['why']}", err=True)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
+from archive import audit
 from archive.config import config_path_from, load_settings
 from archive.config.schema import Settings
 from archive.errors import PacsvaultError
@@ -23,8 +24,11 @@ def config_option(f: Callable) -> Callable:
 
 
 def settings_from(ctx: click.Context, config: str | None) -> Settings:
+    """The install's settings; audit records this process writes are signed with its key."""
     chosen = config or (ctx.find_root().obj or {}).get("config")
-    return load_settings(config_path_from(chosen))
+    settings = load_settings(config_path_from(chosen))
+    audit.configure(settings.data_dir)
+    return settings
 
 
 def handle_errors(f: Callable) -> Callable:

@@ -445,6 +445,14 @@ class AuditSettings(_Strict):
     ae_title: str = ""                  # our UserID in the messages; "" = dicom.ae_title
     timeout_s: float = Field(5, gt=0, le=120)             # connect/send; the caller never waits
     queue_size: int = Field(10_000, ge=1, le=1_000_000)   # messages held while it is away
+    # The daemon checks the keyed chain (audit --verify) on this cron schedule and
+    # alerts on a failure; "" = by hand only.
+    verify_schedule: str = "45 * * * *"
+
+    @field_validator("verify_schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        return LifecycleSettings._cron(v)
 
     @field_validator("syslog")
     @classmethod

@@ -132,17 +132,19 @@ def test_any_tampering_is_found_with_its_position(inst, case):
 
 
 def test_a_rewritten_chain_is_caught_by_the_checkpoint_and_the_anchor(inst):
-    from archive.audit import chain_hash
+    from archive.audit import keyed_hash
 
     cp = json.loads(cli(inst, "audit", "--checkpoint", "--json").stdout)
-    # An attacker edits record 1 and recomputes every hash after it (a consistent chain).
+    # Someone who also holds the audit key (so the keyed links alone cannot tell) edits
+    # record 1 and recomputes every link after it (a consistent chain).
+    key = bytes.fromhex((inst.settings.data_dir / "secrets" / "audit.key").read_text().strip())
     db(inst, "update audit_log set actor = 'mallory' where id = 1")
     rows = db(inst, "select id, at, actor, action, outcome, source, patient_id, study_uid, detail "
                     "from audit_log order by id")
     prev = "0" * 64
     from datetime import datetime
     for r in rows:
-        h = chain_hash(r[0], datetime.fromisoformat(r[1]), *r[2:], prev)
+        h = keyed_hash(key, r[0], datetime.fromisoformat(r[1]), *r[2:], prev)
         db(inst, "update audit_log set prev_hash = ?, hash = ? where id = ?", prev, h, r[0])
         prev = h
     db(inst, "update audit_head set last_hash = ?", prev)

@@ -194,6 +194,7 @@ def pv(tmp_path: Path):  # noqa: ANN201
 
     def make(audit_toml: str) -> Install:
         inst = Install.create(tmp_path / f"pv{len(made)}", toml_extra="[audit]\n" + audit_toml)
+        audit.configure(inst.settings.data_dir)      # as the CLI and the daemon do
         made.append(inst)
         return inst
 
