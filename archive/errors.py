@@ -54,3 +54,12 @@ class NoHealthySite(PacsvaultError):
     """no online site could take a verified copy: {}"""
 
     exit_code = 20
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line naming why a study failed, fit for a report or a log. Our own
+    errors carry messages written for operators (UIDs, never patient data);
+    anything else is named by its type only: its text may quote catalog rows."""
+    if isinstance(e, PacsvaultError):
+        return str(e)
+    return f"unexpected {type(e).__name__}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import random
 import shutil
 import time
@@ -37,11 +38,14 @@ from archive.catalog.models import (
 from archive.catalog.uow import Catalog
 from archive.checksum import sha256_file
 from archive.clock import Clock, utcnow
+from archive.errors import describe_failure
 from archive.jobs import _iso
 from dr.deliver import DirDelivery
 from dr.restore import Restorer
 from dr.writer import GOOD_STATES
 from tiers.backend import Backend
+
+log = logging.getLogger("pacsvault.drill")
 
 TIERS = ("online", "objects", "dr")
 
@@ -157,13 +161,18 @@ class Driller:
             for f in j["failures"]:
                 report.failures.append({"tier": tier, **f})
             checked = 0
-            by_sop = {d["sop_uid"]: d for d in j["instances_detail"]}
+            # Keyed by (study, SOP UID, version): two objects under one SOP UID (a
+            # conflict, or the UID sent again in another study) are checked apart.
+            restored = {(d["study_uid"], d["sop_uid"], d.get("version", 1))
+                        for d in j["instances_detail"]}
             with self.catalog.unit() as uow:
                 rows = uow.session.execute(
                     select(Instance.sop_uid, Instance.version, Instance.sha256, Instance.series_fk,
                            Study.study_uid).join(Study, Study.id == Instance.study_fk)
-                    .where(Instance.sop_uid.in_(list(by_sop)))).all()
+                    .where(Instance.sop_uid.in_(list({sop for _, sop, _ in restored})))).all()
             for sop, version, sha, _, study in rows:
+                if (study, sop, version) not in restored:
+                    continue
                 name = sop + (f".v{version}" if version != 1 else "")
                 found = list(area.glob(f"{study}/*/{name}.dcm"))
                 why = "missing after restore" if not found else _check_file(found[0], sop, study, sha)
@@ -178,6 +187,10 @@ class Driller:
                 "time_to_last_s": j["time_to_last_s"], "mb_per_s": j["mb_per_s"],
                 "volumes_read": [v["barcode"] for v in j["volumes_needed"] if v["read"]],
             }
+        except Exception as e:  # noqa: BLE001 - one failed tier never stops the others
+            why = describe_failure(e)
+            report.failures.append({"tier": tier, "reason": f"drill of this tier failed: {why}"})
+            log.error("drill of tier %s failed (%s); going on with the others", tier, why)
         finally:
             shutil.rmtree(area, ignore_errors=True)
 

@@ -38,7 +38,7 @@ from archive import failpoints, phi
 from archive.catalog.models import Bundle, DrInstance, DrSegment, DrVolume, Patient, Study
 from archive.catalog.uow import Catalog
 from archive.checksum import sha256_file
-from archive.errors import InvalidInput
+from archive.errors import InvalidInput, describe_failure
 from archive.uids import validate_uid
 from dr import crypt, segment
 from dr.deliver import Delivery
@@ -169,12 +169,19 @@ class Restorer:
         report.studies = len(studies)
         todo: list[Item] = []
         for fk, uid in studies:
-            with self.catalog.unit() as uow:
-                state = study_state.load(uow.session, fk)
-            for inst in state.instances:
-                item = Item(inst, uid, fk)
+            try:
+                with self.catalog.unit() as uow:
+                    state = study_state.load(uow.session, fk)
+                items = [Item(inst, uid, fk) for inst in state.instances]
+                there = [self.delivery.done(item) for item in items]
+            except Exception as e:  # noqa: BLE001 - one bad study never stops the others
+                why = describe_failure(e)
+                report.failures.append({"study_uid": uid, "reason": f"study not restored: {why}"})
+                log.error("restore: study %s not restored (%s); going on with the others", uid, why)
+                continue
+            for item, done in zip(items, there):
                 report.instances += 1
-                if self.delivery.done(item):
+                if done:
                     report.already_there += 1
                 else:
                     todo.append(item)
@@ -203,7 +210,7 @@ class Restorer:
         report.bytes += item.inst.size
         report.by_source[source] = report.by_source.get(source, 0) + 1
         report.per_instance.append({"sop_uid": item.inst.sop_uid, "study_uid": item.study_uid,
-                                    "source": source})
+                                    "version": item.inst.version, "source": source})
         self.progress(1)
 
     def _scratch_file(self) -> tuple[int, Path]:

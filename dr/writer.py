@@ -46,11 +46,11 @@ from sqlalchemy import func, insert, select, update
 from archive import failpoints, phi
 from archive.catalog import lease
 from archive.catalog.lease import _dead_local_holder, new_holder
-from archive.catalog.models import DrInstance, DrSegment, DrVolume, Instance
+from archive.catalog.models import DrInstance, DrSegment, DrVolume, Instance, Study
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.config.schema import DrSettings
-from archive.errors import InvalidInput
+from archive.errors import InvalidInput, describe_failure
 from dr import crypt, segment
 from dr.keys import fingerprint
 from dr.sinks import LABEL, Volume, one_volume_per_run, open_volume
@@ -189,6 +189,10 @@ class _Buffers:
     def put(self, buf: bytearray | None) -> None:
         if buf is not None:
             self.free.put(buf)
+
+    def replace_lost(self) -> None:
+        with self.lock:
+            self.unmade += 1
 
 
 def pending_studies(session, pool: str, study_fks: list[int] | None = None) -> list[tuple[int, int]]:  # noqa: ANN001
@@ -573,15 +577,25 @@ class DrWriter:
             for study_fk, _ in todo:
                 if halt.is_set() or self.stop.is_set():
                     break
-                for raw in self._study_segments(study_fk, report, slabs, fetch):
-                    while not halt.is_set():
-                        try:
-                            out.put(raw, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if halt.is_set():
-                        return
+                try:
+                    for raw in self._study_segments(study_fk, report, slabs, fetch):
+                        while not halt.is_set():
+                            try:
+                                out.put(raw, timeout=0.1)
+                                break
+                            except queue.Full:
+                                continue
+                        if halt.is_set():
+                            return
+                except Exception as e:  # noqa: BLE001 - one bad study never stops the others
+                    # The failed study may have taken a slab it never handed on: let one
+                    # more be made rather than let the pool run dry.
+                    slabs.replace_lost()
+                    uid = self._study_uid(study_fk)
+                    why = describe_failure(e)
+                    report.findings.append(Finding("study-failed", uid, "", f"not written: {why}"))
+                    log.error("DR write: study %s not written (%s); going on with the others",
+                              uid, why)
         except Exception:
             log.exception("DR reader failed")
         finally:
@@ -591,6 +605,11 @@ class DrWriter:
                     break
                 except queue.Full:
                     continue
+
+    def _study_uid(self, study_fk: int) -> str:
+        with self.catalog.unit() as uow:
+            return uow.session.scalar(select(Study.study_uid).where(Study.id == study_fk)) or \
+                f"(study row {study_fk})"
 
     def _study_segments(self, study_fk: int, report: WriteReport, slabs: _Buffers,
                         fetch: ThreadPoolExecutor) -> Iterator[_Raw]:

@@ -35,6 +35,7 @@ from archive import phi
 from archive.catalog.models import Bundle, Copy, Instance, ScrubFinding, ScrubRun, Study
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
+from archive.errors import describe_failure
 from tiers.backend import Backend, BackendError, FilePayload, ObjectNotFound
 from tiers.bundle import BundleError, extract_to
 
@@ -236,7 +237,10 @@ class Scrubber:
                     report.objects += 1
                     report.bytes += got[0] if got else 0
                     if got is None or got != (r.size, r.sha256):
-                        self._damaged(run_id, site, r, got, report)
+                        try:
+                            self._damaged(run_id, site, r, got, report)
+                        except Exception as e:  # noqa: BLE001 - one bad object never stops the scrub
+                            self._failed(site.name, r.key, e, report)
                     elif r.state != "ok":
                         self._set_copy(r.id, "ok")   # a copy thought bad now verifies
                 self._save(run_id, site.name, rows[-1].id, report)
@@ -290,6 +294,14 @@ class Scrubber:
                                          repaired_from=source, detail=detail[:256],
                                          found_at=self.clock()))
             uow.commit()
+
+    def _failed(self, location: str, key: str, e: Exception, report: ScrubReport) -> None:
+        """Damage that could not even be recorded or repaired: a named finding (so the
+        run exits non-zero), and the scrub goes on with the next object."""
+        why = describe_failure(e)
+        report.findings.append(Finding("failed", location, key,
+                                       detail=f"damaged, not handled: {why}"))
+        log.error("scrub: %s on %s damaged and not handled (%s); going on", key, location, why)
 
     def repair_copy(self, target: Backend, row: Any) -> str | None:
         """Rewrite one copy (row: id, instance_fk, key, size, sha256) on ``target``

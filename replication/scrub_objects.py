@@ -88,7 +88,10 @@ class ObjectTierScrubber(Scrubber):
                     if self.stop.is_set():
                         break
                     if sample >= 1.0 or rng.random() < sample:
-                        self._scrub_bundle(run.id, b, report)
+                        try:
+                            self._scrub_bundle(run.id, b, report)
+                        except Exception as e:  # noqa: BLE001 - one bad bundle never stops the scrub
+                            self._failed(b.location, b.key, e, report)
                     after = b.id
                     self._save(run.id, name, after, report)
                     self.progress(1)
@@ -166,19 +169,19 @@ class ObjectTierScrubber(Scrubber):
                   phi.token(study_uid), b.location, len(bad),
                   f", {whole}" if whole else "",
                   f"bundled again from {source}" if source else "no online copy to rebuild it")
-        findings = [Finding("corrupt" if source else "unrecoverable", b.location, b.key,
-                            e.sop_uid, study_uid, source,
-                            f"instance frame: {why}" + ("" if source else
-                                                        "; no verified copy online or on the tier"))
-                    for e, why in bad]
+        # Each finding with its instance id: two versions of one SOP UID are two objects.
+        findings = [(Finding("corrupt" if source else "unrecoverable", b.location, b.key,
+                             e.sop_uid, study_uid, source,
+                             f"instance frame: {why}" + ("" if source else
+                                                         "; no verified copy online or on the tier")),
+                     e.instance_fk) for e, why in bad]
         if whole and not bad:
             # Every instance frame still verifies: the data is intact, the container is not.
-            findings.append(Finding("corrupt", b.location, b.key, None, study_uid, source,
-                                    f"{whole}; every instance frame verifies"))
-        for f in findings:
+            findings.append((Finding("corrupt", b.location, b.key, None, study_uid, source,
+                                     f"{whole}; every instance frame verifies"), None))
+        for f, inst in findings:
             report.findings.append(f)
             with self.catalog.unit(write=True) as uow:
-                inst = next((e.instance_fk for e, _ in bad if e.sop_uid == f.sop_uid), None)
                 uow.session.add(ScrubFinding(run_fk=run_id, kind=f.kind, location=f.site,
                                              key=f.key, instance_fk=inst,
                                              repaired_from=f.repaired_from,

@@ -65,7 +65,8 @@ class Written:
     size: int = 0
     sha256: str = ""
     manifest: dict = field(default_factory=dict)
-    # (sop_uid, source index, reason) for every source that failed and was skipped.
+    # (sop_uid, version, source index, reason) for every source that failed and was
+    # skipped: the version tells apart two objects received under one SOP UID.
     bad_sources: list = field(default_factory=list)
 
 
@@ -142,7 +143,7 @@ def write_bundle(out: BinaryIO, study: dict, members: Iterable[Member], *, level
             offset = w.n
             if fut is not None:
                 frame, why_list = fut.result()
-                bad.extend((m.sop_uid, i, why) for i, why in why_list)
+                bad.extend((m.sop_uid, m.version, i, why) for i, why in why_list)
                 if frame is None:
                     raise BundleError(f"member {len(entries)}: no source matches its "
                                       f"size/SHA-256 ({why_list[-1][1]})")
@@ -188,7 +189,7 @@ def _stream_member(cctx: zstandard.ZstdCompressor, w: "_HashingWriter", m: Membe
         why = _compress_member(cctx, w, m, source)
         if why is None:
             return
-        bad.append((m.sop_uid, index, why))
+        bad.append((m.sop_uid, m.version, index, why))
         if not seekable or index == len(sources) - 1:
             raise BundleError(f"member {index_in_bundle}: no source matches its "
                               f"size/SHA-256 ({why})")

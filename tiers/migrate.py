@@ -38,7 +38,7 @@ from archive.catalog.models import Bundle, Copy
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.config.schema import Settings
-from archive.errors import InvalidInput, PacsvaultError
+from archive.errors import InvalidInput, PacsvaultError, describe_failure
 from archive.uids import validate_uid
 from tiers import policy
 from tiers.backend import (
@@ -209,6 +209,7 @@ class Migrator:
         report = MigrateReport(dry_run, self.tier.name)
         if not dry_run:
             self.sweep_scratch()
+            self._sweep_tier_temp()
             self._sweep_uploads()
             self.finish_interrupted_purges(report)
         report.studies = self.plan(study_uids)
@@ -240,6 +241,14 @@ class Migrator:
             except (PacsvaultError, BundleError) as e:
                 result.outcome, result.reason = "failed", str(e)
                 log.error("migration of study %s failed: %s", phi.token(result.study_uid), e)
+            except Exception as e:  # noqa: BLE001 - one bad study never stops the others
+                why = describe_failure(e)
+                result.outcome, result.reason = "failed", why
+                report.findings.append(Finding("study-failed", result.study_uid,
+                                               f"not migrated: {why}"))
+                log.error("migration of study %s failed (%s); going on with the others",
+                          result.study_uid, why)
+                log.debug("migration of study %s failed", result.study_uid, exc_info=True)
         report.seconds = time.monotonic() - t0
         return report
 
@@ -314,6 +323,16 @@ class Migrator:
     def _check_lease(held: lease.HeldLease | None) -> None:
         if held is not None and held.lost:
             raise lease.LeaseHeld("the study", "lease lost during migration")
+
+    def _sweep_tier_temp(self) -> None:
+        """Remove the temp files a killed run left in a directory tier's tmp/: whole
+        bundles, patient data. Only our own temp naming, never one a live writer holds."""
+        sweep = getattr(self.tier, "sweep_temp", None)
+        if sweep is None:
+            return
+        n = sweep()
+        if n:
+            log.info("removed %d temp files an interrupted run left on %s", n, self.tier.name)
 
     def _sweep_uploads(self) -> None:
         """Abort multipart uploads a crash left on the tier over a day ago (their
@@ -479,8 +498,9 @@ class Migrator:
         key = bundle_key(state.study.study_uid, bundle_id)
         self.scratch.mkdir(parents=True, exist_ok=True)
         tmp = self.scratch / f"{bundle_id}.pvb.tmp"
-        used = {i.sop_uid: self._sources(i) for i in insts}
-        members = [self._member(i, used[i.sop_uid]) for i in insts]
+        # By instance id: two versions of one SOP UID are two objects with their own files.
+        used = {i.id: self._sources(i) for i in insts}
+        members = [self._member(i, used[i.id]) for i in insts]
         with self.catalog.unit(write=True) as uow:
             # Size and SHA-256 follow once the bundle is written, always before
             # the upload can complete (a streamed upload waits for the end).
@@ -552,11 +572,12 @@ class Migrator:
             tmp.unlink(missing_ok=True)
 
     def _report_bad_sources(self, state: StudyState, insts: list[InstanceRow],
-                            used: dict[str, list[tuple[str, str]]], written: Written,
+                            used: dict[int, list[tuple[str, str]]], written: Written,
                             report: MigrateReport) -> None:
-        for sop_uid, index, why in written.bad_sources:
-            inst = next(i for i in insts if i.sop_uid == sop_uid)
-            site, _ = used[sop_uid][index]
+        by_version = {(i.sop_uid, i.version): i for i in insts}
+        for sop_uid, version, index, why in written.bad_sources:
+            inst = by_version[(sop_uid, version)]
+            site, _ = used[inst.id][index]
             self._mark_copy(inst.id, site, "corrupt")
             report.findings.append(Finding("corrupt-online-copy", state.study.study_uid,
                                            f"online copy {why}; bundled from the mirror",

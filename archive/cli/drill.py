@@ -85,8 +85,9 @@ def drill(ctx: click.Context, sample: int | None, tier: str, identities: tuple[P
     for t, why in j["skipped_tiers"].items():
         click.echo(f"SKIPPED tier {t}: {why}", err=True)
     for f in j["failures"]:
-        click.echo(f"FAILED {f['tier']}: instance {f['sop_uid']} of study {f['study_uid']}: "
-                   f"{f['reason']}", err=True)
+        what = (f"instance {f['sop_uid']} of study {f['study_uid']}" if "sop_uid" in f else
+                f"study {f['study_uid']}" if "study_uid" in f else "the tier")
+        click.echo(f"FAILED {f['tier']}: {what}: {f['reason']}", err=True)
     if as_json:
         emit_json(j)
     else:

@@ -140,8 +140,8 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
                        + ("; recall it first" if v["must_recall"] else "")
                        + ("" if v["read"] else "; not read"), err=True)
     for f in j["failures"]:
-        click.echo(f"FAILED instance {f['sop_uid']} of study {f['study_uid']}: {f['reason']}",
-                   err=True)
+        what = f"instance {f['sop_uid']} of study" if "sop_uid" in f else "study"
+        click.echo(f"FAILED {what} {f['study_uid']}: {f['reason']}", err=True)
     if deid is not None and any(j["deidentification"]["needs_review"].values()):
         click.echo("REVIEW before release: pixel data and document/report content are not "
                    "de-identified; " + ", ".join(f"{k.replace('_', ' ')}: {v} instance(s)" for k, v

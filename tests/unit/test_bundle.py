@@ -141,7 +141,7 @@ def test_bad_first_source_falls_back_to_the_mirror(tmp_path):
         w = write_bundle(f, {"study_uid": "1.2"}, members)
     data = (tmp_path / "b.pvb").read_bytes()
     assert w.size == len(data) and w.sha256 == hashlib.sha256(data).hexdigest()
-    assert w.bad_sources == [("1.2.3", 0, "SHA-256 differs")]
+    assert w.bad_sources == [("1.2.3", 1, 0, "SHA-256 differs")]
     r = BundleReader(lambda o, n: data[o:o + n], len(data))
     assert [r.read(e) for e in r.manifest["instances"]] == [good, b"xyz"]
 
