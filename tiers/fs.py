@@ -19,9 +19,11 @@ copies nobody will find.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import threading
 import uuid
@@ -49,6 +51,8 @@ CHUNK = 1024 * 1024
 # hash_each asks the kernel for at most this much of a file ahead of its read: enough
 # for a whole image, and a huge file cannot pull gigabytes into the cache at once.
 READ_AHEAD = 8 * CHUNK
+# Our temp files: put() names them so; a sweep removes nothing else.
+TEMP_NAME = re.compile(r"^[0-9a-f]{24}\.tmp$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -101,18 +105,29 @@ class FilesystemBackend:
         _fsync_dir(self.root)
 
     def sweep_temp(self) -> int:
-        """Remove files a crash left in tmp/ (never visible objects). Returns the count."""
+        """Remove files a crash left in tmp/ (never visible objects). Returns the count.
+        Only files named as put() names them, and only those no live writer holds:
+        put() keeps an exclusive flock on its temp file until it is done, and the
+        kernel drops it when the writer dies, so another process may sweep at any time."""
         removed = 0
         tmpdir = self.root / "tmp"
         if not (self.root / MARKER).exists() or not tmpdir.is_dir():
             return 0
         for entry in os.scandir(tmpdir):
-            if entry.name.endswith(".tmp"):
-                try:
-                    os.unlink(entry.path)
-                    removed += 1
-                except FileNotFoundError:
-                    pass
+            if not TEMP_NAME.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:             # held by a live writer, or already gone
+                pass
+            finally:
+                os.close(fd)
         return removed
 
     # -- health --------------------------------------------------------------
@@ -170,6 +185,7 @@ class FilesystemBackend:
         fd = -1
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)  # RDWR: verified by re-reading
+            fcntl.flock(fd, fcntl.LOCK_EX)    # a sweep by another process leaves it alone
             written = 0
             with payload.open() as src:
                 while True:
@@ -188,8 +204,8 @@ class FilesystemBackend:
             actual = self._hash_fd(fd)
             if actual != payload.sha256:
                 raise CopyCorrupt("put", self.name, key)
-            os.close(fd)
-            fd = -1
+            # fd stays open (its flock held) until the temp name is gone: a sweep
+            # must not take the file between here and the link.
             self._ensure_dir(final.parent)
             if replace:
                 os.rename(tmp, final)
@@ -206,13 +222,13 @@ class FilesystemBackend:
         except OSError as e:
             raise self._classify("put", e) from None
         finally:
-            if fd >= 0:
-                os.close(fd)
             if tmp.exists():
                 try:
                     os.unlink(tmp)
                 except OSError:
                     pass
+            if fd >= 0:
+                os.close(fd)
 
     def _hash_fd(self, fd: int) -> str:
         if self.drop_cache:

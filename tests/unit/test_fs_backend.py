@@ -116,9 +116,10 @@ def test_hostile_keys_refused(site, key):
 
 
 def test_sweep_removes_crash_leftovers(site):
-    (site.root / "tmp" / "abc.tmp").write_bytes(b"patient data")
+    (site.root / "tmp" / "0123456789abcdef01234567.tmp").write_bytes(b"patient data")
+    (site.root / "tmp" / "abc.tmp").write_bytes(b"not ours")      # not put()'s naming
     assert site.sweep_temp() == 1
-    assert list((site.root / "tmp").iterdir()) == []
+    assert [p.name for p in (site.root / "tmp").iterdir()] == ["abc.tmp"]
 
 
 def test_ranged_read_is_exact_or_an_error(site):
