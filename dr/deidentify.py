@@ -22,7 +22,8 @@ The delivered file has new UIDs and a new name, so "already delivered" cannot
 be asked of the inner delivery with the original item: a journal (in the
 spool, mode 0600) keyed by the original SOP UID records what was delivered and
 under which names, and the key when it was random, so an interrupted export
-resumes with the same mapping.
+resumed with ``--resume`` keeps the same mapping. A new export (no ``--resume``)
+starts a new journal, and a complete one removes it.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from typing import Any
 from archive import phi
 from archive.checksum import sha256_file
 from archive.errors import InvalidInput
-from dr.deliver import Delivery, DirDelivery, OnlineDelivery
+from dr.deliver import AeDelivery, Delivery, DirDelivery, OnlineDelivery
 
 METHOD = "pacsvault basic profile (dicognito {})"   # LO: at most 64 characters
 CODES = (   # PS3.16 CID 7050, what was actually done
@@ -86,7 +87,7 @@ class _Renamed:
 
 class DeidentifyingDelivery:
     def __init__(self, inner: Delivery, *, journal: Path, key: str | None = None,
-                 map_file: Path | None = None) -> None:
+                 map_file: Path | None = None, resume: bool = False) -> None:
         if isinstance(inner, OnlineDelivery):
             # De-identified copies must never replace the archive's originals.
             raise InvalidInput("--deidentify exports copies: use --to DIR or --to-ae, never --online")
@@ -104,6 +105,10 @@ class DeidentifyingDelivery:
             stale.unlink(missing_ok=True)     # a run killed while writing one
         self.journal = journal
         self.entries: dict[str, dict[str, Any]] = {}
+        # Like AeDelivery's, the journal lives as long as its run: only --resume reads it.
+        self.restarted = journal.exists() and not resume
+        if self.restarted:
+            journal.unlink()
         self.key, self.key_given = self._open_journal(key)
         self._anonymizers: dict[str, Any] = {}
         self.changed = 0
@@ -197,6 +202,12 @@ class DeidentifyingDelivery:
         self.log.close()
         if self.map_file is not None:
             self._write_map()
+
+    def expire(self) -> None:
+        """The export delivered everything: nothing is left to resume."""
+        self.journal.unlink(missing_ok=True)
+        if isinstance(self.inner, AeDelivery):
+            self.inner.expire()
 
     # -- the work -------------------------------------------------------------------------
     def _anonymizer(self, patient: str) -> Any:

@@ -42,6 +42,10 @@ from archive.errors import InvalidInput
 @click.option("--deid-map", default=None, metavar="FILE",
               type=click.Path(dir_okay=False, path_type=Path),
               help="Write the original -> new UID mapping to FILE (mode 0600).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted restore to a PACS or de-identified export (same "
+                   "target and studies): skip what it delivered. Without it a run sends "
+                   "everything again.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
 @config_option
 @click.pass_context
@@ -50,7 +54,7 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
             accession: str | None, from_date: str | None, to_date: str | None,
             to_dir: Path | None, to_ae: str | None, to_online: bool, from_tier: str | None,
             identities: tuple[Path, ...], volume_paths: tuple[str, ...], deidentify: bool,
-            deid_key: str | None, deid_map: Path | None, as_json: bool,
+            deid_key: str | None, deid_map: Path | None, resume: bool, as_json: bool,
             config: str | None) -> None:
     """Restore studies, every instance checked against its catalog SHA-256 first.
 
@@ -58,9 +62,12 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
     (read once each, in order; the report lists the volumes needed and their
     custody state: an offsite volume must be recalled first). A copy that does
     not verify falls through to the next tier. Delivered to a directory, to a
-    PACS by C-STORE, or back onto the online sites. Run again after an
-    interruption: what is already delivered is skipped. Exits 1 if any
-    instance could not be restored; the report names it and why.
+    PACS by C-STORE, or back onto the online sites. A file already in the
+    directory with the right SHA-256, or a copy already online, is skipped.
+    A PACS cannot be asked what it holds, so a restore there keeps a journal
+    for its run only: `--resume` continues an interrupted run, any other run
+    sends everything. Exits 1 if any instance could not be restored; the
+    report names it and why.
     """
     from dr.deliver import AeDelivery, DirDelivery, OnlineDelivery
     from dr.keys import load_identities
@@ -87,7 +94,8 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
             contexts = _contexts(catalog, [fk for fk, _ in chosen])
             key = hashlib.sha1(f"{to_ae}|{sorted(u for _, u in chosen)}".encode()).hexdigest()
             delivery = AeDelivery(to_ae, settings.dicom.ae_title, contexts,
-                                  settings.ingest.spool_dir / "restore" / f"{key}.journal")
+                                  settings.ingest.spool_dir / "restore" / f"{key}.journal",
+                                  resume=resume)
         deid = None
         if deidentify:
             from dr.deidentify import DeidentifyingDelivery, journal_path
@@ -95,7 +103,10 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
             deid = delivery = DeidentifyingDelivery(
                 delivery, key=deid_key, map_file=deid_map, journal=journal_path(
                     settings.ingest.spool_dir, str(to_dir.resolve()) if to_dir else to_ae,
-                    [u for _, u in chosen]))
+                    [u for _, u in chosen]), resume=resume)
+        if any(getattr(d, "restarted", False) for d in (delivery, getattr(delivery, "inner", None))):
+            click.echo(f"an interrupted restore to {delivery.name} was not resumed: sending "
+                       "everything again (--resume continues it instead)", err=True)
         tier = open_object_tier_or_none(settings)
 
         def load(barcode: str, device: str) -> bool:
@@ -122,6 +133,8 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
 
                     audit_exports(catalog, deid, actor=actor.name, target="dir" if to_dir else "ae",
                                   ok=report is not None and report.ok)
+            if report.ok and hasattr(delivery, "expire"):
+                delivery.expire()           # complete: the next run is a new one
             j = report.to_json()
             if deid is not None:
                 j |= {"deidentified": True, "deidentification": deid.summary()}

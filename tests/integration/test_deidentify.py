@@ -168,17 +168,19 @@ def test_an_interrupted_export_resumes_with_the_same_mapping(inst, tmp_path):
     assert p.returncode == -9 and len(list(out.rglob("*.dcm"))) == 4
     # A key other than the (random) one it started with is refused.
     p = run_cli(inst.config, "restore", "--patient", "TEST-0001", "--to", str(out), "--deidentify",
-                "--deid-key", KEY, check=False)
+                "--deid-key", KEY, "--resume", check=False)
     assert p.returncode == 4 and "different de-identification key" in p.stderr
-    r = export(inst, out)
+    r = export(inst, out, "--resume")
     n = len(inst.made)
     assert r["already_there"] == 4 and r["restored"] == n - 4
     files = list(out.rglob("*.dcm"))
     assert len(files) == n
     assert len({dcmread(f).StudyInstanceUID for f in files}) == 1
     assert not any(p.name.endswith(".tmp") for p in out.rglob("*"))
-    again = export(inst, out)
-    assert again["already_there"] == n and again["restored"] == 0
+    # Complete: nothing is left to resume; a later export is a new one (a new random key).
+    again = export(inst, out, "--resume")
+    assert again["already_there"] == 0 and again["restored"] == n
+    assert len(list(out.rglob("*.dcm"))) == 2 * n
 
 
 @pytest.mark.needs_dcmtk
@@ -202,7 +204,9 @@ def test_a_deidentified_export_to_a_pacs(inst, tmp_path):
         again = json.loads(run_cli(inst.config, "restore", "--patient", "TEST-0001", "--to-ae",
                                    f"STORESCP@127.0.0.1:{scp.port}", "--deidentify",
                                    "--json").stdout)
-        assert again["already_there"] == len(inst.made) and len(scp.received()) == len(got)
+        # A later export is a new run (new random key, new UIDs): everything is sent again.
+        assert again["already_there"] == 0 and again["restored"] == len(inst.made)
+        assert len(scp.received()) == 2 * len(got)
     finally:
         scp.stop()
     catalog = inst.catalog()
@@ -211,4 +215,4 @@ def test_a_deidentified_export_to_a_pacs(inst, tmp_path):
                 if x["action"] == "export"]
     finally:
         catalog.close()
-    assert [x["detail"]["target"] for x in recs] == ["ae"]
+    assert [x["detail"]["target"] for x in recs] == ["ae", "ae"]     # two exports, two records

@@ -2,11 +2,13 @@
 
 It writes each received object to ``outdir`` (no fsync: dcmtk does not offer
 one) and forks one child per association, so parallel associations are served in
-parallel. ``TCP_NODELAY=1`` is always in its environment (dcmtk keeps Nagle's
-algorithm on otherwise). Ready when ``echoscu`` gets an answer.
+parallel. ``TCP_NODELAY=1`` is in its environment (dcmtk keeps Nagle's algorithm
+on otherwise) unless ``nodelay=False``: a PACS as shipped, to show that our own
+SCU does not depend on the peer's setting. Ready when ``echoscu`` gets an answer.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -28,6 +30,7 @@ class StoreSCP(LoggedProcess):
     port: int = 0
     fork: bool = True
     promiscuous: bool = True   # accept unknown (private, retired) SOP classes too
+    nodelay: bool = True       # TCP_NODELAY=1 in its environment
     proc: subprocess.Popen | None = None
 
     @property
@@ -48,7 +51,9 @@ class StoreSCP(LoggedProcess):
         args.append(str(self.port))
         self.log_path = self.workdir / "storescp.log"
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env(),
+        env = dcmtk_env() if self.nodelay else {k: v for k, v in os.environ.items()
+                                                 if k != "TCP_NODELAY"}
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, cwd=self.workdir)
         log.close()
         deadline = time.monotonic() + timeout
