@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import PACSVAULT, run_cli
-from tests.support.dataset import make_ct_series, make_varied_study
+from tests.support.dataset import make_conflict, make_ct_series, make_varied_study
 from tests.support.tiering import Install
 
 SEGMENT = 128 * 1024
@@ -371,3 +371,22 @@ def test_the_scheduled_dr_job_writes_and_records_its_run(dr, tmp_path):
     assert runs[0]["outcome"] == "ok" and runs[0]["summary"]["instances"] == len(dr.stored)
     st = json.loads(run_cli(dr.config, "status", "--json").stdout)
     assert st["jobs"]["dr-write"]["last_run"]["trigger"] == "schedule"
+
+
+def test_every_version_of_a_conflict_goes_onto_volumes_and_comes_back(tmp_path):
+    inst = Install.create(tmp_path / "pv")
+    v1, v2 = make_conflict(tmp_path / "in")
+    inst.ingest([v1, v2])
+    key = tmp_path / "k.txt"
+    configure(inst, run_cli(inst.config, "dr", "keygen", "--out", str(key)).stdout.strip())
+    w = cli_json(inst, "dr", "write")
+    assert w["_rc"] == 0 and w["ok"] and w["complete"] and w["instances"] == 2, w
+    sums = dict(((sop, v), h) for sop, v, h in db(inst, "select sop_uid, version, sha256 "
+                                                        "from instances"))
+    out = tmp_path / "out"
+    r = cli_json(inst, "restore", "--study", v1.study_uid, "--to", str(out), "--from", "dr",
+                 "--identity", str(key))
+    assert r["_rc"] == 0 and r["restored"] == 2, r
+    got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*.dcm")}
+    assert got == {f"{v1.sop_uid}.dcm": sums[v1.sop_uid, 1],
+                   f"{v1.sop_uid}.v2.dcm": sums[v1.sop_uid, 2]}

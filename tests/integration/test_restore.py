@@ -12,7 +12,7 @@ import pytest
 
 from tests.integration.test_dr import CAPACITY, SEGMENT, configure, db, volumes_of
 from tests.support.daemon import run_cli
-from tests.support.dataset import make_ct_series, make_varied_study
+from tests.support.dataset import make_conflict, make_ct_series, make_varied_study
 from tests.support.tiering import Install, site_state
 
 
@@ -191,3 +191,22 @@ def test_bad_restore_arguments(inst, tmp_path):
         p = run_cli(inst.config, "restore", *args, check=False)
         assert p.returncode == code, (args, p.stderr)
         assert text in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+
+
+def test_every_version_of_a_conflict_is_restored_from_each_tier(inst, tmp_path):
+    v1, v2 = make_conflict(tmp_path / "conflict")
+    inst.ingest([v1, v2])
+    sums = dict(((sop, v), h) for sop, v, h in db(inst, "select sop_uid, version, sha256 "
+                                                        "from instances where sop_uid = ?",
+                                                  v1.sop_uid))
+    want = {v1.sop_uid: sums[v1.sop_uid, 1], f"{v1.sop_uid}.v2": sums[v1.sop_uid, 2]}
+    r = restore(inst, "--study", v1.study_uid, "--to", str(tmp_path / "online"))
+    assert r["_rc"] == 0 and tree(tmp_path / "online") == want, r
+    run_cli(inst.config, "migrate", "--study", v1.study_uid)
+    r = restore(inst, "--study", v1.study_uid, "--to", str(tmp_path / "objects"),
+                "--from", "objects")
+    assert r["_rc"] == 0 and tree(tmp_path / "objects") == want, r
+    assert json.loads(run_cli(inst.config, "dr", "write", "--json").stdout)["complete"]
+    r = restore(inst, "--study", v1.study_uid, "--to", str(tmp_path / "dr"), "--from", "dr",
+                "--identity", str(inst.key))
+    assert r["_rc"] == 0 and tree(tmp_path / "dr") == want, r

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import run_cli, storescu
-from tests.support.dataset import make_ct_series, make_instance, make_varied_study
+from tests.support.dataset import make_conflict, make_ct_series, make_instance, make_varied_study
 from tests.support.tiering import Install, site_state
 
 
@@ -316,3 +316,21 @@ def test_copy_only_mode_keeps_online_copies_and_does_not_repeat(tmp_path):
     late = [make_instance(tmp_path / "late.dcm", kind="SR", study_uid=a[0].study_uid)]
     inst.ingest(late)
     assert [s["bundled"] for s in migrate(inst)["studies"]] == [1]
+
+
+def test_every_version_of_a_conflict_migrates_and_comes_back(tmp_path):
+    """Two objects under one SOP Instance UID are two instances: both are bundled,
+    both online copies freed, both recalled to where they were."""
+    inst = Install.create(tmp_path / "pv")
+    v1, v2 = make_conflict(tmp_path / "in")
+    other = make_instance(tmp_path / "in" / "o.dcm", size=5000, study_uid=v1.study_uid)
+    inst.ingest([v1, v2, other])
+    before = site_state(inst)
+    assert len(before) == 6
+    r = migrate(inst, "--study", v1.study_uid)
+    s = r["studies"][0]
+    assert r["ok"] and s["outcome"] == "migrated" and s["bundled"] == 3 and s["purged"] == 6, r
+    assert site_state(inst) == {}
+    assert migrate(inst)["studies"] == []           # nothing left for the nightly job
+    rc = recall(inst, v1.study_uid)
+    assert rc["ok"] and rc["recalled"] == 3 and site_state(inst) == before

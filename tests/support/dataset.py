@@ -168,3 +168,14 @@ def write_raw_part10(path: Path, sop_class: str, sop_uid: str, ts: str, dataset_
     path.write_bytes(file_meta(sop_class, sop_uid, ts) + dataset_bytes)
     os.sync()
     return path
+
+
+def make_conflict(directory: Path, size: int = 9000, patient_id: str = "TEST-0001"
+                  ) -> tuple[Made, Made]:
+    """Two different objects under one SOP Instance UID, in one study and series:
+    the one received second is a conflict (both versions are kept)."""
+    first = make_instance(directory / "v1.dcm", size=size, patient_id=patient_id)
+    second = make_instance(directory / "v2.dcm", size=size - 2000, patient_id=patient_id,
+                           study_uid=first.study_uid, series_uid=first.series_uid,
+                           sop_uid=first.sop_uid)
+    return first, second
