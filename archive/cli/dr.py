@@ -130,8 +130,8 @@ def write(ctx: click.Context, recipients: tuple[str, ...], device: str | None, l
     finally:
         catalog.close()
     for f in report.findings:
-        click.echo(f"FINDING {f.kind}: instance {f.sop_uid} of study {f.study_uid}: {f.detail}",
-                   err=True)
+        what = f"instance {f.sop_uid} of study" if f.sop_uid else "study"
+        click.echo(f"FINDING {f.kind}: {what} {f.study_uid}: {f.detail}", err=True)
     if as_json:
         out(json.dumps(j, indent=2, sort_keys=True, default=str))
     else:
