@@ -51,6 +51,7 @@ def child(spec: dict) -> None:
     """Run one DrWriter over every pending study; print what it did as JSON."""
     from archive.bootstrap import open_catalog, open_sites
     from archive.config.load import load_settings
+    from dr.signing import writer_key
     from dr.writer import DrWriter
 
     s = load_settings(Path(spec["config"]))
@@ -60,7 +61,7 @@ def child(spec: dict) -> None:
     try:
         sites = [b for b in open_sites(s) if b.name == SITE]   # the files the pipeline reads
         w = DrWriter(catalog, sites, None, dr, recipients=[spec["recipient"]],
-                     device=spec["device"], kind="stream")
+                     signing_key=writer_key(s.data_dir), device=spec["device"], kind="stream")
         rss0 = vm_kb("VmRSS")
         t0 = os.times()
         report = w.run()
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.tiering import IMAGE, make_study
     from dr.keys import keygen, load_identities
     from dr.media import verify
+    from dr.signing import writer_key
     from tests.support.tiering import Install
 
     mb = args.mb or (60 if args.quick else 1000)
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             vol = rounds[-1]["dr write file"]["volume"]
             catalog = inst.catalog()
             try:
-                v = verify(catalog, vol, load_identities([work / "dr-key.txt"]))
+                v = verify(catalog, vol, load_identities([work / "dr-key.txt"]),
+                           [writer_key(inst.settings.data_dir).public_key()])
             finally:
                 catalog.close()
             checked = {"ok": v["ok"], "complete": v["complete"], "files_verified":

@@ -6,9 +6,12 @@ restore resumes without sending twice).
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import re
 import socket
+import stat
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,10 +21,10 @@ from pynetdicom.transport import AddressInformation, AssociationSocket
 from sqlalchemy import update
 
 from archive.catalog.models import Copy
-from archive.checksum import sha256_file
 from archive.catalog.uow import Catalog
 from archive.clock import utcnow
 from archive.errors import InvalidInput
+from archive.uids import validate_uid
 from tiers.backend import Backend, BackendError, FilePayload, ObjectExists
 from tiers.layout import instance_key
 
@@ -36,45 +39,148 @@ class Delivery(Protocol):
     def close(self) -> None: ...
 
 
+class DeliveryRefused(InvalidInput):
+    """{}"""
+    # An instance a delivery will not put where it was asked to (the message says why,
+    # in one line): the restore reports it as a failure and goes on with the others.
+
+
+_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 class DirDelivery:
     """DICOM Part 10 files as acknowledged: DIR/<study>/<series>/<sop>.dcm (a later
-    version of a conflicting instance: <sop>.v<N>.dcm), which PACS import tools walk."""
+    version of a conflicting instance: <sop>.v<N>.dcm), which PACS import tools walk.
+
+    The names come only from UIDs that pass archive/uids.py (a catalog rebuilt from
+    media is input too). Below DIR, every directory is opened relative to its
+    parent without following a symlink, and files are made with link(2)/O_EXCL
+    there, so nothing is ever written outside DIR or through a link. A file already
+    at a name is never replaced: the same bytes count as delivered, anything else
+    is kept and reported as a conflict."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.name = f"directory {root}"
         root.mkdir(parents=True, exist_ok=True)
         self.scratch = root / ".pacsvault-restore"
-        self.scratch.mkdir(exist_ok=True)
+        try:
+            self.scratch.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        if self.scratch.is_symlink() or not self.scratch.is_dir():
+            raise InvalidInput(f"{self.scratch} is a symlink or not a directory: remove it")
         self.written: list[Path] = []
 
-    def path_of(self, item: Any) -> Path:
+    def names_of(self, item: Any) -> tuple[str, str, str]:
+        """(study, series, file name), from validated UIDs only."""
         i = item.inst
-        name = i.sop_uid + (f".v{i.version}" if i.version != 1 else "")
-        return self.root / item.study_uid / i.series_uid / f"{name}.dcm"
+        try:
+            study = validate_uid(item.study_uid, "Study Instance")
+            series = validate_uid(i.series_uid, "Series Instance")
+            sop = validate_uid(i.sop_uid, "SOP Instance")
+        except InvalidInput as e:
+            raise DeliveryRefused(f"not written: {e}") from None
+        version = int(i.version)
+        return study, series, sop + (f".v{version}" if version != 1 else "") + ".dcm"
+
+    def path_of(self, item: Any) -> Path:
+        study, series, name = self.names_of(item)
+        return self.root / study / series / name
+
+    def _open_dir(self, names: tuple[str, ...], create: bool) -> int | None:
+        """A descriptor of DIR/names..., each level opened in its parent without
+        following a symlink; None if a level is missing and not ``create``."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for depth, n in enumerate(names):
+                if create:
+                    try:
+                        os.mkdir(n, 0o750, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                try:
+                    sub = os.open(n, _DIR_NOFOLLOW, dir_fd=fd)
+                except FileNotFoundError:
+                    if create:
+                        raise
+                    os.close(fd)
+                    return None
+                except OSError:         # ELOOP: a symlink; ENOTDIR: a file
+                    where = self.root.joinpath(*names[:depth + 1])
+                    raise DeliveryRefused(f"conflict: {where} is a symlink or not a directory; "
+                                          "nothing was written through it") from None
+                os.close(fd)
+                fd = sub
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @staticmethod
+    def _holds(dir_fd: int, name: str, item: Any) -> bool | None:
+        """Whether DIR/.../name is a regular file with the instance's bytes (None: absent).
+        A symlink there is never followed, so it is 'other bytes'."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return False
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size != item.inst.size:
+                return False
+            h = hashlib.sha256()
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest() == item.inst.sha256
 
     def done(self, item: Any) -> bool:
-        p = self.path_of(item)
-        return p.is_file() and p.stat().st_size == item.inst.size and sha256_file(p) == item.inst.sha256
+        try:
+            study, series, name = self.names_of(item)
+            fd = self._open_dir((study, series), create=False)
+        except DeliveryRefused:
+            return False                # deliver() reports why
+        if fd is None:
+            return False
+        try:
+            return self._holds(fd, name, item) is True
+        finally:
+            os.close(fd)
 
     def deliver(self, item: Any, path: Path) -> None:
-        final = self.path_of(item)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, final)           # scratch is on the same filesystem: no copy
-        self.written.append(final)
+        try:
+            study, series, name = self.names_of(item)
+            fd = self._open_dir((study, series), create=True)
+            try:
+                try:
+                    placed = _place(path, fd, name)
+                except FileExistsError:
+                    placed = False
+                if not placed and not self._holds(fd, name, item):
+                    raise DeliveryRefused(
+                        f"conflict: {self.root / study / series / name} already holds other "
+                        "bytes (or is not a regular file); kept as it is, not replaced")
+            finally:
+                os.close(fd)
+        finally:
+            path.unlink(missing_ok=True)        # the scratch name; the bytes stay linked
+        if placed:
+            self.written.append(self.root / study / series / name)
 
     def close(self) -> None:
         """Make everything delivered durable before the restore reports success: one
         fsync per file and directory at the end, not one per file as it arrives (a
         file torn by a crash fails its SHA-256 check and is restored again)."""
         for d in {p.parent for p in self.written} | {p.parent.parent for p in self.written}:
-            fd = os.open(d, os.O_RDONLY)
+            fd = os.open(d, _DIR_NOFOLLOW)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
         for p in self.written:
-            fd = os.open(p, os.O_RDONLY)
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 os.fsync(fd)
             finally:
@@ -84,6 +190,26 @@ class DirDelivery:
             self.scratch.rmdir()
         except OSError:
             pass
+
+
+def _place(src: Path, dir_fd: int, name: str) -> bool:
+    """Put ``src``'s bytes at ``name`` in ``dir_fd`` unless something is there
+    (FileExistsError; never replaced, never followed): a hard link when the scratch
+    file is on the same filesystem, else an O_EXCL copy."""
+    try:
+        os.link(src, name, dst_dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+            raise
+    out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  0o640, dir_fd=dir_fd)
+    with os.fdopen(out, "wb") as dst, open(src, "rb") as f:
+        while chunk := f.read(1 << 20):
+            dst.write(chunk)
+    return True
 
 
 class OnlineDelivery:

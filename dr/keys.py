@@ -23,12 +23,15 @@ def fingerprint(recipient: str) -> str:
     return hashlib.sha256(recipient.strip().encode()).hexdigest()[:16]
 
 
-def keygen(out: Path) -> str:
-    """Write a new identity to ``out`` (refusing to overwrite); return its recipient."""
+def keygen(out: Path, verify_line: str | None = None) -> str:
+    """Write a new identity to ``out`` (refusing to overwrite); return its recipient.
+    ``verify_line``: the comment naming the key volumes are signed with (dr/signing.py),
+    kept with the identity so whoever reads the volumes can tell ours from forgeries."""
     ident = x25519.Identity.generate()
     public = str(ident.to_public())
     text = (f"# created: {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n"
-            f"# public key: {public}\n{ident}\n")
+            f"# public key: {public}\n" + (f"{verify_line}\n" if verify_line else "")
+            + f"{ident}\n")
     try:
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

@@ -26,6 +26,8 @@ from archive.catalog.models import (
     Study,
 )
 from archive.catalog.uow import Catalog
+from archive.errors import InvalidInput
+from dr.contents import check_volume
 from dr.reader import VolumeRead, read_volume
 
 
@@ -41,10 +43,31 @@ def damaged(vol: VolumeRead) -> list[dict[str, Any]]:
             for m in vol.members if not m.ok]
 
 
+def distrust(vol: VolumeRead, trust_unsigned: bool) -> str | None:
+    """Why the volume must not be believed, in one line; None when it may be.
+    Contents are checked whether or not it is signed (a signing key can leak);
+    an unsigned or wrongly signed volume is believed only with --trust-unsigned."""
+    if vol.label is None:
+        return None                     # nothing to import; the reader said why
+    name = vol.barcode if isinstance(vol.barcode, str) else vol.where
+    if vol.unauthentic and not trust_unsigned:
+        return (f"volume {name} refused: {vol.unauthentic}; read it anyway only if you know "
+                "where it comes from (--trust-unsigned)")
+    try:
+        check_volume(vol.label, vol.index, vol.catalog, vol.members)
+    except InvalidInput as e:
+        return f"volume {name} refused: {e}"
+    return None
+
+
 # -- verify ------------------------------------------------------------------------------
-def verify(catalog: Catalog | None, where: str, identities: list) -> dict[str, Any]:
-    vol = read_volume(where, identities)
+def verify(catalog: Catalog | None, where: str, identities: list, verify_keys: list | None = None,
+           trust_unsigned: bool = False) -> dict[str, Any]:
+    vol = read_volume(where, identities, verify_keys=verify_keys)
     problems = list(vol.errors)
+    why = distrust(vol, trust_unsigned)
+    if why:
+        problems.append(why)
     recorded_sha = None
     mismatched: list[dict[str, str]] = []
     if catalog is not None and vol.barcode:
@@ -72,7 +95,7 @@ def verify(catalog: Catalog | None, where: str, identities: list) -> dict[str, A
                         m.study_uid = by_member.get(m.name)
             sums = {}
             for m in vol.members:
-                for f in (m.manifest or {}).get("files", []) if m.ok else []:
+                for f in (m.manifest or {}).get("files", []) if m.ok and not why else []:
                     sums[(f["sop_uid"], f.get("version", 1))] = f["sha256"]
             if sums:
                 for sop, version, sha in uow.session.execute(
@@ -93,6 +116,7 @@ def verify(catalog: Catalog | None, where: str, identities: list) -> dict[str, A
         "recorded_sha256": recorded_sha,
         "damaged": bad, "affected_studies": sorted({d["study_uid"] or "unknown" for d in bad}),
         "catalog_mismatches": mismatched, "problems": problems,
+        "signed": vol.unauthentic is None, "signature_problem": vol.unauthentic,
     }
 
 
@@ -122,7 +146,8 @@ def _study_rows(s, doc: dict[str, Any]) -> int:  # noqa: ANN001
         if _series_fk(s, st.id, se["series_uid"]) is None:
             s.add(Series(series_uid=se["series_uid"], study_fk=st.id,
                          modality=se.get("modality", ""),
-                         series_number=se.get("series_number", "")))
+                         series_number=se.get("series_number", ""),
+                         uid_reused=_flag_reuse(s, st.id, se["series_uid"])))
     s.flush()
     return st.id
 
@@ -133,6 +158,15 @@ def _series_fk(s, study_fk: int, series_uid: str) -> int | None:  # noqa: ANN001
                                             Series.series_uid == series_uid))
 
 
+def _flag_reuse(s, study_fk: int, series_uid: str) -> bool:  # noqa: ANN001
+    """Whether another study already has this series UID (then its rows are flagged too)."""
+    others = list(s.scalars(select(Series).where(Series.series_uid == series_uid,
+                                                 Series.study_fk != study_fk)))
+    for o in others:
+        o.uid_reused = True
+    return bool(others)
+
+
 def _instance_row(s, study_fk: int, e: dict[str, Any]) -> int:  # noqa: ANN001
     version = e.get("version", 1)
     got = s.scalar(select(Instance.id).where(Instance.sop_uid == e["sop_uid"],
@@ -141,7 +175,8 @@ def _instance_row(s, study_fk: int, e: dict[str, Any]) -> int:  # noqa: ANN001
         return got
     series_fk = _series_fk(s, study_fk, e["series_uid"])
     if series_fk is None:
-        se = Series(series_uid=e["series_uid"], study_fk=study_fk, modality="", series_number="")
+        se = Series(series_uid=e["series_uid"], study_fk=study_fk, modality="", series_number="",
+                    uid_reused=_flag_reuse(s, study_fk, e["series_uid"]))
         s.add(se)
         s.flush()
         series_fk = se.id
@@ -154,17 +189,24 @@ def _instance_row(s, study_fk: int, e: dict[str, Any]) -> int:  # noqa: ANN001
     return row.id
 
 
-def import_volume(catalog: Catalog, vol: VolumeRead, retain_days: int = 3650) -> dict[str, Any]:
+def import_volume(catalog: Catalog, vol: VolumeRead, retain_days: int = 3650,
+                  trust_unsigned: bool = False) -> dict[str, Any]:
     """Restore the catalog rows one volume holds. Idempotent: rows already there
-    are kept; a barcode already cataloged for another set is refused."""
+    are kept; a barcode already cataloged for another set is refused, and so is a
+    volume that is not signed by a key of the identity files (unless
+    ``trust_unsigned``) or whose contents fail dr/contents.py's checks."""
     label = vol.label or {}
     added = {"studies": 0, "instances": 0, "segments": 0}
     with catalog.unit(write=True) as uow:
         s = uow.session
-        have = s.scalars(select(DrVolume).where(DrVolume.barcode == label["barcode"])).first()
-        if have is not None and have.volume_set != label["volume_set"]:
+        have = s.scalars(select(DrVolume).where(DrVolume.barcode == str(label.get("barcode"))
+                                                )).first()
+        if have is not None and have.volume_set != label.get("volume_set"):
             return {"refused": f"barcode {label['barcode']} is cataloged for another set "
                                f"({have.volume_set})"}
+        why = distrust(vol, trust_unsigned)
+        if why:
+            return {"refused": why}
         before_studies = s.scalar(select(Study.id).order_by(Study.id.desc()).limit(1)) or 0
         before_inst = s.scalar(select(Instance.id).order_by(Instance.id.desc()).limit(1)) or 0
         docs = []
@@ -221,23 +263,25 @@ def import_volume(catalog: Catalog, vol: VolumeRead, retain_days: int = 3650) ->
 
 
 def rebuild_catalog(catalog: Catalog, wheres: list[str], identities: list,
-                    retain_days: int = 3650) -> dict[str, Any]:
+                    retain_days: int = 3650, verify_keys: list | None = None,
+                    trust_unsigned: bool = False) -> dict[str, Any]:
     volumes, sets = [], {}
     seen_instances: dict[str, dict[tuple[str, int], set[int]]] = {}
     expected: dict[str, int] = {}
     parts_of: dict[tuple[str, int], int] = {}
     for where in wheres:
-        vol = read_volume(where, identities)
+        vol = read_volume(where, identities, verify_keys=verify_keys)
         entry = {"where": where, "barcode": vol.barcode, "complete": vol.complete,
-                 "problems": vol.errors, "damaged": damaged(vol)}
+                 "problems": vol.errors, "damaged": damaged(vol),
+                 "signed": vol.unauthentic is None, "signature_problem": vol.unauthentic}
         if vol.label is None:
             entry["imported"] = None
             volumes.append(entry)
             continue
         lab = vol.label
-        entry.update({"volume_set": lab["volume_set"], "sequence": lab["sequence"],
+        entry.update({"volume_set": lab.get("volume_set"), "sequence": lab.get("sequence"),
                       "pool": lab.get("pool")})
-        entry["imported"] = import_volume(catalog, vol, retain_days)
+        entry["imported"] = import_volume(catalog, vol, retain_days, trust_unsigned)
         volumes.append(entry)
         if "refused" in entry["imported"]:
             continue

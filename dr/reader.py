@@ -25,6 +25,8 @@ import zstandard
 from archive.errors import InvalidInput
 from dr import crypt, segment
 from dr.keys import identity_fingerprints
+from dr.signing import SIGNATURE
+from dr.signing import check as check_signature
 from dr.sinks import LABEL
 
 MAX_PLAIN = 2 * 1024 ** 3          # refuse to decompress a member to more than this
@@ -68,6 +70,11 @@ class VolumeRead:
     stream_sha256: str = ""
     errors: list[str] = field(default_factory=list)    # volume-level problems
     complete: bool = False                              # the archive's end was reached
+    read: list[tuple[str, int, str]] = field(default_factory=list)  # (name, size, sha256)
+    signature: bytes | None = None                      # the SIGNATURE.json member
+    signed_members: int = -1                            # members read before it
+    # None: signed by a key in the identity files over exactly what was read; else why not
+    unauthentic: str | None = "not checked"
 
     @property
     def barcode(self) -> str | None:
@@ -147,7 +154,7 @@ def _pax(body: bytes) -> dict[str, str]:
 def ltfs_members(root: Path) -> Iterator[RawMember]:
     """The files of an LTFS volume directory in the order they were written."""
     names = [LABEL] + sorted(str(p.relative_to(root)) for p in (root / "seg").glob("*.age")) \
-        + [INDEX, CATALOG]
+        + [INDEX, CATALOG, SIGNATURE]
     at = 0
     for name in names:
         p = root / name
@@ -174,10 +181,12 @@ def _unpack(data: bytes, identities: list) -> bytes:
     return bytes(out)
 
 
-def read_volume(where: str, identities: list, *, keep_files: bool = False) -> VolumeRead:
+def read_volume(where: str, identities: list, *, keep_files: bool = False,
+                verify_keys: list | None = None) -> VolumeRead:
     """Read a whole volume and check everything that can be checked without the
     catalog: each segment decrypts (age authenticates it), decompresses and every
-    file in it matches its manifest; the index agrees with what was read."""
+    file in it matches its manifest; the index agrees with what was read; the
+    signature (``verify_keys``: from the identity files) covers exactly what was read."""
     out = VolumeRead(where)
     mine = identity_fingerprints(identities)
 
@@ -218,19 +227,31 @@ def read_volume(where: str, identities: list, *, keep_files: bool = False) -> Vo
     elif not out.complete:
         out.errors.append("the volume ends early (truncated): members after the damage are lost")
     _check_index(out)
+    signed = out.read if out.signed_members == len(out.read) else out.read + [("", -1, "")]
+    out.unauthentic = check_signature(out.signature, signed, verify_keys or [], out.label)
     return out
 
 
 def _member(out: VolumeRead, m: RawMember, identities: list, mine: set[str],
             keep_files: bool) -> None:
+    if m.name == SIGNATURE and out.signature is None and not m.truncated:
+        out.signature, out.signed_members = m.data, len(out.read)
+        return
+    out.read.append((m.name, m.size, hashlib.sha256(m.data).hexdigest()))
     if m.name == LABEL and not out.members and out.label is None:
         try:
-            out.label = json.loads(m.data)
+            label = json.loads(m.data)
         except (json.JSONDecodeError, UnicodeDecodeError):
+            label = None
+        if not isinstance(label, dict) or not isinstance(label.get("recipients", []), list):
             out.errors.append("label unreadable")
             return
+        out.label = label
         if out.label.get("format") != "pacsvault-dr-volume":
             out.errors.append("label is not a pacsvault DR volume label")
+        elif out.label.get("version") not in (1, 2):     # 1: before volumes were signed
+            out.errors.append(f"label version {out.label.get('version')!r} is not one this "
+                              "pacsvault reads")
         if identities and not mine & set(out.label.get("recipients", [])):
             raise InvalidInput(
                 f"volume {out.label.get('barcode')}: the identity given matches none of its "
@@ -245,6 +266,8 @@ def _member(out: VolumeRead, m: RawMember, identities: list, mine: set[str],
         if not m.truncated:
             try:
                 doc = json.loads(_unpack(m.data, identities))
+                if not isinstance(doc, dict):
+                    raise segment.SegmentError("not a JSON object")
                 if m.name == INDEX:
                     out.index = doc
                 else:
@@ -281,7 +304,13 @@ def _check_index(out: VolumeRead) -> None:
     if out.index is None:
         return
     got = {m.name: m for m in out.members}
-    for e in out.index.get("segments", []):
+    segments = out.index.get("segments") if isinstance(out.index, dict) else None
+    if not isinstance(segments, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("member"), str) for e in segments):
+        out.errors.append("the index is malformed")
+        out.index = None
+        return
+    for e in segments:
         m = got.get(e["member"])
         if m is None:
             out.errors.append(f"member {e['member']} listed in the index is missing")

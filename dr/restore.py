@@ -41,7 +41,7 @@ from archive.checksum import sha256_file
 from archive.errors import InvalidInput, describe_failure
 from archive.uids import validate_uid
 from dr import crypt, segment
-from dr.deliver import Delivery
+from dr.deliver import Delivery, DeliveryRefused
 from dr.reader import RawMember, ltfs_members, tar_members
 from dr.writer import GOOD_STATES
 from tiers import study_state
@@ -161,6 +161,7 @@ class Restorer:
         self.progress = progress or (lambda n: None)
         self.stop = stop or threading.Event()
         self._t0 = 0.0
+        self._member_sums: dict[tuple[str, str], tuple[int, str]] = {}
 
     # -- the run --------------------------------------------------------------------
     def run(self, studies: list[tuple[int, str]]) -> RestoreReport:
@@ -200,7 +201,16 @@ class Restorer:
         return report
 
     def _delivered(self, item: Item, source: str, path: Path, report: RestoreReport) -> None:
-        self.delivery.deliver(item, path)
+        try:
+            self.delivery.deliver(item, path)
+        except DeliveryRefused as e:    # e.g. another file is there: kept, reported, not retried
+            path.unlink(missing_ok=True)
+            item.source = "refused"
+            report.failures.append({"sop_uid": item.inst.sop_uid, "study_uid": item.study_uid,
+                                    "reason": str(e)})
+            log.error("restore: instance %s not delivered: %s", phi.token(item.inst.sop_uid),
+                      str(e).split(":")[0])
+            return
         item.source = source
         failpoints.hit("restore.after_deliver")
         now = time.monotonic() - self._t0
@@ -299,7 +309,9 @@ class Restorer:
         with self.catalog.unit() as uow:
             rows = uow.session.execute(
                 select(DrInstance.instance_fk, DrInstance.part, DrInstance.parts, DrInstance.path,
-                       DrSegment.member, DrVolume.id, DrVolume.barcode, DrVolume.state,
+                       DrSegment.member, DrSegment.size.label("member_size"),
+                       DrSegment.sha256.label("member_sha256"),
+                       DrVolume.id, DrVolume.barcode, DrVolume.state,
                        DrVolume.location, DrVolume.device, DrVolume.volume_set,
                        DrVolume.sequence, DrVolume.pool)
                 .join(DrSegment, DrSegment.id == DrInstance.segment_fk)
@@ -332,6 +344,9 @@ class Restorer:
                                           "location": r.location, "device": r.device,
                                           "volume_set": r.volume_set, "sequence": r.sequence})
                 members.setdefault(r.id, {}).setdefault(r.member, []).append((fk, r.part, r.path))
+                # What the catalog recorded of the member: written by us, or imported from a
+                # volume whose signature was checked. A member used must be exactly that.
+                self._member_sums[(r.barcode, r.member)] = (r.member_size, r.member_sha256)
         order = sorted(volumes, key=lambda v: (volumes[v]["volume_set"], volumes[v]["sequence"]))
         report.volumes = [{**{k: volumes[v][k] for k in ("barcode", "state", "location",
                                                          "sequence")},
@@ -404,6 +419,10 @@ class Restorer:
         try:
             if m.truncated:
                 raise segment.SegmentError("member cut short (truncated volume)")
+            if self._member_sums.get((v["barcode"], m.name)) != \
+                    (len(m.data), hashlib.sha256(m.data).hexdigest()):
+                raise segment.SegmentError("differs from the member the catalog recorded "
+                                           "(altered, or another volume with its barcode)")
             plain = crypt.decrypt(m.data, self.identities)
             buf = bytearray()
             with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(plain),

@@ -104,14 +104,18 @@ def read(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
                 contents[m.name] = body
     except (tarfile.TarError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SegmentError(f"segment tar unreadable: {e}") from None
-    if manifest is None or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SegmentError("segment has no manifest")
-    for f in manifest["files"]:
-        body = contents.get(f["file"])
-        if body is None:
-            raise SegmentError(f"file {f['file']} missing from its segment")
-        if len(body) != f["part_size"] or hashlib.sha256(body).hexdigest() != f["part_sha256"]:
-            raise SegmentError(f"file {f['file']} does not match its SHA-256")
+    try:                # a forged manifest must not crash the reader (dr/contents.py checks it)
+        for f in manifest["files"]:
+            body = contents.get(f["file"])
+            if body is None:
+                raise SegmentError(f"file {f['file']!r:.80} missing from its segment")
+            if len(body) != f["part_size"] or \
+                    hashlib.sha256(body).hexdigest() != f["part_sha256"]:
+                raise SegmentError(f"file {f['file']!r:.80} does not match its SHA-256")
+    except (KeyError, TypeError, AttributeError):
+        raise SegmentError("segment manifest is malformed") from None
     return manifest, contents
 
 

@@ -41,6 +41,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 import zstandard
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, insert, select, update
 
 from archive import failpoints, phi
@@ -51,7 +52,7 @@ from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.config.schema import DrSettings
 from archive.errors import InvalidInput, describe_failure
-from dr import crypt, segment
+from dr import crypt, segment, signing
 from dr.keys import fingerprint
 from dr.sinks import LABEL, Volume, one_volume_per_run, open_volume
 from tiers import study_state
@@ -61,7 +62,7 @@ from tiers.bundle import BundleError, extract_to
 log = logging.getLogger("pacsvault.dr")
 
 FORMAT = "pacsvault-dr-volume"
-VERSION = 1
+VERSION = 2             # 2: signed (SIGNATURE.json last); readers still read 1 (unsigned)
 INDEX = "INDEX.json.zst.age"
 CATALOG = "CATALOG.json.zst.age"
 GOOD_STATES = ("sealed", "in-library", "in-transit", "offsite", "recalled", "returned")
@@ -253,7 +254,8 @@ def _tar_member(name: str, data: bytes, mtime: int) -> list[bytes]:
 
 class DrWriter:
     def __init__(self, catalog: Catalog, sites: list[Backend], tier: Backend | None,
-                 settings: DrSettings, *, recipients: list[str], device: str | None = None,
+                 settings: DrSettings, *, recipients: list[str],
+                 signing_key: Ed25519PrivateKey, device: str | None = None,
                  kind: str | None = None, capacity: int | None = None,
                  barcode: str | None = None, clock: Clock = utcnow,
                  progress: Callable[[int], None] | None = None,
@@ -267,6 +269,7 @@ class DrWriter:
         self.tier = tier
         self.s = settings
         self.recipients = list(dict.fromkeys(recipients))
+        self.signing_key = signing_key
         self.kind = kind or settings.kind
         self.device = device if device is not None else settings.device
         self.capacity = capacity or settings.capacity
@@ -361,7 +364,9 @@ class DrWriter:
             uow.session.add(row)
             uow.commit()
             vol_id = row.id
-        vol.member(LABEL, json.dumps(label, indent=1, sort_keys=True).encode() + b"\n")
+        text = json.dumps(label, indent=1, sort_keys=True).encode() + b"\n"
+        vol.member(LABEL, text)
+        self._label_signed = (LABEL, len(text), hashlib.sha256(text).hexdigest())
         log.info("DR volume %s (set %s, #%d) opened on %s", barcode, volume_set[:8], seq, where)
         return vol, vol_id, where
 
@@ -509,7 +514,7 @@ class DrWriter:
                           "pool": self.s.pool, "segments": [], "continues": False},
                 "catalog": {"format": "pacsvault-dr-catalog", "version": VERSION,
                             "volume_set": volume_set, "barcode": barcode, "studies": {}},
-                "raw": 2048}
+                "raw": 2048, "signed": [self._label_signed]}
 
     def _tail_cost(self, vol: Volume, tail: dict[str, Any]) -> int:
         """An upper bound of what the index, the catalog and the archive's end take:
@@ -517,7 +522,9 @@ class DrWriter:
         16 bytes per 64 KiB."""
         est = int(tail["raw"] * 1.02) + 4096 + 512 * len(self.recipients)
         est += est // 65536 * 16
-        return 2 * vol.cost(INDEX, est) + 1024 + self.s.block_size
+        signature = 1024 + 160 * (len(tail["signed"]) + 3)    # every member, the next included
+        return 2 * vol.cost(INDEX, est) + vol.cost(signing.SIGNATURE, signature) + 1024 \
+            + self.s.block_size
 
     def _record_segment(self, vol_id: int, raw: _Raw, name: str, offset: int, size: int,
                         sha: str, manifest: dict[str, Any], tail: dict[str, Any]) -> None:
@@ -525,6 +532,7 @@ class DrWriter:
                  "study_uid": raw.study_uid, "study_segment": raw.study_segment,
                  "last_of_study": raw.last, "instances": len(raw.pieces), "bytes": raw.bytes}
         tail["index"]["segments"].append(entry)
+        tail["signed"].append((name, size, sha))
         cat = tail["catalog"]["studies"].setdefault(
             raw.study_uid, {"study": raw.study_doc, "instances": {}})
         for f in manifest["files"]:
@@ -555,7 +563,12 @@ class DrWriter:
         for name, doc in ((INDEX, tail["index"]), (CATALOG, tail["catalog"])):
             body = zstandard.ZstdCompressor(level=3).compress(
                 json.dumps(doc, sort_keys=True, ensure_ascii=False).encode())
-            vol.member(name, crypt.encrypt(body, self.recipients))
+            data = crypt.encrypt(body, self.recipients)
+            vol.member(name, data)
+            tail["signed"].append((name, len(data), hashlib.sha256(data).hexdigest()))
+        # Last: the signature over every member written (the writer never seeks back).
+        head = {k: tail["index"][k] for k in ("barcode", "volume_set", "sequence")}
+        vol.member(signing.SIGNATURE, signing.sign(self.signing_key, head, tail["signed"]))
         size, sha = vol.finish()
         now = self.clock()
         studies = len({s["study_uid"] for s in tail["index"]["segments"]})

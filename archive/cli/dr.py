@@ -11,7 +11,7 @@ from archive import audit, jobs
 from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
 from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
 from archive.cli.tiering import _progress
-from archive.errors import InvalidInput
+from archive.errors import InvalidInput, PacsvaultError
 
 
 @click.group()
@@ -22,21 +22,40 @@ def dr() -> None:
 @dr.command()
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               metavar="IDENTITY_FILE", help="Write the new identity (private key) here.")
-def keygen(out: Path) -> None:
+@config_option
+@click.pass_context
+def keygen(ctx: click.Context, out: Path, config: str | None) -> None:
     """Make an age key pair for DR volumes; print the public recipient.
 
     The identity (private key) goes only into IDENTITY_FILE (mode 0600, never
     overwritten, never printed). Put the recipient printed on stdout in
-    [dr] recipients; keep the identity offline.
+    [dr] recipients; keep the identity offline. The identity file also carries,
+    as a comment line, the key that checks this install's volume signatures
+    (its secret half, <data_dir>/secrets/dr-signing.key, is made now if it is missing).
     """
     from dr.keys import keygen as make
+    from dr.signing import key_path, load_or_create, verify_line
 
+    line = None
     try:
-        recipient = make(out)
+        try:
+            settings = settings_from(ctx, config)
+        except PacsvaultError:
+            settings = None             # no install here: the identity only
+        if settings is not None:
+            line = verify_line(load_or_create(key_path(settings.data_dir))[0])
+        recipient = make(out, line)
     except InvalidInput as e:
         click.echo(f"pacsvault: {e}", err=True)
         sys.exit(e.exit_code)
     click.echo(recipient)
+    if line:
+        click.echo(f"Volumes are signed; the identity file holds the key that checks them:\n"
+                   f"  {line}", err=True)
+    else:
+        click.echo("No pacsvault config here: the identity file holds no volume verification "
+                   "key. On the install, run 'pacsvault dr verify-key >> IDENTITY_FILE'.",
+                   err=True)
     click.echo(
         f"Identity written to {out} (mode 0600). It is the only way to read volumes written "
         "to this recipient:\n"
@@ -46,6 +65,23 @@ def keygen(out: Path) -> None:
         "  3. add the recipient above to [dr] recipients, next to your escrow recipient.\n"
         "Give it to 'pacsvault dr verify / rebuild-catalog / restore --identity' only when "
         "reading volumes back.", err=True)
+
+
+@dr.command("verify-key")
+@config_option
+@click.pass_context
+@handle_errors
+def verify_key(ctx: click.Context, config: str | None) -> None:
+    """Print the line that checks this install's volume signatures.
+
+    Append it to every DR identity file made elsewhere or before volumes were
+    signed: pacsvault dr verify-key >> IDENTITY_FILE (age ignores the comment).
+    """
+    from dr.signing import key_path, load_or_create, verify_line
+
+    settings = settings_from(ctx, config)
+    authorize(settings, "operate", "dr verify-key")
+    click.echo(verify_line(load_or_create(key_path(settings.data_dir))[0]))
 
 
 def _recipients(settings, given: tuple[str, ...]) -> list[str]:  # noqa: ANN001
@@ -93,6 +129,7 @@ def write(ctx: click.Context, recipients: tuple[str, ...], device: str | None, l
     volume needs the operator: the report names its barcode (on a terminal,
     you are asked to load it). Exits 1 if an object had no verified copy.
     """
+    from dr.signing import writer_key
     from dr.sinks import one_volume_per_run
     from dr.writer import DrWriter
 
@@ -117,7 +154,8 @@ def write(ctx: click.Context, recipients: tuple[str, ...], device: str | None, l
     try:
         tier = open_object_tier_or_none(settings)
         w = DrWriter(catalog, open_sites(settings), tier if hasattr(tier, "open_range") else None,
-                     settings.dr, recipients=_recipients(settings, recipients), device=dev,
+                     settings.dr, recipients=_recipients(settings, recipients),
+                     signing_key=writer_key(settings.data_dir), device=dev,
                      kind=kind, capacity=capacity, barcode=barcode, next_volume=ask_next)
         with jobs.recorded(catalog, "dr-write", "manual") as rec, \
                 _progress("writing DR volumes (MB)", None, as_json or to_stdout) as advance:
@@ -178,33 +216,42 @@ identity_option = click.option(
     "--identity", "identities", multiple=True, required=True, metavar="IDENTITY_FILE",
     type=click.Path(dir_okay=False, path_type=Path),
     help="age identity file (repeatable: old and new keys, escrow key).")
+trust_option = click.option(
+    "--trust-unsigned", is_flag=True,
+    help="Read volumes that are not signed by a key of the identity files (written before "
+         "volumes were signed, or cut short). Their contents are still checked.")
 
 
 @dr.command()
 @click.argument("volumes", nargs=-1, required=True, metavar="VOLUME...")
 @identity_option
+@trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
 @config_option
 @click.pass_context
 @handle_errors
 def verify(ctx: click.Context, volumes: tuple[str, ...], identities: tuple[Path, ...],
-           as_json: bool, config: str | None) -> None:
+           trust_unsigned: bool, as_json: bool, config: str | None) -> None:
     """Read whole volumes back and check every checksum and the stream hash.
 
     VOLUME is a file, device, LTFS volume directory, '-' (stdin) or a barcode
-    whose device the catalog knows. Exits 1 if any volume is damaged; the
+    whose device the catalog knows. Exits 1 if any volume is damaged, or not
+    signed by a key of the identity files (unless --trust-unsigned); the
     report names the members and studies affected.
     """
     from dr.keys import load_identities
     from dr.media import verify as check
+    from dr.signing import load_verify_keys
 
     settings = settings_from(ctx, config)
     actor = authorize(settings, "keys", "dr verify")
     idents = load_identities(list(identities))
+    keys = load_verify_keys(list(identities))
     catalog = open_catalog(settings)
     try:
         audit.record_key_use(catalog, actor.name, idents, "dr verify")
-        reports = [check(catalog, _where(catalog, v), idents) for v in volumes]
+        reports = [check(catalog, _where(catalog, v), idents, keys, trust_unsigned)
+                   for v in volumes]
     finally:
         catalog.close()
     for r in reports:
@@ -228,32 +275,42 @@ def verify(ctx: click.Context, volumes: tuple[str, ...], identities: tuple[Path,
 @dr.command("rebuild-catalog")
 @identity_option
 @click.argument("volumes", nargs=-1, required=True, metavar="VOLUME...")
+@trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
 @config_option
 @click.pass_context
 @handle_errors
 def rebuild_catalog(ctx: click.Context, identities: tuple[Path, ...], volumes: tuple[str, ...],
-                    as_json: bool, config: str | None) -> None:
+                    trust_unsigned: bool, as_json: bool, config: str | None) -> None:
     """Restore the catalog rows that volumes hold (any order, any subset).
 
     Patients, studies, series and instances come back with their SHA-256, and
     the volumes and what each holds, so that 'pacsvault restore --from dr' can
     find everything. The report lists, per volume set, the volumes missing,
     and the studies of which only part was found. Exits 1 if anything is
-    missing or damaged.
+    missing or damaged. A volume not signed by a key of the identity files
+    is refused (unless --trust-unsigned), and so is one whose contents
+    contradict themselves or the DICOM UID grammar.
     """
     from dr.keys import load_identities
     from dr.media import rebuild_catalog as rebuild
+    from dr.signing import load_verify_keys
 
     settings = settings_from(ctx, config)
     actor = authorize(settings, "keys", "dr rebuild-catalog")
     idents = load_identities(list(identities))
+    keys = load_verify_keys(list(identities))
     catalog = open_catalog(settings)
     try:
         audit.record_key_use(catalog, actor.name, idents, "dr rebuild-catalog")
-        r = rebuild(catalog, list(volumes), idents, settings.dr.retain_days)
+        r = rebuild(catalog, list(volumes), idents, settings.dr.retain_days, keys,
+                    trust_unsigned)
     finally:
         catalog.close()
+    for v in r["volumes"]:
+        if v.get("imported") and "refused" in v["imported"]:
+            click.echo(f"REFUSED {v['barcode'] or v['where']}: {v['imported']['refused']}",
+                       err=True)
     for vs, st in r["sets"].items():
         if st["missing"]:
             click.echo(f"MISSING from set {vs}: volume(s) #{', #'.join(map(str, st['missing']))}",

@@ -245,7 +245,11 @@ def test_a_truncated_volume_keeps_what_is_before_the_damage_and_names_the_study(
     assert v["affected_studies"] == [study]                    # named, though the index is lost
     assert f"DAMAGED {barcode}: {member} (study {study})" in v["_stderr"]
     fresh = Install.create(tmp_path / "fresh")
+    # Its signature went with its end: refused, unless the operator trusts it.
     r = cli_json(fresh, "dr", "rebuild-catalog", "--identity", str(dr.key), str(cut))
+    assert r["_rc"] == 1 and "not signed" in r["volumes"][0]["imported"]["refused"]
+    r = cli_json(fresh, "dr", "rebuild-catalog", "--identity", str(dr.key), str(cut),
+                 "--trust-unsigned")
     assert r["_rc"] == 1 and r["volumes"][0]["imported"]["segments"] == 1
     assert db(fresh, "select count(*) from dr_segments") == [(1,)]
 
