@@ -47,6 +47,13 @@ def stored(config: Path) -> dict[tuple[str, int], str]:
                                                      "FROM instances")}
 
 
+def filed(config: Path) -> list[tuple]:
+    """(SOP UID, study UID of its series row, series UID, uid_reused) of every instance."""
+    return sorted(sql(config, "SELECT i.sop_uid, st.study_uid, se.series_uid, se.uid_reused "
+                              "FROM instances i JOIN series se ON se.id = i.series_fk "
+                              "JOIN studies st ON st.id = se.study_fk"))
+
+
 def restored(out: Path) -> dict[str, str]:
     """'<study>/<series>/<file>' -> SHA-256 of every file a restore wrote."""
     return {str(p.relative_to(out)): sha(p) for p in sorted(out.rglob("*.dcm"))}
@@ -86,6 +93,13 @@ def test_a_series_uid_reused_by_another_study_is_kept_there_and_protected(shared
     w = cli(config, "dr", "write")
     assert w["_rc"] == 0 and w["ok"] and w["complete"] and w["studies"] == 3, w
     assert w["instances"] == 6
+    # A catalog rebuilt from the volumes alone files and flags them the same way.
+    fresh = Install.create(tmp_path / "fresh")
+    vols = sorted((config.parent / "dr" / "volumes").glob("*.tar"))
+    rb = cli(fresh.config, "dr", "rebuild-catalog", "--identity", str(key), *map(str, vols))
+    assert rb["_rc"] == 0 and rb["studies_complete"] == 3, rb
+    assert cli(fresh.config, "status")["series_uid_reused"] == 1
+    assert filed(fresh.config) == filed(config)
 
     # Restore from DR: B's object is under B's study, in its own series directory.
     out = tmp_path / "out-dr"
