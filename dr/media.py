@@ -167,15 +167,6 @@ def _flag_reuse(s, study_fk: int, series_uid: str) -> bool:  # noqa: ANN001
     return bool(others)
 
 
-def _flag_reuse(s, study_fk: int, series_uid: str) -> bool:  # noqa: ANN001
-    """Whether another study already has this series UID (then its rows are flagged too)."""
-    others = list(s.scalars(select(Series).where(Series.series_uid == series_uid,
-                                                 Series.study_fk != study_fk)))
-    for o in others:
-        o.uid_reused = True
-    return bool(others)
-
-
 def _instance_row(s, study_fk: int, e: dict[str, Any]) -> int:  # noqa: ANN001
     version = e.get("version", 1)
     got = s.scalar(select(Instance.id).where(Instance.sop_uid == e["sop_uid"],
