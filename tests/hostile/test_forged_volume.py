@@ -255,3 +255,19 @@ def test_our_own_volumes_are_signed_and_an_altered_one_is_refused(tmp_path):
                               if not ln.startswith(signing.VERIFY_PREFIX)) + "\n")
     r = cli_json(again, "dr", "rebuild-catalog", "--identity", str(bare), str(vol))
     assert r["_rc"] == 1 and "dr verify-key" in r["volumes"][0]["imported"]["refused"]
+
+
+def test_a_volume_swapped_under_a_cataloged_barcode_is_not_read(victim, tmp_path):
+    """Once a volume is in the catalog, restore uses a member only if it is exactly
+    the one cataloged: a volume made later under the same barcode is not even
+    decrypted, whatever it holds."""
+    first = forge(tmp_path / "first.tar", victim.recipient, data=os.urandom(3000))
+    assert rebuild(victim, first, "--trust-unsigned")["_rc"] == 0
+    swapped = forge(tmp_path / "swapped.tar", victim.recipient, data=os.urandom(3000))
+    p = run_cli(victim.config, "restore", "--study", GOOD_STUDY, "--from", "dr", "--identity",
+                str(victim.key), "--volume", str(swapped), "--to", str(victim.out), "--json",
+                check=False)
+    assert p.returncode == 1
+    [f] = json.loads(p.stdout)["failures"]
+    assert "differs from the member the catalog recorded" in f["reason"]
+    assert not list(victim.out.rglob("*.dcm"))
