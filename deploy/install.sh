@@ -36,7 +36,7 @@ apt_install() {
 
 if ((WITH_TESTS)); then
     apt_install dcmtk:storescu orthanc:/usr/sbin/Orthanc postgresql:/usr/lib/postgresql/15/bin/initdb \
-        age:age zstd:zstd procps:pgrep
+        age:age zstd:zstd procps:pgrep strace:strace
 fi
 
 if [[ ! -x .venv/bin/python ]]; then

@@ -57,13 +57,15 @@ class Daemon:
     env: dict = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    prefix: tuple[str, ...] = ()    # a command the daemon runs under (strace ...)
 
     def start(self, timeout: float = 60) -> "Daemon":
         self.log_path = self.config.parent / f"serve-{int(time.time() * 1000)}.log"
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [PACSVAULT, "--config", str(self.config), "serve", "--dicom-port", str(self.dicom_port),
-             "--http-port", str(self.http_port), "--workers", str(self.workers)],
+            [*self.prefix, PACSVAULT, "--config", str(self.config), "serve",
+             "--dicom-port", str(self.dicom_port), "--http-port", str(self.http_port),
+             "--workers", str(self.workers)],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
             start_new_session=True)
         deadline = time.monotonic() + timeout
