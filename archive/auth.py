@@ -11,7 +11,9 @@ its password), and the audit trail names the OS user.
 Passwords: argon2id; the policy of [accounts] (length, character classes, a
 deny-list of common passwords, not the user name, not one of the last N);
 a password someone else set must be changed at first use; passwords expire;
-repeated failures lock the account with a back-off that doubles.
+repeated failures lock the account with a back-off that doubles. A refused
+log-in reads the same (and takes as long) for an unknown, a locked, a disabled
+account and a wrong password: it names no account.
 """
 from __future__ import annotations
 
@@ -163,44 +165,61 @@ def has_accounts(catalog: Catalog) -> bool:
 
 
 # -- authentication -------------------------------------------------------------------------
+REFUSED = ("unknown user or wrong password, or the account is locked after repeated failed "
+           "log-ins or disabled (an administrator sees which: pacsvault user list)")
+
+
 def check_password(catalog: Catalog, name: str, password: str, policy: AccountSettings, *,
-                   source: str, clock: Clock = utcnow) -> User:
-    """The user if the password is right and the account usable; failures counted,
-    locked with back-off, and audited (without the password, of course)."""
+                   source: str, count_failures: bool = True, clock: Clock = utcnow) -> User:
+    """The user if the password is right and the account usable; failures audited
+    (without the password, of course). Every refusal reads the same and costs one
+    password check, whether the user is unknown, locked, disabled or mistyped, so a
+    caller cannot learn which accounts exist. ``count_failures``: a wrong password
+    counts towards the account's lock (back-off that doubles); the HTTP endpoint
+    throttles per source instead (archive/throttle.py), so that no local process
+    can lock an operator out."""
     now = clock()
     with catalog.unit(write=True) as uow:
         s = uow.session
         u = s.scalars(select(User).where(User.name == name)).first()
         why = None
+        right = _password_matches(u.password_hash if u is not None else None, password)
         if u is None:
-            _hasher.hash(password)             # same cost as a real check: no user probing
-            why = "unknown user or wrong password"
+            why = "unknown user"
         elif u.disabled:
-            why = f"account {name} is disabled"
+            why = "disabled"
         elif u.locked_until is not None and _aware(u.locked_until, now) > now:
-            why = f"account {name} is locked until {_aware(u.locked_until, now):%Y-%m-%d %H:%M} UTC " \
-                  "after repeated failed log-ins"
-        else:
-            try:
-                _hasher.verify(u.password_hash, password)
-            except (VerifyMismatchError, VerificationError, InvalidHashError):
+            why = "locked"
+        elif not right:
+            why = "wrong password"
+            if count_failures:
                 u.failed_logins += 1
                 if u.failed_logins >= policy.lockout_after:
                     extra = u.failed_logins - policy.lockout_after
                     secs = min(policy.lockout_base_s * 2 ** extra, policy.lockout_max_s)
                     u.locked_until = now + timedelta(seconds=secs)
-                why = "unknown user or wrong password"
         if why is not None:
             uow.commit()
             audit.record_quietly(catalog, audit.Event("login-failed", "failure", name[:64], source,
-                                                      detail={"why": why.split(":")[0]}))
-            raise AuthError(why)
+                                                      detail={"why": why}))
+            raise AuthError(REFUSED)
         u.failed_logins, u.locked_until, u.last_login_at = 0, None, now
         if _hasher.check_needs_rehash(u.password_hash):
             u.password_hash = _hasher.hash(password)
         uow.commit()
         s.expunge(u)
         return u
+
+
+def _password_matches(stored: str | None, password: str) -> bool:
+    """One argon2 computation whatever ``stored`` is (None: an unknown user)."""
+    if stored is None:
+        _hasher.hash(password)             # the same cost as a real check
+        return False
+    try:
+        return _hasher.verify(stored, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
 
 
 def _aware(t, now):  # noqa: ANN001, ANN202

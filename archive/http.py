@@ -3,13 +3,23 @@
 Only GET is served; every other method, path or malformed request gets a plain
 error. It binds to loopback by default (see [http] in the config); off loopback
 it serves HTTPS (ssl_context), plain HTTP only if the config explicitly allows it.
+
+Once the install has operator accounts (looked up on every request, so the first
+account made on a running daemon closes the endpoint at once) /status and
+/metrics want HTTP Basic credentials of an account allowed to read. Wrong ones
+are throttled per source (429 with Retry-After) and never count towards the
+account's lock.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
+import math
 import ssl
 import threading
+import time
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -17,7 +27,11 @@ from typing import Any, Callable
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from archive import auth
+from archive.catalog.uow import Catalog
+from archive.config.schema import AccountSettings
 from archive.dicom.tls import DeferredHandshake
+from archive.throttle import SourceThrottle
 
 log = logging.getLogger("pacsvault.http")
 
@@ -106,12 +120,63 @@ class _Server(DeferredHandshake, ThreadingHTTPServer):
     daemon_threads = True
 
 
+class AccountGate:
+    """Who may read /status and /metrics: anyone while the install has no accounts;
+    then an account allowed to read (a Prometheus scraper gets a viewer account).
+    ``decide`` answers (HTTP status, seconds to wait): 200, 401, or 429 for a source
+    that failed too often. A right answer is remembered for a minute: argon2 is
+    slow on purpose."""
+
+    ACCOUNTS_RECHECK_S = 0.5          # how soon an account made elsewhere takes effect
+
+    def __init__(self, catalog: Catalog, policy: AccountSettings,
+                 throttle: SourceThrottle | None = None) -> None:
+        self.catalog, self.policy = catalog, policy
+        self.throttle = throttle or SourceThrottle()
+        self._good: dict[str, float] = {}
+        self._accounts = False        # accounts are disabled, never removed: once on, on
+        self._checked_at = -math.inf
+        self._lock = threading.Lock()
+
+    def _has_accounts(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if not self._accounts and now - self._checked_at >= self.ACCOUNTS_RECHECK_S:
+                self._accounts = auth.has_accounts(self.catalog)
+                self._checked_at = now
+            return self._accounts
+
+    def decide(self, header: str | None, source: str) -> tuple[int, float]:
+        if not self._has_accounts():
+            return 200, 0.0
+        wait = self.throttle.retry_after(source)
+        if wait > 0:
+            return 429, wait
+        if not header or not header.startswith("Basic "):
+            return 401, 0.0              # no credentials yet: not a guess
+        key = hashlib.sha256(header.encode()).hexdigest()
+        if self._good.get(key, 0) > time.monotonic():
+            return 200, 0.0
+        try:
+            name, _, pw = base64.b64decode(header[6:], validate=True).decode().partition(":")
+            u = auth.check_password(self.catalog, name, pw, self.policy, source=f"http {source}",
+                                    count_failures=False)
+        except (ValueError, UnicodeDecodeError, auth.AuthError):
+            self.throttle.failed(source)
+            return 401, 0.0
+        if u.must_change or "read" not in auth.ROLES[u.role]:
+            return 401, 0.0
+        if len(self._good) > 1024:      # bounded: forget the remembered answers
+            self._good.clear()
+        self._good[key] = time.monotonic() + 60
+        return 200, 0.0
+
+
 def start_http(bind: str, port: int, status: Callable[[], dict[str, Any]],
                ssl_context: ssl.SSLContext | None = None,
-               authorize: Callable[[str | None], bool] | None = None) -> ThreadingHTTPServer:
-    """``authorize(authorization_header)`` says whether a request for /status or
-    /metrics may be answered (an install with operator accounts: HTTP Basic with
-    an account allowed to read); None: no accounts, no check. /healthz is open."""
+               gate: AccountGate | None = None) -> ThreadingHTTPServer:
+    """``gate`` decides whether a request for /status or /metrics may be answered
+    (see AccountGate); None: no check. /healthz is always open."""
     registry = CollectorRegistry()
     registry.register(_StatusCollector(status))
 
@@ -122,24 +187,30 @@ def start_http(bind: str, port: int, status: Callable[[], dict[str, Any]],
         def log_message(self, fmt: str, *args: Any) -> None:  # requests carry no PHI, but stay quiet
             log.debug("http %s", fmt % args)
 
-        def _send(self, code: int, body: bytes, ctype: str) -> None:
+        def _send(self, code: int, body: bytes, ctype: str, **headers: str) -> None:
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
+            for name, value in headers.items():
+                self.send_header(name.replace("_", "-"), value)
             self.end_headers()
             self.wfile.write(body)
 
         def do_GET(self) -> None:  # noqa: N802
             path = self.path.split("?", 1)[0]
             try:
+                code, wait = 200, 0.0
+                if path in ("/status", "/metrics") and gate is not None:
+                    code, wait = gate.decide(self.headers.get("Authorization"),
+                                             self.client_address[0])
                 if path == "/healthz":
                     self._send(200, b"ok\n", "text/plain")
-                elif path in ("/status", "/metrics") and authorize is not None and \
-                        not authorize(self.headers.get("Authorization")):
-                    self.send_response(401)
-                    self.send_header("WWW-Authenticate", 'Basic realm="pacsvault"')
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                elif code == 429:
+                    self._send(429, b"too many failed log-ins from this address; retry later\n",
+                               "text/plain", Retry_After=str(max(1, math.ceil(wait))))
+                elif code == 401:
+                    self._send(401, b"credentials of an account allowed to read are needed\n",
+                               "text/plain", WWW_Authenticate='Basic realm="pacsvault"')
                 elif path == "/status":
                     self._send(200, json.dumps(status()).encode(), "application/json")
                 elif path == "/metrics":

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
 from archive.config.schema import Settings
+from archive.instance_lock import hold_instance_lock
+from archive.ports import check_free
 
 log = logging.getLogger("pacsvault.serve")
 
@@ -59,37 +61,6 @@ def _audit_setup(settings: Settings) -> None:
 
     audit.configure(settings.data_dir)
     atna.install(settings)
-
-
-def _http_authorizer(settings: Settings, catalog):  # noqa: ANN001, ANN202
-    """With operator accounts, /status and /metrics answer HTTP Basic credentials of
-    an account allowed to read (a Prometheus scraper gets a viewer account).
-    A right answer is remembered for a minute: argon2 is slow on purpose."""
-    import base64
-    import hashlib
-
-    from archive import auth
-
-    if not auth.has_accounts(catalog):
-        return None
-    good: dict[str, float] = {}
-
-    def check(header: str | None) -> bool:
-        if not header or not header.startswith("Basic "):
-            return False
-        key = hashlib.sha256(header.encode()).hexdigest()
-        if good.get(key, 0) > time.monotonic():
-            return True
-        try:
-            name, _, pw = base64.b64decode(header[6:], validate=True).decode().partition(":")
-            u = auth.check_password(catalog, name, pw, settings.accounts, source="http")
-        except (ValueError, UnicodeDecodeError, auth.AuthError):
-            return False
-        if u.must_change or "read" not in auth.ROLES[u.role]:
-            return False
-        good[key] = time.monotonic() + 60
-        return True
-    return check
 
 
 def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | None") -> None:
@@ -203,10 +174,13 @@ class Supervisor:
                 log.exception("repair pass failed; will retry")
 
     def run(self) -> int:
-        from archive.http import start_http
+        from archive.http import AccountGate, start_http
         from archive.status import collect
 
         s = self.settings
+        # Before anything else: one daemon per instance, and no port shared by accident.
+        self._lock_fd = hold_instance_lock(s.data_dir)
+        self._check_ports()
         http_tls = self._check_tls()
         _audit_setup(s)
         catalog = open_catalog(s, migrate=True)
@@ -230,7 +204,7 @@ class Supervisor:
             tier = open_object_tier_or_none(s)
             snapshot = _StatusSnapshot(lambda: collect(s, catalog, sites, tier=tier), self.stop)
             http = start_http(s.http.bind, self.http_port, snapshot.get, ssl_context=http_tls,
-                              authorize=_http_authorizer(s, catalog))
+                              gate=AccountGate(catalog, s.accounts))
         ready = self._ctx.Queue()
         for i in range(self.workers):
             self._spawn(i, ready)
@@ -272,6 +246,15 @@ class Supervisor:
         catalog.close()
         log.info("pacsvault stopped")
         return 0
+
+    def _check_ports(self) -> None:
+        d = self.settings.dicom
+        if not d.tls_only:
+            check_free("dicom.port", d.bind, self.dicom_port)
+        if d.tls_port:
+            check_free("dicom.tls_port", d.bind, d.tls_port)
+        if self.http_port:
+            check_free("http.port", self.settings.http.bind, self.http_port)
 
     def _check_tls(self):  # noqa: ANN202
         """Load every certificate now, so that a bad one stops start-up with a clear
