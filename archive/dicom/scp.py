@@ -60,6 +60,10 @@ class _ReactorClock:
         time.sleep(self.reactor_sleep_s if seconds == 0.001 else seconds)
 
 
+def _decode_any_ae_title(value: str) -> tuple[bool, str]:
+    return True, ""
+
+
 def configure_pynetdicom(spool_dir: Path, reactor_sleep_s: float = 0.001) -> None:
     """Process-wide pynetdicom settings; called once by the serving process."""
     import pynetdicom.association
@@ -69,6 +73,12 @@ def configure_pynetdicom(spool_dir: Path, reactor_sleep_s: float = 0.001) -> Non
     spool_dir.mkdir(parents=True, exist_ok=True)
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.UNRESTRICTED_STORAGE_SERVICE = True
+    # pynetdicom validates AE titles while decoding an A-ASSOCIATE-RQ: a calling
+    # title with a backslash or a control character made it abort the association
+    # and log a traceback quoting the raw title. Decode any title; the peer check
+    # then refuses it with an A-ASSOCIATE-RJ (the allow-list holds only valid
+    # titles, and our own outgoing titles are validated by the config).
+    _config.VALIDATORS["AE"] = _decode_any_ae_title
     # pynetdicom spools with NamedTemporaryFile in the process temp dir; keep those
     # files (patient data) under our spool, which is swept at start-up.
     tempfile.tempdir = str(spool_dir)

@@ -2,15 +2,17 @@
 status, a log line without PHI, no crash, no file on any site, no catalog row."""
 from __future__ import annotations
 
+import sqlite3
 import struct
 from pathlib import Path
 
-import pytest
 
 from archive.dicom.part10 import file_meta
+from archive.dicom.status import CANNOT_UNDERSTAND
 from tests.conftest import site_paths
 from tests.support.dataset import NOT_FOR_STORESCU, make_instance, make_varied_study
-from tests.support.scu import REJECTED, send_files
+from tests.support.daemon import echoscu
+from tests.support.scu import ABORTED, REJECTED, rejection, send_files
 from tests.support.verify import audit, sqlite_url
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -72,21 +74,80 @@ def test_malformed_truncated_and_missing_uids(daemon, tmp_path: Path):
     assert_nothing_stored(daemon)
 
 
-@pytest.mark.parametrize("evil", [
+# Each would name a path outside its study's directory, or no valid UID at all, if
+# it reached the layout unchecked: absolute, relative (.., ., ../), a slash, a NUL,
+# over 64 characters, non-digit or empty components.
+ESCAPES = [
     b"../../../../tmp/pwned", b"/etc/passwd", b"1.2.3/../../x", b"1." + b"2" * 70, b"1.2.abc",
-    b"1.2.3\x00/../x", b"..",
-])
-def test_uids_crafted_to_escape_are_refused(daemon, tmp_path: Path, evil: bytes):
-    # Evil UID in the data set (study, series and instance), valid one in the command.
-    files = [
-        crafted(tmp_path / "a.dcm", "1.2.3.4.5", minimal(b"1.2.3.4.5", study=evil)),
-        crafted(tmp_path / "b.dcm", "1.2.3.4.5", minimal(b"1.2.3.4.5", series=evil)),
-        crafted(tmp_path / "c.dcm", "1.2.3.4.5", minimal(evil)),
-    ]
-    statuses = send_files(daemon.dicom_port, files)
-    assert all(s != 0 and s != REJECTED for s in statuses), [hex(s) for s in statuses]
+    b"1.2.3\x00/../x", b"..", b".", b"../", b"../x", b"./1.2", b"1.2/3", b"1.2.3/", b"1..2",
+    b"1.2.", b".1.2", b"1.2.3\\..\\x", b"1.2.3 /x", b"\xc3\xa9.1",
+]
+
+
+def tree(root: Path) -> set[Path]:
+    return set(root.rglob("*"))
+
+
+def test_uids_crafted_to_escape_are_refused_and_the_daemon_keeps_serving(daemon, tmp_path):
+    # Evil UID in the data set (study, series and instance), valid one in the command;
+    # for the instance also in the command. Each is refused with the status that says
+    # so (0xC000), not by dropping the association, and nothing is written anywhere.
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    session = tmp_path.parent           # this test's tmp dir and everything an escape reaches
+    before = tree(session)
+    wrong = {}
+    for n, evil in enumerate(ESCAPES):
+        files = [
+            crafted(inputs / f"{n}a.dcm", "1.2.3.4.5", minimal(b"1.2.3.4.5", study=evil)),
+            crafted(inputs / f"{n}b.dcm", "1.2.3.4.5", minimal(b"1.2.3.4.5", series=evil)),
+            crafted(inputs / f"{n}c.dcm", "1.2.3.4.5", minimal(evil)),
+        ]
+        statuses = send_files(daemon.dicom_port, files)
+        if statuses != [CANNOT_UNDERSTAND] * 3:
+            wrong[evil] = [hex(s) if s >= 0 else {REJECTED: "rejected", ABORTED: "aborted"}[s]
+                           for s in statuses]
+    assert wrong == {}
     assert_nothing_stored(daemon)
+    assert catalog_rows(daemon) == {"patients": 0, "studies": 0, "series": 0, "instances": 0}
+    inst = daemon.config.parent
+    new = {p for p in tree(session) - before
+           if not p.is_relative_to(inputs) and p.parent != inst
+           and not p.is_relative_to(inst / "catalog")}
+    assert new == set()                 # no file or directory written outside its place
     assert not Path("/tmp/pwned").exists()
+    # Still serving: a valid object is stored on both sites.
+    good = make_instance(tmp_path / "good.dcm")
+    assert send_files(daemon.dicom_port, [good.path]) == [0]
+    a = audit(sqlite_url(inst), site_paths(daemon.config))
+    assert a.instances == 1 and a.ok_copies == 2 and not a.bad
+    assert daemon.proc.poll() is None and "Traceback" not in daemon.log()
+
+
+def test_a_uid_with_leading_zeros_is_stored_under_the_sites_only(daemon, tmp_path):
+    # Leading zeros break PS3.5 but occur in legacy archives and are path-safe, so they
+    # are accepted (archive/uids.py); the object lands inside both sites, nowhere else.
+    uid = "1.02.003.0004"
+    f = crafted(tmp_path / "z.dcm", uid, minimal(uid.encode(), study=b"1.002.3",
+                                                 series=b"1.2.03.4"))
+    before = tree(tmp_path.parent)
+    assert send_files(daemon.dicom_port, [f]) == [0]
+    sites = site_paths(daemon.config)
+    for root in sites.values():
+        [stored] = (root / "objects").rglob("*.dcm")
+        assert stored.name == uid + ".dcm" and "1.002.3" in stored.parts
+    inst = daemon.config.parent
+    new = {p for p in tree(tmp_path.parent) - before
+           if not any(p.is_relative_to(r) for r in sites.values()) and p.parent != inst
+           and not p.is_relative_to(inst / "catalog")}
+    assert new == set()
+    assert catalog_rows(daemon)["instances"] == 1
+
+
+def catalog_rows(daemon) -> dict[str, int]:  # noqa: ANN001
+    with sqlite3.connect(daemon.config.parent / "catalog" / "catalog.db") as c:
+        return {t: c.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                for t in ("patients", "studies", "series", "instances")}
 
 
 def test_wrong_sop_class_is_a_mismatch(daemon, tmp_path: Path):
@@ -125,12 +186,18 @@ def test_retired_and_private_classes_are_stored(daemon, tmp_path: Path):
 
 
 def test_unknown_calling_ae_is_rejected_before_data(daemon, tmp_path: Path):
+    # A refusal is an A-ASSOCIATE-RJ: permanent (1), by the service user (1), calling
+    # AE title not recognized (3). A dropped or aborted association is not one.
     m = make_instance(tmp_path / "x.dcm")
     assert send_files(daemon.dicom_port, [m.path], aet="INTRUDER") == [REJECTED]
+    assert rejection(daemon.dicom_port, aet="INTRUDER") == (1, 1, 3)
+    assert rejection(daemon.dicom_port) == "accepted"
     # pynetdicom will not even send these; dcmtk will.
-    from tests.support.daemon import echoscu
-
     for weird in ("STORE\\SCU", "STORESCU\x01", "'; DROP TABLE--"):
         r = echoscu(daemon.dicom_port, aet=weird)
-        assert r.returncode != 0
+        out = r.stdout + r.stderr
+        assert r.returncode != 0 and "Association Rejected" in out, (weird, out)
+        assert "Calling AE Title Not Recognized" in out, (weird, out)
     assert daemon.status()["instances"] == 0
+    assert echoscu(daemon.dicom_port).returncode == 0       # and it keeps serving
+    assert "Traceback" not in daemon.log() and "\x01" not in daemon.log()

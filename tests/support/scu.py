@@ -11,8 +11,25 @@ from pathlib import Path
 from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 
-REJECTED = -1     # association refused
-ABORTED = -2      # association dropped before a response
+REJECTED = -1     # association refused with an A-ASSOCIATE-RJ
+ABORTED = -2      # association aborted or dropped before a response: not a refusal
+
+
+def rejection(port: int, *, aet: str = "STORESCU", aec: str = "PACSVAULT",
+              timeout: float = 30) -> tuple[int, int, int] | str:
+    """Ask for an association (Verification only) and report how it ended: the
+    A-ASSOCIATE-RJ's (result, source, reason), or "accepted" or "aborted"."""
+    ae = AE(ae_title=aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title=aec)
+    if assoc.is_established:
+        assoc.release()
+        return "accepted"
+    rsp = assoc.acceptor.primitive
+    if assoc.is_rejected and rsp is not None:
+        return (int(rsp.result), int(rsp.result_source), int(rsp.diagnostic))
+    return "aborted"
 
 
 def send_files(port: int, files: list[Path], *, aet: str = "STORESCU", aec: str = "PACSVAULT",
@@ -36,7 +53,7 @@ def send_files(port: int, files: list[Path], *, aet: str = "STORESCU", aec: str 
     try:
         assoc = ae.associate("127.0.0.1", port, ae_title=aec)
         if not assoc.is_established:
-            return [REJECTED] * len(files)
+            return [REJECTED if assoc.is_rejected else ABORTED] * len(files)
         out = []
         for f in files:
             if not assoc.is_established:
