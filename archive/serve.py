@@ -14,13 +14,14 @@ import ctypes
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import threading
 import time
 from pathlib import Path
 
+from archive import spool as spool_area
 from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
+from archive.config.paths import site_risks
 from archive.config.schema import Settings
 from archive.instance_lock import hold_instance_lock
 from archive.ports import check_free
@@ -40,18 +41,6 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-
-
-def _sweep_dir(d: Path) -> int:
-    n = 0
-    if d.is_dir():
-        for entry in d.iterdir():
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            n += 1
-    return n
 
 
 def _audit_setup(settings: Settings) -> None:
@@ -77,8 +66,8 @@ def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | No
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     spool = settings.ingest.spool_dir / f"w{index}"
-    spool.mkdir(parents=True, exist_ok=True)
-    _sweep_dir(spool)
+    spool.mkdir(mode=0o750, exist_ok=True)
+    spool_area.sweep(settings.ingest.spool_dir, spool.name)
     configure_pynetdicom(spool, settings.dicom.reactor_sleep_s)
     _audit_setup(settings)
     catalog = open_catalog(settings)
@@ -182,6 +171,7 @@ class Supervisor:
         self._lock_fd = hold_instance_lock(s.data_dir)
         self._check_ports()
         http_tls = self._check_tls()
+        spool_area.ensure(s.ingest.spool_dir)     # refuses a directory that is not our spool
         _audit_setup(s)
         catalog = open_catalog(s, migrate=True)
         sites = open_sites(s)
@@ -193,8 +183,11 @@ class Supervisor:
             if not h.ok:
                 log.error("site %s is not usable: %s; accepting on the other sites, "
                           "copies will be repaired when it returns", site.name, h.reason)
-        s.ingest.spool_dir.mkdir(parents=True, exist_ok=True)
-        _sweep_dir(s.ingest.spool_dir)
+        for risk in site_risks(s):
+            log.warning("sites: %s", risk)
+        swept = spool_area.sweep(s.ingest.spool_dir)
+        if swept:
+            log.info("spool: removed %d temp files left by a crash", swept)
 
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())

@@ -12,6 +12,7 @@ from archive.scheduler import schedule_of
 from archive.catalog.models import Bundle, Copy, Instance, ScrubFinding, ScrubRun, Series, Study
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
+from archive.config.paths import site_risks
 from archive.config.schema import Settings
 from tiers.backend import Backend
 
@@ -130,6 +131,8 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         # Acknowledged data not yet protected at each level (RPO exposure).
         "unprotected": unprotected,
         "jobs": job_table,
+        # Configuration that weakens protection (e.g. both sites on one filesystem).
+        "risks": site_risks(settings),
         # Damage a scrub could not repair keeps the install unhealthy until dealt with.
         "healthy": all(r["healthy"] and not r["corrupt"] for r in site_rows) and under == 0
         and objects["healthy"] and not objects["corrupt"],

@@ -111,7 +111,10 @@ class FilesystemBackend:
         kernel drops it when the writer dies, so another process may sweep at any time."""
         removed = 0
         tmpdir = self.root / "tmp"
-        if not (self.root / MARKER).exists() or not tmpdir.is_dir():
+        marker = self.root / MARKER
+        # Only in a site that is ours, and only in its own tmp/ (a symlink leads elsewhere).
+        if not marker.is_file() or marker.is_symlink() or tmpdir.is_symlink() \
+                or not tmpdir.is_dir():
             return 0
         for entry in os.scandir(tmpdir):
             if not TEMP_NAME.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from archive import spool
 from archive.bootstrap import open_catalog, open_object_tier, open_sites
 from archive.cli.common import handle_errors
 from archive.config.load import DEFAULT_NAME, default_config_text, load_settings
@@ -51,7 +52,7 @@ def init(directory: Path, config: str | None, admin: str | None) -> None:
         raise ConfigError(f"objects: cannot initialize the object tier {tier.name}: {e}") from None
     click.echo(f"object tier {tier.name}: {settings.objects.kind} "
                f"{settings.objects.path if settings.objects.kind == 'directory' else ''}".rstrip())
-    settings.ingest.spool_dir.mkdir(parents=True, exist_ok=True)
+    spool.ensure(settings.ingest.spool_dir)
     catalog = open_catalog(settings, migrate=True)
     try:
         from archive import audit

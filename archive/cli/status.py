@@ -67,3 +67,5 @@ def status(ctx: click.Context, as_json: bool, config: str | None) -> None:
             parts.append(f"{level.replace('_', ' ')}: {e['objects']} objects, {e['bytes']} bytes, "
                          f"oldest {e['oldest_age_s']:.0f}s")
     console.print("not yet protected: " + ("; ".join(parts) if parts else "nothing"))
+    for risk in st.get("risks", []):
+        console.print(f"[yellow]risk: {risk}[/]")

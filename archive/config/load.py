@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from archive.config.paths import check_layout
 from archive.config.schema import Settings
 from archive.errors import ConfigError
 
@@ -47,7 +48,9 @@ def load_settings(path: Path) -> Settings:
         settings = Settings.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: {_describe(e)}") from None
-    return resolve(settings, path)
+    resolved = resolve(settings, path)
+    check_layout(resolved)   # before anything creates, sweeps or opens a path
+    return resolved
 
 
 def resolve(settings: Settings, path: Path) -> Settings:

@@ -32,6 +32,7 @@ from archive.dicom.status import CANNOT_UNDERSTAND, store_status
 from archive.dicom.tls import DeferredHandshake
 from archive.ingest import IngestService, StoreRequest
 from archive.peers import PeerRegistry
+from archive.spool import RECEIVE_PREFIX
 
 log = logging.getLogger("pacsvault.dicom")
 
@@ -82,6 +83,9 @@ def configure_pynetdicom(spool_dir: Path, reactor_sleep_s: float = 0.001) -> Non
     # pynetdicom spools with NamedTemporaryFile in the process temp dir; keep those
     # files (patient data) under our spool, which is swept at start-up.
     tempfile.tempdir = str(spool_dir)
+    # ... named as ours, so that the start-up sweep (archive/spool.py) knows them
+    # (pynetdicom passes no prefix, so tempfile uses this module default).
+    tempfile.template = RECEIVE_PREFIX
     # pynetdicom's INFO/DEBUG lines can carry identifiers: keep them out of our log.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # pydicom warns (and logs) with the offending value quoted, which may be a
