@@ -1,6 +1,7 @@
 """Engine creation and schema migration (Alembic). No I/O at import."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, inspect
@@ -9,11 +10,30 @@ from sqlalchemy.engine import Engine
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
+def _private_db_file(db: Path) -> None:
+    """The catalog holds names, IDs, birth dates and password hashes: its directory
+    is 0750 and the file 0640 whatever the umask. SQLite creates -wal and -shm with
+    the database file's mode, so creating (or tightening) the file here covers them."""
+    if not db.parent.exists():
+        db.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        os.chmod(db.parent, 0o750)          # mkdir's mode is cut by the umask only
+    try:
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640))
+        os.chmod(db, 0o640)
+    except FileExistsError:
+        mode = os.stat(db).st_mode & 0o777
+        if mode & 0o037:                    # an install from before: close it to others
+            try:
+                os.chmod(db, mode & 0o740)
+            except PermissionError:
+                pass                        # not ours (a shared read-only catalog)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _private_db_file(Path(path.split("?", 1)[0]))
         engine = create_engine(url, connect_args={"timeout": 60}, pool_size=8, max_overflow=32)
 
         @event.listens_for(engine, "connect")

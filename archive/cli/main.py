@@ -1,6 +1,8 @@
 """Entry point: `pacsvault [--config FILE] VERB ...`."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from archive.cli import (audit, dr, drill, jobs, peers, replicate, restore, scrub, serve, setup,
@@ -39,7 +41,15 @@ cli.add_command(users.logout)
 cli.add_command(audit.audit)
 
 
+# Patient data and secrets are never for other users, whatever umask the caller has
+# (cron, a shell with 022 or 000): group may read, others get nothing. The daemon's
+# workers, and every file any verb creates, inherit it. Code that creates sensitive
+# files also passes explicit modes (the catalog, sites, keys).
+PRIVATE_UMASK = 0o027
+
+
 def main() -> None:
+    os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
     cli(prog_name="pacsvault")
 
 
