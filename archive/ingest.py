@@ -4,7 +4,8 @@ Ordering (docs/formats/site-layout.md, "Write ordering"):
 1. validate the command and the data set (UIDs, SOP class/instance agreement)
 2. look up earlier versions: identical bytes are acknowledged without a new copy
 3. write and verify on every healthy site (replication.mirror)
-4. zero verified copies: refuse (out of resources), no row
+4. fewer verified copies than ingest.min_copies (1 or 2; never zero): refuse
+   (out of resources), no row
 5. commit instance + copies (a failed site's copy is 'missing': the repair queue)
 6. only then report success to the DICOM layer
 """
@@ -97,9 +98,11 @@ class _LRU:
 
 
 class IngestService:
-    def __init__(self, catalog: Catalog, mirror: MirrorWriter, clock: Clock = utcnow) -> None:
+    def __init__(self, catalog: Catalog, mirror: MirrorWriter, clock: Clock = utcnow, *,
+                 min_copies: int = 1) -> None:
         self.catalog = catalog
         self.mirror = mirror
+        self.min_copies = min_copies    # verified copies an acknowledgement needs
         self.clock = clock
         self.committer = GroupCommitter(catalog)
         # study_uid -> study id, (study id, series_uid) -> series id: rows are never deleted,
@@ -148,6 +151,13 @@ class IngestService:
             return StoreResult(Outcome.DUPLICATE, study_uid=attrs.study_uid,
                                patient_id=attrs.patient_id)
 
+        if self.mirror.writable_sites() < self.min_copies:
+            # Known short of sites (a failed site is skipped for a while): refuse before
+            # writing, so no copy is left behind that the catalog will never name.
+            log.error("C-STORE from %s refused (object %s): ingest.min_copies = %d and only "
+                      "%d sites are writable", req.calling_ae, tok, self.min_copies,
+                      self.mirror.writable_sites())
+            return StoreResult(Outcome.NO_COPY, "too few writable sites")
         conflict = bool(versions)
         key = instance_key(attrs.study_uid, attrs.sop_uid, obj.sha256 if conflict else None)
         outcomes = self.mirror.write(key, obj)
@@ -157,10 +167,11 @@ class IngestService:
             key = instance_key(attrs.study_uid, attrs.sop_uid, obj.sha256)
             outcomes = self.mirror.write(key, obj)
         verified = [o for o in outcomes if o.ok]
-        if not verified:
-            reasons = "; ".join(f"{o.site}: {o.error}" for o in outcomes)
-            log.error("C-STORE from %s refused (object %s): no verified copy (%s)",
-                      req.calling_ae, tok, reasons)
+        if len(verified) < self.min_copies:
+            reasons = "; ".join(f"{o.site}: {o.error}" for o in outcomes if not o.ok)
+            log.error("C-STORE from %s refused (object %s): %d verified copies, "
+                      "ingest.min_copies = %d (%s)", req.calling_ae, tok, len(verified),
+                      self.min_copies, reasons)
             return StoreResult(Outcome.NO_COPY, reasons)
 
         failpoints.hit("ingest.before_commit")

@@ -73,7 +73,7 @@ def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | No
     catalog = open_catalog(settings)
     mirror = MirrorWriter(open_sites(settings), timeout_s=settings.ingest.site_timeout_s,
                           retry_after_s=settings.ingest.site_retry_after_s)
-    ingest = IngestService(catalog, mirror)
+    ingest = IngestService(catalog, mirror, min_copies=settings.ingest.min_copies)
     peers = PeerRegistry(catalog, settings.dicom.allow_any_peer)
     d = settings.dicom
     listeners = []  # (ae, server): the plain port, the TLS port, or both

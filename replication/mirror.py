@@ -84,6 +84,10 @@ class MirrorWriter:
         self.breaker.reset(site.name)
         return CopyOutcome(site.name, True)
 
+    def writable_sites(self) -> int:
+        """Sites not skipped after a recent failure (a write may still fail on one)."""
+        return sum(not self.breaker.is_open(s.name) for s in self.sites)
+
     def write(self, key: str, payload: Payload) -> list[CopyOutcome]:
         outcomes: dict[str, CopyOutcome] = {}
         futures: dict[Future, str] = {}

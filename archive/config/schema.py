@@ -125,6 +125,11 @@ class IngestSettings(_Strict):
     site_retry_after_s: float = Field(5, ge=0)
     # How often the daemon re-copies under-replicated objects to returned sites.
     repair_interval_s: float = Field(5, gt=0)
+    # Verified copies needed before C-STORE success. 1: with a site down the object is
+    # accepted on the healthy one, marked under-replicated and repaired when the site
+    # returns (ingest goes on through an outage). 2: with a site down C-STORE answers
+    # Out of Resources and the sender keeps the object (no single-copy window).
+    min_copies: int = Field(1, ge=1, le=2)
 
 
 class S3TierSettings(_Strict):
@@ -514,6 +519,9 @@ class Settings(_Strict):
         paths = [s.path for s in self.sites]
         if len(set(paths)) != len(paths):
             raise ValueError("sites: two sites share one path; mirrors must be distinct")
+        if self.ingest.min_copies > len(self.sites):
+            raise ValueError(f"ingest.min_copies: {self.ingest.min_copies} copies need as "
+                             f"many sites; {len(self.sites)} configured")
         if self.objects.name in names:
             raise ValueError("objects.name: must differ from every site name")
         if self.objects.kind == "directory" and self.objects.path in paths:
