@@ -62,7 +62,8 @@ def init(directory: Path, config: str | None, admin: str | None) -> None:
     finally:
         catalog.close()
     click.echo(f"catalog ready ({settings.catalog.url.split('://', 1)[0]})")
-    click.echo("next: pacsvault peer add AE_TITLE HOST   then   pacsvault serve")
+    c = f"pacsvault --config {path}"
+    click.echo(f"next: {c} peer add AE_TITLE HOST   then   {c} serve")
 
 
 def _first_admin(catalog, settings, name: str) -> None:  # noqa: ANN001
