@@ -26,6 +26,8 @@ from typing import BinaryIO, Callable, Iterable
 
 import zstandard
 
+from archive.errors import InvalidInput
+from archive.uids import validate_uid
 from tiers.backend import LimitedReader
 
 FORMAT = "pacsvault-bundle"
@@ -273,9 +275,36 @@ def parse_manifest(frame: bytes, sha256: bytes) -> dict:
         manifest = json.loads(zstandard.ZstdDecompressor().decompress(frame))
     except (zstandard.ZstdError, ValueError) as e:
         raise BundleError(f"manifest unreadable: {type(e).__name__}") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or manifest.get("version") != VERSION:
         raise BundleError("unsupported bundle format or version")
+    _check_entries(manifest)
     return manifest
+
+
+def _check_entries(manifest: dict) -> None:
+    """A bundle is read back from storage others can write to: its UIDs pass the
+    grammar ingest uses and its numbers are numbers before anything keys on them."""
+    entries = manifest.get("instances")
+    if not isinstance(entries, list):
+        raise BundleError("manifest has no instance list")
+    try:
+        study = manifest.get("study")
+        if isinstance(study, dict) and "study_uid" in study:
+            validate_uid(study["study_uid"], "Study Instance")
+        for e in entries:
+            if not isinstance(e, dict):
+                raise BundleError("manifest instance entry is not an object")
+            validate_uid(e.get("sop_uid"), "SOP Instance")
+            validate_uid(e.get("series_uid"), "Series Instance")
+            for k in ("size", "offset", "length", "version"):
+                v = e.get(k, 1)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise BundleError(f"manifest instance {k} is not a count")
+            if not isinstance(e.get("sha256"), str) or len(e["sha256"]) != 64:
+                raise BundleError("manifest instance sha256 is not a SHA-256")
+    except InvalidInput as err:
+        raise BundleError(f"manifest: {err}") from None
 
 
 def extract(frame: bytes, entry: dict) -> bytes:
