@@ -108,10 +108,21 @@ class StudyResult:
 
 
 @dataclass
+class KeptStudy:
+    """A study the policy keeps online (dry run): the config key that kept it and why."""
+    study_uid: str
+    reason: str          # never_migrate_studies, min_online_days, no rule matches, ...
+    detail: str
+    instances: int = 0
+    bytes: int = 0
+
+
+@dataclass
 class MigrateReport:
     dry_run: bool
     tier: str
     studies: list[StudyResult] = field(default_factory=list)
+    kept: list[KeptStudy] = field(default_factory=list)    # filled by a dry run
     findings: list[Finding] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -131,9 +142,11 @@ class MigrateReport:
             "tier": self.tier,
             "ok": self.ok,
             "studies": [asdict(s) for s in self.studies],
+            "kept": [asdict(k) for k in self.kept],
             "findings": [asdict(f) for f in self.findings],
             "totals": {
                 "studies": len(moved),
+                "kept": len(self.kept),
                 "failed": self.failed,
                 "instances": sum(s.instances for s in moved),
                 "bytes": total_bytes,
@@ -165,8 +178,10 @@ class Migrator:
         self._verified_now: set[int] = set()   # bundle ids verified by this run
 
     # -- planning ------------------------------------------------------------------
-    def plan(self, study_uids: list[str] | None = None) -> list[StudyResult]:
-        """Studies to move: the forced ones, else what the policy selects now."""
+    def plan(self, study_uids: list[str] | None = None,
+             kept: list[KeptStudy] | None = None) -> list[StudyResult]:
+        """Studies to move: the forced ones, else what the policy selects now. With
+        ``kept``, every other online study is added to it with what kept it."""
         site_names = list(self.sites)
         with self.catalog.unit() as uow:
             if study_uids:
@@ -189,18 +204,30 @@ class Migrator:
                 return out
             now = self.clock()
             cutoff = now - timedelta(days=self.policy.min_online_days)
+            # Explaining needs the young studies too; a real run skips them in SQL.
             found = policy.candidates(uow.session, site_names, self.tier.name,
-                                      received_before=cutoff)
+                                      received_before=None if kept is not None else cutoff)
         out = []
         for f in found:
             if not self.policy.purge_online and f.unprotected == 0:
-                continue   # copy-only mode: already on the tier, nothing to do
-            d = policy.decide(f, self.policy, now)
+                d = policy.Decision(False, "already migrated", "every online instance has a "
+                                    "verified object copy (purge_online = false keeps them)")
+            elif len(out) >= self.policy.max_studies_per_run:
+                if kept is None:
+                    break
+                d = policy.decide(f, self.policy, now)
+                if d.migrate:
+                    d = policy.Decision(False, "max_studies_per_run", f"rule {d.reason} matches; "
+                                        f"beyond max_studies_per_run = "
+                                        f"{self.policy.max_studies_per_run}: a later run takes it")
+            else:
+                d = policy.decide(f, self.policy, now)
             if d.migrate:
                 out.append(StudyResult(f.study_uid, reason=d.reason,
                                        instances=f.online_instances, bytes=f.online_bytes))
-            if len(out) >= self.policy.max_studies_per_run:
-                break
+            elif kept is not None:
+                kept.append(KeptStudy(f.study_uid, d.reason, d.detail, f.online_instances,
+                                      f.online_bytes))
         return out
 
     # -- running -------------------------------------------------------------------
@@ -212,7 +239,7 @@ class Migrator:
             self._sweep_tier_temp()
             self._sweep_uploads()
             self.finish_interrupted_purges(report)
-        report.studies = self.plan(study_uids)
+        report.studies = self.plan(study_uids, kept=report.kept if dry_run else None)
         if dry_run:
             report.seconds = time.monotonic() - t0
             return report

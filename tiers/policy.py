@@ -48,7 +48,8 @@ class StudyFacts:
 @dataclass(frozen=True)
 class Decision:
     migrate: bool
-    reason: str          # the rule's name, or why the study stays
+    reason: str          # the rule's name, or why the study stays (a config key)
+    detail: str = ""     # why it stays, in words: keys and their values, never patient data
 
 
 def _aware(t: datetime | None) -> datetime | None:
@@ -73,35 +74,47 @@ def _last_touch(facts: StudyFacts) -> datetime:
     return max(t for t in times if t is not None)
 
 
-def rule_matches(rule: LifecycleRule, facts: StudyFacts, now: datetime) -> bool:
+def rule_miss(rule: LifecycleRule, facts: StudyFacts, now: datetime) -> str | None:
+    """The first condition of ``rule`` the study fails, in words; None if it matches.
+    Names the rule's keys and values only (no dates, IDs or other patient data)."""
     if rule.older_than_days is not None:
         born = _study_day(facts) if rule.age_from == "study_date" else _aware(facts.first_received_at)
         if now - born < timedelta(days=rule.older_than_days):
-            return False
+            return f"not older than older_than_days = {rule.older_than_days} (by {rule.age_from})"
     if rule.not_accessed_days is not None:
         if now - _last_touch(facts) < timedelta(days=rule.not_accessed_days):
-            return False
+            return f"accessed within not_accessed_days = {rule.not_accessed_days}"
     if rule.modalities and not (facts.modalities & set(rule.modalities)):
-        return False
+        return f"no series of modalities {', '.join(rule.modalities)}"
     if rule.calling_aes and facts.calling_ae not in rule.calling_aes:
-        return False
-    return True
+        return f"calling AE not in calling_aes {', '.join(rule.calling_aes)}"
+    return None
+
+
+def rule_matches(rule: LifecycleRule, facts: StudyFacts, now: datetime) -> bool:
+    return rule_miss(rule, facts, now) is None
 
 
 def decide(facts: StudyFacts, policy: LifecycleSettings, now: datetime) -> Decision:
     if facts.study_uid in policy.never_migrate_studies:
-        return Decision(False, "never_migrate_studies")
+        return Decision(False, "never_migrate_studies", "listed in never_migrate_studies")
     if facts.patient_id and facts.patient_id in policy.never_migrate_patients:
-        return Decision(False, "never_migrate_patients")
+        return Decision(False, "never_migrate_patients",
+                        "its patient is listed in never_migrate_patients")
     if now - _aware(facts.last_received_at) < timedelta(days=policy.min_online_days):
-        return Decision(False, "min_online_days")
+        return Decision(False, "min_online_days",
+                        f"received within min_online_days = {policy.min_online_days}")
     recalled = _aware(facts.recalled_at)
     if recalled is not None and now - recalled < timedelta(days=policy.keep_recalled_days):
-        return Decision(False, "keep_recalled_days")
+        return Decision(False, "keep_recalled_days",
+                        f"recalled within keep_recalled_days = {policy.keep_recalled_days}")
+    misses = []
     for rule in policy.rules:
-        if rule_matches(rule, facts, now):
+        miss = rule_miss(rule, facts, now)
+        if miss is None:
             return Decision(True, rule.name)
-    return Decision(False, "no rule matches")
+        misses.append(f"{rule.name}: {miss}")
+    return Decision(False, "no rule matches", "; ".join(misses) or "no [[lifecycle.rules]]")
 
 
 def online_copy(sites: list[str]):  # noqa: ANN201 - a SQL expression

@@ -34,7 +34,8 @@ def _progress(label: str, total: int | None, quiet: bool) -> Iterator[Callable[[
 @click.command()
 @click.option("--study", "studies", metavar="UID", multiple=True,
               help="Migrate this study now, whatever the policy says (repeatable).")
-@click.option("--dry-run", is_flag=True, help="Print what would move and how many bytes; change nothing.")
+@click.option("--dry-run", is_flag=True, help="Print what would move and how many bytes, and "
+              "which rule keeps each other study online; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
 @config_option
 @click.pass_context
@@ -100,6 +101,9 @@ def _print(report) -> None:  # noqa: ANN001
     for s in report.studies:
         click.echo(f"{s.outcome:9} {s.study_uid}  {s.instances} instances  {s.bytes} bytes"
                    f"  ({s.reason})")
+    for k in report.kept:     # a dry run: what kept each other study online
+        click.echo(f"{'kept':9} {k.study_uid}  {k.instances} instances  {k.bytes} bytes"
+                   f"  ({k.reason}: {k.detail})")
     click.echo(f"{verb} {t['studies']} studies, {t['instances']} instances, {t['bytes']} bytes "
                f"to {report.tier}" + ("" if report.dry_run else
                                        f"; {t['purged_copies']} online copies freed"
