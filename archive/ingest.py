@@ -154,8 +154,9 @@ class IngestService:
         if self.mirror.writable_sites() < self.min_copies:
             # Known short of sites (a failed site is skipped for a while): refuse before
             # writing, so no copy is left behind that the catalog will never name.
-            log.error("C-STORE from %s refused (object %s): ingest.min_copies = %d and only "
-                      "%d sites are writable", req.calling_ae, tok, self.min_copies,
+            log.error("C-STORE from %s refused (object %s): no verified copy possible: "
+                      "ingest.min_copies = %d and %d sites are writable", req.calling_ae, tok,
+                      self.min_copies,
                       self.mirror.writable_sites())
             return StoreResult(Outcome.NO_COPY, "too few writable sites")
         conflict = bool(versions)
@@ -169,9 +170,9 @@ class IngestService:
         verified = [o for o in outcomes if o.ok]
         if len(verified) < self.min_copies:
             reasons = "; ".join(f"{o.site}: {o.error}" for o in outcomes if not o.ok)
-            log.error("C-STORE from %s refused (object %s): %d verified copies, "
-                      "ingest.min_copies = %d (%s)", req.calling_ae, tok, len(verified),
-                      self.min_copies, reasons)
+            log.error("C-STORE from %s refused (object %s): %s (%s)", req.calling_ae, tok,
+                      f"{len(verified)} verified copies, ingest.min_copies = {self.min_copies}"
+                      if verified else "no verified copy", reasons)
             return StoreResult(Outcome.NO_COPY, reasons)
 
         failpoints.hit("ingest.before_commit")
