@@ -5,15 +5,23 @@ else, updates or deletes its rows. A move appends one row and updates the
 volume's state and location in the same transaction, so the volume row and
 the chain cannot disagree unless someone edits the catalog by hand, which
 check_chain() then reports. docs/operations/dr.md, "Chain of custody and rotation".
+
+The custody rows themselves carry no key, so anyone who can write the catalog could
+rewrite where a past move went or who made it consistently. Every move made through
+`dr custody` is also an audit record (dr-volume-moved), and the audit trail is
+chained under a key kept outside the catalog: check_chain() compares the two, so a
+rewritten, added or deleted custody row shows up as a disagreement with the trail.
 """
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
+import json
+
 from sqlalchemy import select
 
-from archive.catalog.models import DrCustody, DrVolume
+from archive.catalog.models import AuditRecord, DrCustody, DrVolume
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.errors import InvalidInput
@@ -187,5 +195,55 @@ def check_chain(catalog: Catalog, barcode: str) -> dict[str, Any]:
         problems.append(f"the volume is {v.state}, but its chain ends in {prev_to}")
     if rows and v.location != prev_loc:
         problems.append("the volume's location differs from the last move's")
+    problems += _audit_disagreements(catalog, barcode, rows)
     return {"barcode": barcode, "ok": not problems, "moves": len(rows), "state": v.state,
             "problems": problems}
+
+
+# What a dr-volume-moved audit record says of a move (archive/cli/dr.py writes it).
+AUDITED_FIELDS = ("from_state", "to_state", "location", "actor", "courier_ref")
+
+
+def _audited_moves(catalog: Catalog, barcode: str) -> list[tuple[int, tuple]]:
+    """(audit record id, move fields) of every successful dr-volume-moved record
+    naming this barcode, in the order they were recorded."""
+    with catalog.unit() as uow:
+        recs = uow.session.execute(
+            select(AuditRecord.id, AuditRecord.detail)
+            .where(AuditRecord.action == "dr-volume-moved", AuditRecord.outcome == "success")
+            .order_by(AuditRecord.id)).all()
+    moves = []
+    for rec_id, detail in recs:
+        try:
+            d = json.loads(detail or "{}")
+        except ValueError:
+            continue                    # a broken record is audit --verify's to report
+        if isinstance(d, dict) and d.get("barcode") == barcode:
+            moves.append((rec_id, tuple(d.get(k, "") for k in AUDITED_FIELDS)))
+    return moves
+
+
+def _audit_disagreements(catalog: Catalog, barcode: str,
+                         rows: list[DrCustody]) -> list[str]:
+    """Compare the custody rows with the audit trail's record of the same moves.
+
+    A volume moved only through the library API (no audit record at all) has
+    nothing to compare; once the trail names a move of this volume, the custody
+    log must hold exactly the audited moves, in the same order.
+    """
+    audited = _audited_moves(catalog, barcode)
+    if not audited:
+        return []
+    logged = [tuple(getattr(r, k) or "" for k in AUDITED_FIELDS) for r in rows]
+    problems = []
+    for i in range(max(len(logged), len(audited))):
+        if i >= len(logged):
+            problems.append(f"audit record {audited[i][0]} names a move that the custody "
+                            "log does not hold")
+        elif i >= len(audited):
+            problems.append(f"move {rows[i].id} has no audit record")
+        elif logged[i] != audited[i][1]:
+            fields = [k for k, a, b in zip(AUDITED_FIELDS, logged[i], audited[i][1]) if a != b]
+            problems.append(f"move {rows[i].id} differs from audit record {audited[i][0]} "
+                            f"in {', '.join(fields)}")
+    return problems
