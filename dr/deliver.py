@@ -344,6 +344,10 @@ class AeDelivery:
             raise InvalidInput(f"{self.name} refused the association (check its AE title, "
                                "and that it accepts our calling AE title)")
         _responses_to_the_sender(self.assoc)
+        # What the PACS took: an instance whose (SOP class, transfer syntax) it refused
+        # cannot be sent verbatim, so it is a named failure and the run goes on.
+        self.accepted = {(cx.abstract_syntax, cx.transfer_syntax[0])
+                         for cx in self.assoc.accepted_contexts}
         self.journal = journal
         journal.parent.mkdir(parents=True, exist_ok=True)
         self.restarted = journal.exists() and not resume
@@ -354,6 +358,11 @@ class AeDelivery:
         return f"{item.inst.sop_uid}/{item.inst.version}" in self.sent
 
     def deliver(self, item: Any, path: Path) -> None:
+        pair = (item.inst.sop_class, item.inst.transfer_syntax)
+        if pair not in self.accepted:
+            raise DeliveryRefused(f"not sent: {self.name} accepted no presentation context for "
+                                  f"SOP class {pair[0]} in transfer syntax {pair[1]} (the "
+                                  "bytes are sent as stored, never converted)")
         status = self.assoc.send_c_store(path)
         code = getattr(status, "Status", None)
         path.unlink(missing_ok=True)

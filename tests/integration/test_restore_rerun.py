@@ -12,7 +12,7 @@ import pytest
 from archive.config.load import load_settings
 from dr.deliver import AeDelivery
 from tests.support.daemon import run_cli
-from tests.support.dataset import EXPLICIT_LE, make_ct_series
+from tests.support.dataset import EXPLICIT_LE, JPEG_BASELINE, make_ct_series, make_instance
 from tests.support.needs import missing
 from tests.support.storescp import StoreSCP, storescp_binary
 from tests.support.tiering import Install
@@ -118,3 +118,25 @@ def test_quick_responses_never_lose_the_association(scp, tmp_path):
         finally:
             d.close()
         assert codes == [0] * SMALL, (run, codes.count(None))
+
+
+def test_an_instance_the_pacs_takes_in_no_syntax_is_named_and_the_rest_is_sent(tmp_path):
+    """A PACS that accepts only uncompressed syntaxes cannot take a JPEG object sent
+    verbatim: that instance is a named failure, every other one is sent, exit 1."""
+    if storescp_binary() is None:
+        missing("dcmtk storescp is not installed")
+    i = Install.create(tmp_path / "pv")
+    ct = make_ct_series(tmp_path / "ct", 3, size=2_000)
+    jpeg = make_instance(tmp_path / "us.dcm", kind="US", ts=JPEG_BASELINE, size=2_000,
+                         study_uid=ct[0].study_uid)
+    i.ingest(ct + [jpeg])
+    i.study = ct[0].study_uid
+    s = StoreSCP(tmp_path / "scp", accept_all=False).start()
+    try:
+        r = restore(i, s)
+        assert r["_rc"] == 1 and "Traceback" not in r["_stderr"], r["_stderr"]
+        assert r["restored"] == 3 and taken(s) == 3, r
+        [failure] = r["failures"]
+        assert failure["sop_uid"] == jpeg.sop_uid and JPEG_BASELINE in failure["reason"], r
+    finally:
+        s.stop()

@@ -31,6 +31,7 @@ class StoreSCP(LoggedProcess):
     fork: bool = True
     promiscuous: bool = True   # accept unknown (private, retired) SOP classes too
     nodelay: bool = True       # TCP_NODELAY=1 in its environment
+    accept_all: bool = True    # +xa; False: storescp's default, uncompressed syntaxes only
     proc: subprocess.Popen | None = None
 
     @property
@@ -43,7 +44,8 @@ class StoreSCP(LoggedProcess):
             raise FileNotFoundError("dcmtk storescp is not installed")
         self.outdir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
-        args = [binary, "+xa", "-aet", self.aet, "-od", str(self.outdir), "-dhl"]
+        args = [binary, *(["+xa"] if self.accept_all else []), "-aet", self.aet,
+                "-od", str(self.outdir), "-dhl"]
         if self.fork:
             args.append("--fork")
         if self.promiscuous:
