@@ -77,6 +77,8 @@ class _Inst:
     version: int
     size: int
     sha256: str
+    sop_class: str = ""         # unchanged by de-identification
+    transfer_syntax: str = ""   # saved in the syntax it was stored in
 
 
 @dataclass(frozen=True)
@@ -149,9 +151,13 @@ class DeidentifyingDelivery:
         return key, given is not None
 
     @staticmethod
-    def _renamed(e: dict[str, Any]) -> _Renamed:
+    def _renamed(e: dict[str, Any], original: Any = None) -> _Renamed:
+        """The instance under its new names; ``original`` gives the SOP class and
+        transfer syntax a PACS delivery proposes (the journal does not keep them)."""
         return _Renamed(e["study"][1], _Inst(e["series"][1], e["sop"], e["version"], e["size"],
-                                             e["sha256"]))
+                                             e["sha256"],
+                                             getattr(original, "sop_class", ""),
+                                             getattr(original, "transfer_syntax", "")))
 
     # -- the Delivery protocol ----------------------------------------------------------
     def done(self, item: Any) -> bool:
@@ -184,7 +190,7 @@ class DeidentifyingDelivery:
              "series": [inst.series_uid, str(ds.SeriesInstanceUID)],
              "sop": str(ds.SOPInstanceUID), "size": out.stat().st_size, "sha256": sha256_file(out)}
         try:
-            self.inner.deliver(self._renamed(e), out)
+            self.inner.deliver(self._renamed(e, inst), out)
         finally:
             out.unlink(missing_ok=True)
         self.log.write(json.dumps(e) + "\n")
