@@ -36,6 +36,7 @@ def _fetch_verified(src: Backend, key: str, sha256: str, scratch: Path) -> FileP
     """Copy a source object to scratch, hashing as it goes; None if it does not match."""
     h = hashlib.sha256()
     size = 0
+    scratch.mkdir(parents=True, exist_ok=True)     # only when there is work: an idle pass writes nothing
     fd, name = tempfile.mkstemp(dir=scratch, suffix=".tmp")
     with open(fd, "wb") as out, src.open(key) as f:
         while chunk := f.read(1024 * 1024):
@@ -53,7 +54,6 @@ def repair_missing(catalog: Catalog, sites: list[Backend], scratch: Path, *,
     """Repair up to ``batch`` missing copies per healthy site, oldest first."""
     report = RepairReport()
     by_name = {s.name: s for s in sites}
-    scratch.mkdir(parents=True, exist_ok=True)
     for target in sites:
         if not target.health().ok:
             continue

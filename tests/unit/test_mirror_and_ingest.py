@@ -148,3 +148,12 @@ def test_group_commit_batches_and_isolates_failures(tmp_path):
     assert [i for i, _ in errors] == [3]
     with engine.connect() as c:
         assert c.execute(text("SELECT count(*) FROM peers")).scalar() == 9
+
+
+def test_an_idle_repair_pass_writes_nothing(env):
+    # The daemon runs a repair pass every few seconds; with nothing to repair it must not
+    # create its scratch directory (a hostile-input test counts every new path).
+    url, catalog, a, b, ingest, tmp = env
+    ingest.store(req(make_instance(tmp / "x.dcm")))
+    rep = repair_missing(catalog, [a, b], tmp / "scratch")
+    assert rep.repaired == 0 and not (tmp / "scratch").exists()
