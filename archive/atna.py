@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from archive import audit
 from archive.audit import Event
+from archive.syslog_sender import SyslogSender
 
 if TYPE_CHECKING:
     from archive.config.schema import Settings
@@ -249,7 +250,6 @@ def install(settings: "Settings") -> "SyslogSender | None":
         return _active[1]
     import os
 
-    from archive.syslog_sender import SyslogSender
 
     def under(p: Path | None) -> Path | None:             # relative to data_dir, like load.py
         return p if p is None or p.is_absolute() else settings.data_dir / p

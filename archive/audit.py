@@ -37,7 +37,13 @@ from typing import Any, Callable
 
 from sqlalchemy import select
 
-from archive.catalog.models import AuditCheckpoint, AuditHead, AuditRecord
+from archive.catalog.models import (
+    AuditCheckpoint,
+    AuditHead,
+    AuditRecord,
+    Patient,
+    Study,
+)
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.errors import PacsvaultError
@@ -362,7 +368,6 @@ def record_studies(catalog: Catalog, action: str, actor: str, per_study: dict[st
                    source: str | None = None) -> None:
     """One record per study (with its Patient ID from the catalog): who touched
     which patient's data, in one place. ``per_study``: study UID -> detail."""
-    from archive.catalog.models import Patient, Study
 
     if not per_study:
         return
@@ -375,11 +380,9 @@ def record_studies(catalog: Catalog, action: str, actor: str, per_study: dict[st
                                       pids.get(uid), uid, detail))
 
 
-def record_key_use(catalog: Catalog, actor: str, identities: list, purpose: str) -> None:
-    """A DR identity was used (by fingerprint; never the key itself)."""
-    from dr.keys import identity_fingerprints
-
-    if identities:
+def record_key_use(catalog: Catalog, actor: str, fingerprints: list[str], purpose: str) -> None:
+    """A DR identity was used: recorded by its fingerprints, never the key itself."""
+    if fingerprints:
         record_quietly(catalog, Event("key-use", actor=actor, source=host(),
                                       detail={"purpose": purpose,
-                                              "fingerprints": sorted(identity_fingerprints(identities))}))
+                                              "fingerprints": sorted(fingerprints)}))

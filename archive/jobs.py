@@ -23,10 +23,10 @@ from typing import Any, Iterator
 
 from sqlalchemy import func, select, update
 
-from archive.catalog.lease import LeaseHeld, _dead_local_holder, new_holder
+from archive.catalog.lease import LeaseHeld, holder_is_dead_here, new_holder
 from archive.catalog.models import JobRun
 from archive.catalog.uow import Catalog
-from archive.clock import Clock, utcnow
+from archive.clock import Clock, iso, utcnow
 
 log = logging.getLogger("pacsvault.jobs")
 
@@ -82,7 +82,7 @@ def settle_interrupted(catalog: Catalog, clock: Clock = utcnow) -> int:
     with catalog.unit(write=True) as uow:
         rows = uow.session.execute(select(JobRun.id, JobRun.host)
                                    .where(JobRun.outcome == "running")).all()
-        dead = [r.id for r in rows if _dead_local_holder(r.host)]
+        dead = [r.id for r in rows if holder_is_dead_here(r.host)]
         if dead:
             uow.session.execute(update(JobRun).where(JobRun.id.in_(dead)).values(
                 outcome="interrupted", finished_at=clock()))
@@ -110,22 +110,14 @@ def latest(catalog: Catalog) -> dict[str, dict[str, Any]]:
         for job, at in s.execute(select(JobRun.job, func.max(JobRun.finished_at))
                                  .where(JobRun.outcome == "ok").group_by(JobRun.job)):
             if job in out:
-                out[job]["last_ok_at"] = _iso(at)
+                out[job]["last_ok_at"] = iso(at)
     return out
-
-
-def _iso(t: datetime | None) -> str | None:
-    if t is None:
-        return None
-    if t.tzinfo is None:       # SQLite returns naive UTC
-        t = t.replace(tzinfo=utcnow().tzinfo)
-    return t.isoformat()
 
 
 def _as_dict(r: JobRun) -> dict[str, Any]:
     return {"id": r.id, "job": r.job, "trigger": r.trigger, "outcome": r.outcome,
-            "scheduled_for": _iso(r.scheduled_for), "started_at": _iso(r.started_at),
-            "finished_at": _iso(r.finished_at), "summary": json.loads(r.summary or "{}")}
+            "scheduled_for": iso(r.scheduled_for), "started_at": iso(r.started_at),
+            "finished_at": iso(r.finished_at), "summary": json.loads(r.summary or "{}")}
 
 
 # -- catch-up after downtime -------------------------------------------------------

@@ -23,7 +23,8 @@ import ssl
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import urlsplit
+
+from archive.config.syslog_url import parse_url
 
 log = logging.getLogger("pacsvault.syslog")
 
@@ -35,18 +36,6 @@ MAX_DATAGRAM = 65507              # the largest UDP payload over IPv4 (RFC 5426 
 MAX_PAUSE_S = 30.0
 
 
-def parse_url(url: str) -> tuple[str, str, int]:
-    """("udp" | "tls", host, port) from udp://host:port or tls://host:port ([v6] too)."""
-    try:
-        u = urlsplit(url)
-        port = u.port
-    except ValueError as e:
-        raise ValueError(f"not a valid collector address: {e}") from None
-    if u.scheme not in ("udp", "tls") or not u.hostname or port is None:
-        raise ValueError("must be udp://host:port or tls://host:port")
-    if u.path not in ("", "/") or u.query or u.fragment or u.username or u.password:
-        raise ValueError("must be udp://host:port or tls://host:port (nothing after the port)")
-    return u.scheme, u.hostname, port
 
 
 def _header_field(value: str, limit: int) -> str:

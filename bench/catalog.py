@@ -10,7 +10,7 @@ itself (INSERT ... SELECT over a recursive CTE on SQLite, generate_series on
 PostgreSQL) in chunks of 500,000 instances: no ORM, no Python per row.
 
 Then every lookup runs through the daemon's own code (archive.catalog.repo and
-archive.status through a SQLAlchemy session from archive.catalog.engine) with
+archive.app.status through a SQLAlchemy session from archive.catalog.engine) with
 random keys, once on a 1,000-instance catalog and once on the N-instance one,
 and the table shows the median latency at each size and the ratio N/1k. Point
 lookups use indexes and must stay near-flat; the counting queries behind
@@ -45,12 +45,12 @@ from typing import Callable
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import Engine, make_url
 
+from archive.app.status import collect
 from archive.catalog import repo
 from archive.catalog.engine import make_engine, upgrade
 from archive.catalog.models import Copy, Instance, Patient, Series, Study
 from archive.catalog.uow import Catalog
 from archive.config.schema import CatalogSettings, Settings, SiteSettings
-from archive.status import collect
 from tiers.fs import FilesystemBackend
 
 ROOT = "1.2.826.0.1.3680043.10.1049"   # UIDs: ROOT.1.<study>, ROOT.2.<series>, ROOT.3.<instance>

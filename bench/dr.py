@@ -49,7 +49,7 @@ def vm_kb(field: str) -> int:
 # -- the writer, in a child process --------------------------------------------------------
 def child(spec: dict) -> None:
     """Run one DrWriter over every pending study; print what it did as JSON."""
-    from archive.bootstrap import open_catalog, open_sites
+    from archive.app.compose import open_catalog, open_sites
     from archive.config.load import load_settings
     from dr.signing import writer_key
     from dr.writer import DrWriter

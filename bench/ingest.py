@@ -40,7 +40,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tests.support.daemon import PACSVAULT, Daemon, dcmtk_env, free_port, init_instance, run_cli
+from tests.support.daemon import (
+    PACSVAULT,
+    Daemon,
+    dcmtk_env,
+    free_port,
+    init_instance,
+    run_cli,
+)
 from tests.support.dataset import EXPLICIT_LE, make_instance
 from tests.support.orthanc import Orthanc, orthanc_binary
 from tests.support.storescp import StoreSCP

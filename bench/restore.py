@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from dr.deliver import DirDelivery
         from dr.keys import keygen, load_identities
-        from dr.restore import Restorer, select_studies, Selection
+        from dr.restore import Restorer, Selection, select_studies
 
         inst = Install.create(work / "pv")
         key = work / "key.txt"

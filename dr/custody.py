@@ -14,18 +14,16 @@ rewritten, added or deleted custody row shows up as a disagreement with the trai
 """
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
-
-import json
 
 from sqlalchemy import select
 
 from archive.catalog.models import AuditRecord, DrCustody, DrVolume
 from archive.catalog.uow import Catalog
-from archive.clock import Clock, utcnow
+from archive.clock import Clock, iso, utcnow
 from archive.errors import InvalidInput
-from archive.jobs import _iso
 
 # Custody states, in the order a volume usually lives them.
 STATES = ("sealed", "in-library", "in-transit", "offsite", "recalled", "returned", "expired",
@@ -138,7 +136,7 @@ def move(catalog: Catalog, barcode: str, to_state: str, location: str, actor: st
 
 def _event(r: DrCustody, barcode: str) -> dict[str, Any]:
     return {"barcode": barcode, "id": r.id, "from_state": r.from_state, "to_state": r.to_state,
-            "at": _iso(r.at), "location": r.location, "actor": r.actor,
+            "at": iso(r.at), "location": r.location, "actor": r.actor,
             "courier_ref": r.courier_ref, "note": r.note, "implicit": False}
 
 
@@ -166,7 +164,7 @@ def history(catalog: Catalog, barcode: str) -> list[dict[str, Any]]:
     v, rows = _load(catalog, barcode)
     state, at = _initial(v)
     first = {"barcode": barcode, "id": None, "from_state": None, "to_state": state,
-             "at": _iso(at), "location": "", "actor": WRITER_ACTOR, "courier_ref": "",
+             "at": iso(at), "location": "", "actor": WRITER_ACTOR, "courier_ref": "",
              "note": "written by the DR writer (not a logged move)", "implicit": True}
     return [first] + [_event(r, barcode) for r in rows]
 
@@ -186,10 +184,10 @@ def check_chain(catalog: Catalog, barcode: str) -> dict[str, Any]:
             problems.append(f"move {r.id}: {r.from_state} -> {r.to_state} is not a legal move")
         t = aware(r.at)
         if prev_at is not None and t < prev_at:
-            problems.append(f"move {r.id}: recorded at {_iso(t)}, before the previous event "
-                            f"({_iso(prev_at)})")
+            problems.append(f"move {r.id}: recorded at {iso(t)}, before the previous event "
+                            f"({iso(prev_at)})")
         if r.to_state == "expired" and (until is None or t < until):
-            problems.append(f"move {r.id}: expired at {_iso(t)}, before its retention ended")
+            problems.append(f"move {r.id}: expired at {iso(t)}, before its retention ended")
         prev_to, prev_at, prev_loc = r.to_state, t, r.location
     if v.state != prev_to:
         problems.append(f"the volume is {v.state}, but its chain ends in {prev_to}")

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from archive import phi
+from archive import audit, phi
 from archive.checksum import sha256_file
 from archive.errors import InvalidInput
 from dr.deliver import AeDelivery, Delivery, DirDelivery, OnlineDelivery
@@ -288,7 +288,6 @@ def audit_exports(catalog: Any, deid: DeidentifyingDelivery, *, actor: str, targ
                   ok: bool) -> None:
     """One "export" record per study that had instances leave in this run (the
     audit trail is where original IDs belong; the report and logs never carry them)."""
-    from archive import audit
 
     audit.record_studies(
         catalog, "export", actor,

@@ -28,18 +28,17 @@ from sqlalchemy import and_, exists, select
 
 from archive.catalog.models import (
     Copy,
+    Drill,
     DrInstance,
     DrSegment,
     DrVolume,
-    Drill,
     Instance,
     Study,
 )
 from archive.catalog.uow import Catalog
 from archive.checksum import sha256_file
-from archive.clock import Clock, utcnow
+from archive.clock import Clock, iso, utcnow
 from archive.errors import describe_failure
-from archive.jobs import _iso
 from dr.deliver import DirDelivery
 from dr.restore import Restorer
 from dr.writer import GOOD_STATES
@@ -212,7 +211,7 @@ def history(catalog: Catalog, limit: int = 100) -> dict[str, Any]:
     with catalog.unit() as uow:
         rows = list(uow.session.scalars(select(Drill).order_by(Drill.started_at.desc(),
                                                                Drill.id.desc()).limit(limit)))
-        drills = [{"id": d.id, "started_at": _iso(d.started_at), "finished_at": _iso(d.finished_at),
+        drills = [{"id": d.id, "started_at": iso(d.started_at), "finished_at": iso(d.finished_at),
                    "actor": d.actor, "trigger": d.trigger, "tiers": d.tiers.split(","),
                    "sample": d.sample, "seed": d.seed, "ok": d.ok,
                    "figures": json.loads(d.figures), "failures": len(json.loads(d.failures))}

@@ -35,7 +35,14 @@ import zstandard
 from sqlalchemy import and_, select
 
 from archive import failpoints, phi
-from archive.catalog.models import Bundle, DrInstance, DrSegment, DrVolume, Patient, Study
+from archive.catalog.models import (
+    Bundle,
+    DrInstance,
+    DrSegment,
+    DrVolume,
+    Patient,
+    Study,
+)
 from archive.catalog.uow import Catalog
 from archive.checksum import sha256_file
 from archive.errors import InvalidInput, describe_failure

@@ -8,8 +8,7 @@ from sqlalchemy import select
 
 from archive.catalog.models import DrVolume
 from archive.catalog.uow import Catalog
-from archive.clock import Clock, utcnow
-from archive.jobs import _iso
+from archive.clock import Clock, iso, utcnow
 from dr.custody import aware, recyclable
 
 
@@ -27,8 +26,8 @@ def list_volumes(catalog: Catalog, pool: str | None = None,
                 "sequence": v.sequence, "state": v.state, "location": v.location,
                 "kind": v.kind, "device": v.device, "capacity": v.capacity, "bytes": v.bytes,
                 "segments": v.segments, "studies": v.studies, "continues": v.continues,
-                "created_at": _iso(v.created_at), "sealed_at": _iso(v.sealed_at),
-                "retain_until": _iso(v.retain_until), "stream_sha256": v.stream_sha256,
+                "created_at": iso(v.created_at), "sealed_at": iso(v.sealed_at),
+                "retain_until": iso(v.retain_until), "stream_sha256": v.stream_sha256,
                 # Past its retention and at rest (in-library, offsite, returned, expired):
                 # the same rule as 'dr rotation' (dr/custody.py).
                 "recyclable": recyclable(v, now),
@@ -54,9 +53,9 @@ def rotation(catalog: Catalog, days: int = 30, pool: str | None = None,
         for v in uow.session.scalars(q.order_by(DrVolume.retain_until, DrVolume.id)):
             row = {"barcode": v.barcode, "pool": v.pool, "volume_set": v.volume_set,
                    "sequence": v.sequence, "state": v.state, "location": v.location,
-                   "sealed_at": _iso(v.sealed_at), "retain_until": _iso(v.retain_until)}
+                   "sealed_at": iso(v.sealed_at), "retain_until": iso(v.retain_until)}
             if recyclable(v, now):
                 now_rows.append(row)
             elif aware(v.retain_until) <= horizon:
                 soon.append(row)
-    return {"at": _iso(now), "days": days, "recyclable": now_rows, "upcoming": soon}
+    return {"at": iso(now), "days": days, "recyclable": now_rows, "upcoming": soon}

@@ -46,8 +46,15 @@ from sqlalchemy import func, insert, select, update
 
 from archive import failpoints, phi
 from archive.catalog import lease
-from archive.catalog.lease import _dead_local_holder, new_holder
-from archive.catalog.models import DrInstance, DrSegment, DrVolume, Instance, Study
+from archive.catalog.lease import holder_is_dead_here, new_holder
+from archive.catalog.models import (
+    Bundle,
+    DrInstance,
+    DrSegment,
+    DrVolume,
+    Instance,
+    Study,
+)
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.config.schema import DrSettings
@@ -303,7 +310,7 @@ class DrWriter:
         with self.catalog.unit(write=True) as uow:
             for v in uow.session.scalars(select(DrVolume).where(DrVolume.state == "writing")):
                 # We hold the pool's lease, so a 'writing' volume's writer is gone.
-                if v.pool == self.s.pool or _dead_local_holder(v.writer):
+                if v.pool == self.s.pool or holder_is_dead_here(v.writer):
                     v.state = "failed"
                     failed.append(v.barcode)
                     log.error("DR volume %s was left unfinished by a writer that stopped; "
@@ -785,7 +792,6 @@ class DrWriter:
     def _from_bundle(self, c, inst) -> bytes | None:  # noqa: ANN001
         import io
 
-        from archive.catalog.models import Bundle
         with self.catalog.unit() as uow:
             b = uow.session.get(Bundle, c.bundle_fk)
             if b is None or b.state != "ok":

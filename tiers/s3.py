@@ -47,7 +47,6 @@ import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, BinaryIO, Iterator
 
@@ -63,7 +62,9 @@ from botocore.exceptions import (
 
 from archive import failpoints
 from archive.clock import Clock, utcnow
+from archive.config.schema import S3Settings
 from archive.errors import ConfigError
+from archive.object_names import is_safe_key
 from tiers.backend import (
     BackendError,
     CopyCorrupt,
@@ -90,72 +91,7 @@ _THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExce
 _BAD_DIGEST = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
 
 
-# -- settings -----------------------------------------------------------------
-@dataclass(frozen=True)
-class S3Settings:
-    """Where and how to store objects. Credentials are never in here: only the
-    NAMES of the environment variables holding them (empty names: boto3's own
-    chain, e.g. an instance role)."""
-
-    bucket: str
-    endpoint_url: str | None = None     # None: AWS
-    prefix: str = ""                    # every key is stored under it
-    region: str = "us-east-1"
-    access_key_env: str = "AWS_ACCESS_KEY_ID"
-    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
-    storage_class: str | None = None    # e.g. STANDARD_IA, GLACIER_IR
-    sse: str = "none"                   # none | AES256 | aws:kms
-    kms_key_id: str | None = None
-    object_lock_mode: str = "none"      # none | GOVERNANCE | COMPLIANCE
-    retain_days: int = 0
-    multipart_threshold: int = 16 * MiB
-    part_size: int = 16 * MiB
-    max_concurrency: int = 4
-    checksum: str = "sha256"            # sha256 | md5 (Ceph RGW) | none
-    verify: str = "checksum"            # checksum (server's SHA-256) | readback
-    conditional_writes: bool = True     # send If-None-Match: * (off for old servers)
-    max_attempts: int = 5               # botocore standard retries, first try included
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-    path_style: bool = True             # bucket in the path: MinIO, Ceph, SeaweedFS
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, why: str) -> None:
-            if not ok:
-                raise ConfigError(f"s3: {why}")
-        need(bool(self.bucket), "bucket is required")
-        need(self.sse in ("none", "AES256", "aws:kms"), f"sse {self.sse!r}")
-        need(self.sse == "aws:kms" or not self.kms_key_id, "kms_key_id needs sse = 'aws:kms'")
-        need(self.object_lock_mode in ("none", "GOVERNANCE", "COMPLIANCE"),
-             f"object_lock_mode {self.object_lock_mode!r}")
-        need(self.object_lock_mode == "none" or self.retain_days >= 1,
-             "object lock needs retain_days >= 1")
-        # AWS refuses a locked PUT without Content-MD5 or a checksum header.
-        need(self.object_lock_mode == "none" or self.checksum != "none",
-             "object lock needs checksum = 'sha256' or 'md5'")
-        need(self.checksum in ("sha256", "md5", "none"), f"checksum {self.checksum!r}")
-        need(self.verify in ("checksum", "readback"), f"verify {self.verify!r}")
-        need(MIN_PART <= self.part_size <= 5 * 1024 * MiB, "part_size must be 5 MiB..5 GiB")
-        need(self.multipart_threshold >= 1, "multipart_threshold must be positive")
-        need(1 <= self.max_concurrency <= 64, "max_concurrency must be 1..64")
-        need(self.max_attempts >= 1, "max_attempts must be >= 1")
-        need(not self.prefix.strip("/") or _safe_key(self.prefix.strip("/")),
-             f"prefix {self.prefix!r} is not a safe object name")
-
-    @property
-    def key_prefix(self) -> str:
-        p = self.prefix.strip("/")
-        return f"{p}/" if p else ""
-
-
-def _safe_key(key: str) -> bool:
-    # Keys come from tiers.layout; this is a second fence, not the first. S3 has
-    # no directories, but other tools (and the FS backend) treat '/' as one, so
-    # '..' and empty segments are refused as they would be on a filesystem.
-    parts = key.split("/")
-    return not (key.startswith("/") or any(p in ("", ".", "..") for p in parts)
-                or any(ord(c) < 0x20 or ord(c) == 0x7F for c in key)
-                or len(key.encode("utf-8")) > 900)  # S3 allows 1024 bytes, prefix included
+# Settings: one model, the config's [objects.s3] (archive/config/schema.py: S3Settings).
 
 
 def make_client(settings: S3Settings, environ: dict[str, str] | None = None):
@@ -275,7 +211,7 @@ class S3Backend:
             raise BackendError(op, self.name, f"{type(e).__name__}: {e}") from None
 
     def _full(self, key: str) -> str:
-        if not key or not _safe_key(key):
+        if not key or not is_safe_key(key):
             raise BackendError("resolve", self.name, "key is not a safe object name")
         return self.prefix + key
 

@@ -39,7 +39,7 @@ def new_holder() -> str:
     return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _dead_local_holder(holder: str) -> bool:
+def holder_is_dead_here(holder: str) -> bool:
     """True when ``holder`` names a process on this host that no longer exists
     (it was killed): its lease need not be waited out. PID reuse can only make
     us wait for the expiry, never take a live holder's lease."""
@@ -63,7 +63,7 @@ def try_acquire(catalog: Catalog, name: str, holder: str, ttl_s: float,
     with catalog.unit(write=True) as uow:
         s = uow.session
         current = s.scalar(select(Lease.holder).where(Lease.name == name))
-        stale = [current] if current is not None and _dead_local_holder(current) else []
+        stale = [current] if current is not None and holder_is_dead_here(current) else []
         r = s.execute(update(Lease)
                       .where(Lease.name == name,
                              or_(Lease.holder == holder, Lease.expires_at < now,

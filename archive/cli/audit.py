@@ -7,8 +7,14 @@ from datetime import datetime, timezone
 import click
 
 from archive import audit as trail
-from archive.bootstrap import open_catalog
-from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
+from archive.app.compose import open_catalog
+from archive.cli.common import (
+    authorize,
+    config_option,
+    emit_json,
+    handle_errors,
+    settings_from,
+)
 from archive.errors import InvalidInput
 
 

@@ -1,58 +1,24 @@
-"""Shared CLI plumbing: --config on every command, error-to-exit-code mapping."""
+"""Shared CLI plumbing: who runs the verb and may they (the rest is archive/invocation.py)."""
 from __future__ import annotations
 
-import functools
 import json
-import sys
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING
 
-import click
-
-from archive import audit
-from archive.config import config_path_from, load_settings
+from archive import atna, audit, auth
+from archive.app.compose import open_catalog
+from archive.auth import current_actor
+from archive.catalog.models import AuditRecord
 from archive.config.schema import Settings
-from archive.errors import PacsvaultError
+from archive.invocation import config_option, emit_json, handle_errors, settings_from  # noqa: F401 - re-exported to the verbs
 
 if TYPE_CHECKING:
     from archive import auth
-
-
-def config_option(f: Callable) -> Callable:
-    """Accept --config on the subcommand too (`pacsvault status --config X`)."""
-    return click.option("--config", "config", metavar="FILE", default=None,
-                        help="Config file (default $PACSVAULT_CONFIG or ./pacsvault.toml).")(f)
-
-
-def settings_from(ctx: click.Context, config: str | None) -> Settings:
-    """The install's settings; audit records this process writes are signed with its key."""
-    chosen = config or (ctx.find_root().obj or {}).get("config")
-    settings = load_settings(config_path_from(chosen))
-    audit.configure(settings.data_dir)
-    return settings
-
-
-def handle_errors(f: Callable) -> Callable:
-    """Known errors become one line on stderr and their exit code; no traceback."""
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return f(*args, **kwargs)
-        except PacsvaultError as e:
-            click.echo(f"pacsvault: {e}", err=True)
-            sys.exit(e.exit_code)
-    return wrapper
-
-
-def emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def authorize(settings: Settings, permission: str, verb: str, *,
               allow_must_change: bool = False) -> "auth.Actor":
     """The operator running this verb, allowed to (archive/auth.py); named in the
     audit trail from here on. Also notes a changed config in the audit trail."""
-    from archive import atna, audit, auth
-    from archive.bootstrap import open_catalog
 
     audit.configure(settings.data_dir)
     atna.install(settings)
@@ -81,8 +47,6 @@ def note_config(catalog, settings: Settings, actor: str) -> None:  # noqa: ANN00
 
     from sqlalchemy import select
 
-    from archive import audit
-    from archive.catalog.models import AuditRecord
 
     if settings.config_path is None or not settings.config_path.exists():
         return
@@ -98,6 +62,5 @@ def note_config(catalog, settings: Settings, actor: str) -> None:  # noqa: ANN00
 
 
 def actor_name() -> str:
-    from archive.auth import current_actor
 
     return current_actor.get() or "system"

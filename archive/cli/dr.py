@@ -8,10 +8,18 @@ from pathlib import Path
 import click
 
 from archive import audit, jobs
-from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
-from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
-from archive.cli.tiering import _progress
+from archive.app.audit_records import audit_volumes
+from archive.app.compose import open_catalog, open_dr_writer
+from archive.cli.common import (
+    authorize,
+    config_option,
+    emit_json,
+    handle_errors,
+    settings_from,
+)
+from archive.cli.progress import progress_bar
 from archive.errors import InvalidInput, PacsvaultError
+from dr.keys import identity_fingerprints
 
 
 @click.group()
@@ -129,9 +137,7 @@ def write(ctx: click.Context, recipients: tuple[str, ...], device: str | None, l
     volume needs the operator: the report names its barcode (on a terminal,
     you are asked to load it). Exits 1 if an object had no verified copy.
     """
-    from dr.signing import writer_key
     from dr.sinks import one_volume_per_run
-    from dr.writer import DrWriter
 
     settings = settings_from(ctx, config)
     actor = authorize(settings, "operate", "dr write")
@@ -152,13 +158,11 @@ def write(ctx: click.Context, recipients: tuple[str, ...], device: str | None, l
 
     catalog = open_catalog(settings)
     try:
-        tier = open_object_tier_or_none(settings)
-        w = DrWriter(catalog, open_sites(settings), tier if hasattr(tier, "open_range") else None,
-                     settings.dr, recipients=_recipients(settings, recipients),
-                     signing_key=writer_key(settings.data_dir), device=dev,
-                     kind=kind, capacity=capacity, barcode=barcode, next_volume=ask_next)
+        w = open_dr_writer(settings, catalog, recipients=_recipients(settings, recipients),
+                           device=dev, kind=kind, capacity=capacity, barcode=barcode,
+                           next_volume=ask_next)
         with jobs.recorded(catalog, "dr-write", "manual") as rec, \
-                _progress("writing DR volumes (MB)", None, as_json or to_stdout) as advance:
+                progress_bar("writing DR volumes (MB)", None, as_json or to_stdout) as advance:
             w.progress = lambda n: advance(n // 1_000_000 or 0)
             report = w.run(list(studies) or None)
             audit_volumes(catalog, actor.name, report.to_json())
@@ -186,15 +190,6 @@ def write(ctx: click.Context, recipients: tuple[str, ...], device: str | None, l
         click.echo(f"pacsvault: {j['pending_studies']} studies still to write", err=True)
     if not report.ok:
         sys.exit(1)
-
-
-def audit_volumes(catalog, actor: str, j: dict) -> None:  # noqa: ANN001
-    """One audit record per volume written (its barcode and counts, no patient)."""
-    for v in j["volumes"]:
-        audit.record_quietly(catalog, audit.Event(
-            "dr-volume-written", actor=actor, source=audit.host(),
-            detail={k: v[k] for k in ("barcode", "sequence", "segments", "studies", "bytes",
-                                      "sha256", "continues")} | {"volume_set": j["volume_set"]}))
 
 
 def _where(catalog, volume: str) -> str:  # noqa: ANN001
@@ -249,7 +244,7 @@ def verify(ctx: click.Context, volumes: tuple[str, ...], identities: tuple[Path,
     keys = load_verify_keys(list(identities))
     catalog = open_catalog(settings)
     try:
-        audit.record_key_use(catalog, actor.name, idents, "dr verify")
+        audit.record_key_use(catalog, actor.name, identity_fingerprints(idents), "dr verify")
         reports = [check(catalog, _where(catalog, v), idents, keys, trust_unsigned)
                    for v in volumes]
     finally:
@@ -302,7 +297,7 @@ def rebuild_catalog(ctx: click.Context, identities: tuple[Path, ...], volumes: t
     keys = load_verify_keys(list(identities))
     catalog = open_catalog(settings)
     try:
-        audit.record_key_use(catalog, actor.name, idents, "dr rebuild-catalog")
+        audit.record_key_use(catalog, actor.name, identity_fingerprints(idents), "dr rebuild-catalog")
         r = rebuild(catalog, list(volumes), idents, settings.dr.retain_days, keys,
                     trust_unsigned)
     finally:

@@ -7,9 +7,17 @@ from pathlib import Path
 import click
 
 from archive import audit, jobs
-from archive.bootstrap import open_catalog, open_driller
-from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
+from archive.app.audit_records import audit_drill
+from archive.app.compose import open_catalog, open_driller
+from archive.cli.common import (
+    authorize,
+    config_option,
+    emit_json,
+    handle_errors,
+    settings_from,
+)
 from archive.errors import InvalidInput
+from dr.keys import identity_fingerprints
 
 
 @click.command()
@@ -78,7 +86,7 @@ def drill(ctx: click.Context, sample: int | None, tier: str, identities: tuple[P
             rec.summary = report.summary()
         audit_drill(catalog, actor.name, j)
         if "dr" in j["figures"]:
-            audit.record_key_use(catalog, actor.name, idents, "drill")
+            audit.record_key_use(catalog, actor.name, identity_fingerprints(idents), "drill")
     finally:
         catalog.close()
     click.echo(f"drill {j['drill_id']}: seed {j['seed']} (repeat with --seed {j['seed']})", err=True)
@@ -100,12 +108,3 @@ def drill(ctx: click.Context, sample: int | None, tier: str, identities: tuple[P
         sys.exit(1)
 
 
-def audit_drill(catalog, actor: str, j: dict) -> None:  # noqa: ANN001
-    """The drill as one record, and one per study it restored (patients touched)."""
-    audit.record_quietly(catalog, audit.Event(
-        "drill", "success" if j["ok"] else "failure", actor, audit.host(),
-        detail={"drill_id": j["drill_id"], "seed": j["seed"], "tiers": list(j["figures"]),
-                "failures": len(j["failures"])}))
-    per = {uid: {"drill_id": j["drill_id"], "tier": t}
-           for t, f in j["figures"].items() for uid in f["sampled"]}
-    audit.record_studies(catalog, "retrieve", actor, per)

@@ -4,9 +4,15 @@ from __future__ import annotations
 import click
 
 from archive import jobs as job_runs
-from archive.bootstrap import open_catalog
-from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
-from archive.scheduler import schedule_of
+from archive.app.compose import open_catalog
+from archive.app.scheduled import schedule_of
+from archive.cli.common import (
+    authorize,
+    config_option,
+    emit_json,
+    handle_errors,
+    settings_from,
+)
 
 
 @click.command()

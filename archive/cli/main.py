@@ -1,12 +1,23 @@
-"""Entry point: `pacsvault [--config FILE] VERB ...`."""
+"""The command group: `pacsvault [--config FILE] VERB ...` (every verb but `serve`,
+which is the daemon edge's own; archive/main.py puts the two together)."""
 from __future__ import annotations
-
-import os
 
 import click
 
-from archive.cli import (audit, dr, drill, jobs, peers, replicate, restore, scrub, serve, setup,
-                         status, tiering, users)
+from archive.cli import (
+    audit,
+    dr,
+    drill,
+    jobs,
+    peers,
+    replicate,
+    restore,
+    scrub,
+    setup,
+    status,
+    tiering,
+    users,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,7 +36,6 @@ def cli(ctx: click.Context, config: str | None) -> None:
 
 cli.add_command(setup.init)
 cli.add_command(peers.peer)
-cli.add_command(serve.serve)
 cli.add_command(status.status)
 cli.add_command(tiering.migrate)
 cli.add_command(tiering.recall)
@@ -40,18 +50,3 @@ cli.add_command(users.login)
 cli.add_command(users.logout)
 cli.add_command(audit.audit)
 
-
-# Patient data and secrets are never for other users, whatever umask the caller has
-# (cron, a shell with 022 or 000): group may read, others get nothing. The daemon's
-# workers, and every file any verb creates, inherit it. Code that creates sensitive
-# files also passes explicit modes (the catalog, sites, keys).
-PRIVATE_UMASK = 0o027
-
-
-def main() -> None:
-    os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
-    cli(prog_name="pacsvault")
-
-
-if __name__ == "__main__":
-    main()

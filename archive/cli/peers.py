@@ -4,9 +4,14 @@ from __future__ import annotations
 import click
 
 from archive import audit
-
-from archive.bootstrap import open_catalog
-from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
+from archive.app.compose import open_catalog
+from archive.cli.common import (
+    authorize,
+    config_option,
+    emit_json,
+    handle_errors,
+    settings_from,
+)
 from archive.clock import utcnow
 from archive.peers import add_peer, list_peers, remove_peer
 

@@ -7,10 +7,16 @@ from contextlib import ExitStack
 import click
 
 from archive import jobs
-from archive.bootstrap import open_catalog, open_scrubber, open_sites
+from archive.app.compose import open_catalog, open_scrubber, open_sites
 from archive.catalog import lease
-from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
-from archive.cli.tiering import _progress
+from archive.cli.common import (
+    authorize,
+    config_option,
+    emit_json,
+    handle_errors,
+    settings_from,
+)
+from archive.cli.progress import progress_bar
 from archive.errors import InvalidInput
 
 
@@ -85,7 +91,7 @@ def _rebuild(settings, catalog, name: str, initialize: bool, threads: int,  # no
             ExitStack() as bars:
         def phase(label: str, total: int):  # noqa: ANN202
             click.echo(f"{label}: {total} copies", err=True)
-            return bars.enter_context(_progress(label, total, quiet))
+            return bars.enter_context(progress_bar(label, total, quiet))
         report = rebuilder.run(initialize=initialize, phase=phase)
         j = report.to_json()
         rec.outcome = "ok" if report.ok else "findings"

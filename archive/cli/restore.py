@@ -9,10 +9,17 @@ from pathlib import Path
 import click
 
 from archive import jobs
-from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
-from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
-from archive.cli.tiering import _progress
+from archive.app.compose import open_catalog, open_restorer, open_sites
+from archive.cli.common import (
+    authorize,
+    config_option,
+    emit_json,
+    handle_errors,
+    settings_from,
+)
+from archive.cli.progress import progress_bar
 from archive.errors import InvalidInput
+from dr.keys import identity_fingerprints
 
 
 @click.command()
@@ -71,7 +78,7 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
     """
     from dr.deliver import AeDelivery, DirDelivery, OnlineDelivery
     from dr.keys import load_identities
-    from dr.restore import TIERS, Restorer, Selection, select_studies
+    from dr.restore import TIERS, Selection, select_studies
 
     settings = settings_from(ctx, config)
     actor = authorize(settings, "restore", "restore")
@@ -107,7 +114,6 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
         if any(getattr(d, "restarted", False) for d in (delivery, getattr(delivery, "inner", None))):
             click.echo(f"an interrupted restore to {delivery.name} was not resumed: sending "
                        "everything again (--resume continues it instead)", err=True)
-        tier = open_object_tier_or_none(settings)
 
         def load(barcode: str, device: str) -> bool:
             if as_json or not sys.stdin.isatty():
@@ -115,14 +121,14 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
             return click.confirm(f"Load DR volume {barcode} into {device} and confirm",
                                  default=True, err=True)
 
-        r = Restorer(catalog, sites, tier if hasattr(tier, "open_range") else None, delivery,
-                     sources=(from_tier,) if from_tier else TIERS, identities=idents,
-                     volume_paths=list(volume_paths),
-                     # De-identifying: originals never sit in the export directory.
-                     scratch=(to_dir / ".pacsvault-restore") if to_dir is not None and not deid
-                     else settings.ingest.spool_dir / "restore", load_volume=load)
+        r = open_restorer(settings, catalog, delivery,
+                          sources=(from_tier,) if from_tier else TIERS, identities=idents,
+                          volume_paths=list(volume_paths),
+                          # De-identifying: originals never sit in the export directory.
+                          scratch=(to_dir / ".pacsvault-restore") if to_dir is not None and not deid
+                          else None, load_volume=load, sites=sites)
         with jobs.recorded(catalog, "restore", "manual") as rec, \
-                _progress("restoring instances", None, as_json) as advance:
+                progress_bar("restoring instances", None, as_json) as advance:
             r.progress = advance
             report = None
             try:
@@ -185,7 +191,7 @@ def _audit(catalog, actor: str, chosen, j: dict, target: str, idents: list) -> N
     audit.record_studies(catalog, "restore", actor, per,
                          outcome_of=lambda d: "failure" if d["failed"] else "success")
     if j["by_source"].get("dr"):
-        audit.record_key_use(catalog, actor, idents, "restore")
+        audit.record_key_use(catalog, actor, identity_fingerprints(idents), "restore")
 
 
 def _check_deid(ctx: click.Context, deidentify: bool, to_online: bool, to_dir: Path | None,

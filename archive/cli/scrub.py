@@ -7,12 +7,19 @@ import click
 
 from archive import jobs
 from archive.alerts import scrub_alert, send_alert
-from archive.bootstrap import open_catalog, open_object_scrubber, open_scrubber
+from archive.app.audit_records import audit_findings
+from archive.app.compose import open_catalog, open_object_scrubber, open_scrubber
+from archive.app.scheduled import scrub_summary
 from archive.catalog import lease
-from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
-from archive.cli.tiering import _progress
+from archive.cli.common import (
+    authorize,
+    config_option,
+    emit_json,
+    handle_errors,
+    settings_from,
+)
+from archive.cli.progress import progress_bar
 from archive.errors import InvalidInput
-from archive.scheduler import scrub_summary
 
 
 @click.command()
@@ -73,7 +80,7 @@ def scrub(ctx: click.Context, site_names: tuple[str, ...], all_sites: bool, tier
         with lease.lease(catalog, "job:scrub", what="the scrub job", ttl_s=120):
             for job, scrubber, names, label in todo:
                 with jobs.recorded(catalog, job, "manual") as rec, \
-                        _progress(label, None, as_json) as advance:
+                        progress_bar(label, None, as_json) as advance:
                     scrubber.progress = advance
                     report = scrubber.run(names, sample=sample, seed=seed,
                                           delete_orphans=delete_orphans)
@@ -107,26 +114,6 @@ def scrub(ctx: click.Context, site_names: tuple[str, ...], all_sites: bool, tier
             for problem in send_alert(settings.alerts, alert):
                 click.echo(f"ALERT not delivered: {problem}", err=True)
         sys.exit(1)
-
-
-def audit_findings(catalog, actor: str, j: dict) -> None:  # noqa: ANN001
-    """Damage found by a scrub touches the protection of a patient's data: one audit
-    record per damaged study (orphans, which belong to no study, as one count)."""
-    from archive import audit
-
-    per: dict[str, dict] = {}
-    for f in j["findings"]:
-        if f["study_uid"]:
-            d = per.setdefault(f["study_uid"], {"run_id": j["run_id"], "findings": []})
-            d["findings"].append({"kind": f["kind"], "sop_uid": f["sop_uid"], "site": f["site"],
-                                  "repaired_from": f["repaired_from"]})
-    audit.record_studies(catalog, "scrub-finding", actor, per,
-                         outcome_of=lambda d: "failure" if any(
-                             x["kind"] == "unrecoverable" for x in d["findings"]) else "success")
-    if j["orphans"]:
-        audit.record_quietly(catalog, audit.Event("scrub-finding", actor=actor, source=audit.host(),
-                                                  detail={"run_id": j["run_id"],
-                                                          "orphans": j["orphans"]}))
 
 
 def combined(parts: list[dict]) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from archive import spool
-from archive.bootstrap import open_catalog, open_object_tier, open_sites
+from archive.app.compose import open_catalog, open_object_tier, open_sites
 from archive.cli.common import handle_errors
 from archive.config.load import DEFAULT_NAME, default_config_text, load_settings
 from archive.errors import ConfigError

@@ -5,9 +5,15 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
-from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
-from archive.status import collect
+from archive.app.compose import open_catalog, open_object_tier_or_none, open_sites
+from archive.app.status import collect
+from archive.cli.common import (
+    authorize,
+    config_option,
+    emit_json,
+    handle_errors,
+    settings_from,
+)
 
 
 @click.command()

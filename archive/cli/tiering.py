@@ -2,33 +2,24 @@
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from archive import audit, jobs
-from archive.bootstrap import open_catalog, open_object_tier, open_sites
-from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
+from archive.app.audit_records import audit_migration
+from archive.app.compose import open_catalog, open_migrator, open_recaller
 from archive.catalog import lease
+from archive.cli.common import (
+    authorize,
+    config_option,
+    emit_json,
+    handle_errors,
+    settings_from,
+)
+from archive.cli.progress import progress_bar
 from tiers.migrate import Migrator
-from tiers.recall import Recaller
 
 EXIT_INCOMPLETE = 1   # something failed or was damaged: the report says what
-
-
-@contextmanager
-def _progress(label: str, total: int | None, quiet: bool) -> Iterator[Callable[[int], None]]:
-    """A progress bar on a terminal (stderr), nothing in scripts."""
-    if quiet or not sys.stderr.isatty():
-        yield lambda n: None
-        return
-    cols = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*cols, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 @click.command()
@@ -54,7 +45,7 @@ def migrate(ctx: click.Context, studies: tuple[str, ...], dry_run: bool, as_json
     actor = authorize(settings, "operate", "migrate")
     catalog = open_catalog(settings)
     try:
-        migrator = Migrator(catalog, open_sites(settings), open_object_tier(settings), settings)
+        migrator = open_migrator(settings, catalog)
         if studies or dry_run:
             report = _run(migrator, list(studies) or None, dry_run, as_json)
         else:
@@ -78,19 +69,11 @@ def migrate(ctx: click.Context, studies: tuple[str, ...], dry_run: bool, as_json
         sys.exit(EXIT_INCOMPLETE)
 
 
-def audit_migration(catalog, actor: str, report) -> None:  # noqa: ANN001
-    """One audit record per study the run touched."""
-    audit.record_studies(catalog, "migration", actor, {
-        s.study_uid: {"outcome": s.outcome, "instances": s.instances, "bundled": s.bundled,
-                      "purged": s.purged} for s in report.studies if s.outcome != "skipped"},
-        outcome_of=lambda d: "failure" if d["outcome"] == "failed" else "success")
-
-
 def _run(migrator: Migrator, studies: list[str] | None, dry_run: bool, quiet: bool):  # noqa: ANN202
     if dry_run:
         return migrator.run(studies, dry_run=True)
     planned = len(studies) if studies else None
-    with _progress("migrating studies", planned, quiet) as advance:
+    with progress_bar("migrating studies", planned, quiet) as advance:
         migrator.progress = advance
         return migrator.run(studies)
 
@@ -140,9 +123,8 @@ def recall(ctx: click.Context, study_uid: str, as_json: bool, config: str | None
     actor = authorize(settings, "operate", "recall")
     catalog = open_catalog(settings)
     try:
-        recaller = Recaller(catalog, open_sites(settings), open_object_tier(settings),
-                            scratch=settings.ingest.spool_dir / "recall")
-        with _progress("recalling instances", None, as_json) as advance:
+        recaller = open_recaller(settings, catalog)
+        with progress_bar("recalling instances", None, as_json) as advance:
             recaller.progress = advance
             report = recaller.recall(study_uid)
         audit.record_studies(catalog, "recall", actor.name, {report.study_uid: {

@@ -7,8 +7,14 @@ import sys
 import click
 
 from archive import audit, auth
-from archive.bootstrap import open_catalog
-from archive.cli.common import authorize, config_option, emit_json, handle_errors, settings_from
+from archive.app.compose import open_catalog
+from archive.cli.common import (
+    authorize,
+    config_option,
+    emit_json,
+    handle_errors,
+    settings_from,
+)
 
 
 def new_password(prompt: str = "New password") -> str:
@@ -148,7 +154,7 @@ def user_list(ctx: click.Context, as_json: bool, config: str | None) -> None:
     from sqlalchemy import select
 
     from archive.catalog.models import User
-    from archive.jobs import _iso
+    from archive.clock import iso
 
     settings = settings_from(ctx, config)
     authorize(settings, "admin", "user list")
@@ -156,9 +162,9 @@ def user_list(ctx: click.Context, as_json: bool, config: str | None) -> None:
     try:
         with catalog.unit() as uow:
             rows = [{"name": u.name, "role": u.role, "disabled": u.disabled,
-                     "must_change": u.must_change, "locked_until": _iso(u.locked_until),
-                     "last_login_at": _iso(u.last_login_at),
-                     "password_set_at": _iso(u.password_set_at)}
+                     "must_change": u.must_change, "locked_until": iso(u.locked_until),
+                     "last_login_at": iso(u.last_login_at),
+                     "password_set_at": iso(u.password_set_at)}
                     for u in uow.session.scalars(select(User).order_by(User.name))]
     finally:
         catalog.close()

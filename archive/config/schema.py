@@ -12,7 +12,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from archive.uids import InvalidAETitle, validate_ae_title
+from archive.config.cron import cron_trigger
+from archive.config.syslog_url import parse_url
+from archive.object_names import is_safe_key
+from archive.uids import InvalidAETitle, InvalidUID, validate_ae_title, validate_uid
+
+MiB = 1024 * 1024
 
 
 class _Strict(BaseModel):
@@ -132,41 +137,54 @@ class IngestSettings(_Strict):
     min_copies: int = Field(1, ge=1, le=2)
 
 
-class S3TierSettings(_Strict):
-    """tiers.s3.S3Settings as config; credentials only by environment variable NAME."""
+class S3Settings(_Strict):
+    """Where and how the object tier stores objects on an S3-compatible server
+    (tiers/s3.py). Credentials are never in here: only the NAMES of the environment
+    variables holding them (empty names: boto3's own chain, e.g. an instance role)."""
 
-    bucket: str
-    endpoint_url: str | None = None
-    prefix: str = ""
+    bucket: str = Field(min_length=1)
+    endpoint_url: str | None = None     # None: AWS
+    prefix: str = ""                    # every key is stored under it
     region: str = "us-east-1"
     access_key_env: str = "AWS_ACCESS_KEY_ID"
     secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
-    storage_class: str | None = None
+    storage_class: str | None = None    # e.g. STANDARD_IA, GLACIER_IR
     sse: Literal["none", "AES256", "aws:kms"] = "none"
     kms_key_id: str | None = None
     object_lock_mode: Literal["none", "GOVERNANCE", "COMPLIANCE"] = "none"
     retain_days: int = Field(0, ge=0)
-    multipart_threshold: int = Field(16 * 1024 * 1024, ge=1)
-    part_size: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    multipart_threshold: int = Field(16 * MiB, ge=1)
+    part_size: int = Field(16 * MiB, ge=5 * MiB, le=5 * 1024 * MiB)   # S3's part limits
     max_concurrency: int = Field(4, ge=1, le=64)
-    checksum: Literal["sha256", "md5", "none"] = "sha256"
-    verify: Literal["checksum", "readback"] = "checksum"
-    conditional_writes: bool = True
-    max_attempts: int = Field(5, ge=1, le=20)
+    checksum: Literal["sha256", "md5", "none"] = "sha256"   # md5: Ceph RGW
+    verify: Literal["checksum", "readback"] = "checksum"    # server's SHA-256 | read back
+    conditional_writes: bool = True     # send If-None-Match: * (off for old servers)
+    max_attempts: int = Field(5, ge=1, le=20)   # botocore standard retries, first try included
     connect_timeout: float = Field(10, gt=0)
     read_timeout: float = Field(60, gt=0)
-    path_style: bool = True
+    path_style: bool = True             # bucket in the path: MinIO, Ceph, SeaweedFS
 
     @model_validator(mode="after")
-    def _consistent(self) -> "S3TierSettings":
-        from archive.errors import ConfigError
-        from tiers.s3 import S3Settings
-
-        try:
-            S3Settings(**self.model_dump())
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
+    def _consistent(self) -> "S3Settings":
+        if self.sse != "aws:kms" and self.kms_key_id:
+            raise ValueError("kms_key_id needs sse = 'aws:kms'")
+        if self.object_lock_mode != "none" and self.retain_days < 1:
+            raise ValueError("object lock needs retain_days >= 1")
+        # AWS refuses a locked PUT without Content-MD5 or a checksum header.
+        if self.object_lock_mode != "none" and self.checksum == "none":
+            raise ValueError("object lock needs checksum = 'sha256' or 'md5'")
+        p = self.prefix.strip("/")
+        if p and not is_safe_key(p):
+            raise ValueError(f"prefix {self.prefix!r} is not a safe object name")
         return self
+
+    @property
+    def key_prefix(self) -> str:
+        p = self.prefix.strip("/")
+        return f"{p}/" if p else ""
+
+
+S3TierSettings = S3Settings       # the name [objects.s3] had before there was one model
 
 
 class ObjectTierSettings(_Strict):
@@ -176,7 +194,7 @@ class ObjectTierSettings(_Strict):
     name: str = Field("objects", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
     kind: Literal["directory", "s3"] = "directory"
     path: Path = Path("objects")
-    s3: S3TierSettings | None = None
+    s3: S3Settings | None = None
     # zstd level per instance frame. Measured on CT-like pixels (bench/tiering.py):
     # level 1 ~680 MB/s for 1.42x, level 3 ~175 MB/s for 1.50x; a migration is
     # bound by the upload, so 1.
@@ -229,7 +247,6 @@ class LifecycleSettings(_Strict):
     @field_validator("never_migrate_studies")
     @classmethod
     def _uids(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        from archive.uids import InvalidUID, validate_uid
 
         try:
             return tuple(validate_uid(u, "Study Instance") for u in v)
@@ -240,8 +257,6 @@ class LifecycleSettings(_Strict):
     @classmethod
     def _cron(cls, v: str) -> str:
         if v.strip():
-            from archive.scheduler import cron_trigger
-
             try:
                 cron_trigger(v)
             except ValueError as e:
@@ -463,8 +478,6 @@ class AuditSettings(_Strict):
     @classmethod
     def _url(cls, v: str) -> str:
         if v:
-            from archive.syslog_sender import parse_url
-
             parse_url(v)                # ValueError says what is wrong
         return v
 

@@ -18,18 +18,18 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, inspect, select, text, update
 
+from archive.app.ingest import IngestService, Outcome, StoreRequest
+from archive.app.status import collect
 from archive.catalog import repo
 from archive.catalog.engine import make_engine, schema_is_current, upgrade
-from archive.catalog.models import Copy, Instance, Patient, Series, Study
 from archive.catalog.fastpath import RawTx
+from archive.catalog.models import Copy, Instance, Patient, Series, Study
 from archive.catalog.uow import Catalog
 from archive.config.schema import CatalogSettings, Settings, SiteSettings
 from archive.dicom.attributes import read_attributes
 from archive.dicom.part10 import dataset_offset
 from archive.errors import InvalidInput
-from archive.ingest import IngestService, Outcome, StoreRequest
 from archive.peers import PeerRegistry, add_peer, list_peers, remove_peer
-from archive.status import collect
 from replication.mirror import MirrorWriter
 from replication.repair import repair_missing
 from tests.support.dataset import Made, make_instance

@@ -10,9 +10,14 @@ import pytest
 from alembic import command
 from sqlalchemy import select, text
 
-from archive.catalog.engine import _alembic_config, make_engine, schema_is_current, upgrade
+from archive.app.ingest import Outcome
+from archive.catalog.engine import (
+    _alembic_config,
+    make_engine,
+    schema_is_current,
+    upgrade,
+)
 from archive.catalog.models import Instance, Series, Study
-from archive.ingest import Outcome
 from tests.conformance.test_catalog import Env, env, req  # noqa: F401 - the shared fixture
 from tests.support.dataset import make_instance
 

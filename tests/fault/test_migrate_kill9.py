@@ -13,11 +13,11 @@ import sqlite3
 
 import pytest
 
+from tests.integration.test_tiering_s3 import bundles_in, s3_install
 from tests.support.daemon import run_cli
 from tests.support.dataset import make_ct_series, make_varied_study
 from tests.support.s3fixtures import seaweed  # noqa: F401
 from tests.support.tiering import Install, site_state
-from tests.integration.test_tiering_s3 import bundles_in, s3_install
 
 POINTS = ["migrate.after_bundle_row", "migrate.after_upload", "migrate.after_tier_commit",
           "migrate.mid_purge"]

@@ -6,7 +6,6 @@ import subprocess
 import time
 from pathlib import Path
 
-
 from tests.conftest import require_tool, site_paths
 from tests.support.daemon import storescu
 from tests.support.dataset import make_ct_series

@@ -6,12 +6,11 @@ import sqlite3
 import struct
 from pathlib import Path
 
-
+from archive.daemon.dimse_status import CANNOT_UNDERSTAND
 from archive.dicom.part10 import file_meta
-from archive.dicom.status import CANNOT_UNDERSTAND
 from tests.conftest import site_paths
-from tests.support.dataset import NOT_FOR_STORESCU, make_instance, make_varied_study
 from tests.support.daemon import echoscu
+from tests.support.dataset import NOT_FOR_STORESCU, make_instance, make_varied_study
 from tests.support.scu import ABORTED, REJECTED, rejection, send_files
 from tests.support.verify import audit, sqlite_url
 

@@ -14,8 +14,14 @@ import pytest
 import zstandard
 
 from tests.support.dataset import make_ct_series
-from tiers.bundle import TRAILER_SIZE, BundleError, BundleReader, Member, parse_trailer, \
-    write_bundle
+from tiers.bundle import (
+    TRAILER_SIZE,
+    BundleError,
+    BundleReader,
+    Member,
+    parse_trailer,
+    write_bundle,
+)
 
 
 def forged(tmp_path: Path, change) -> bytes:  # noqa: ANN001

@@ -122,7 +122,7 @@ with open(sys.argv[1], "a") as f:
 
 def test_the_scheduled_verify_job_alerts_on_a_rewrite_and_on_a_missing_key(tmp_path):
     from archive import jobs
-    from archive.scheduler import configured_jobs, run_audit_verify_job
+    from archive.app.scheduled import configured_jobs, run_audit_verify_job
 
     hook, got = tmp_path / "hook.py", tmp_path / "alerts.jsonl"
     hook.write_text(HOOK)

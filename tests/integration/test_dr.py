@@ -366,7 +366,7 @@ def test_hostile_volumes_are_refused_cleanly(dr, tmp_path):
 
 
 def test_the_scheduled_dr_job_writes_and_records_its_run(dr, tmp_path):
-    from archive.scheduler import configured_jobs, run_dr_write_job
+    from archive.app.scheduled import configured_jobs, run_dr_write_job
 
     assert "dr-write" in [name for name, _, _ in configured_jobs(dr.settings)]
     j = run_dr_write_job(dr.settings, threading.Event())

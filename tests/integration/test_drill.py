@@ -76,7 +76,7 @@ def test_dr_needs_the_key_and_the_scheduled_drill_skips_it(inst):
     assert p.returncode == 4 and "--identity" in p.stderr
     r = drill(inst, "--sample", "1")                   # all: DR skipped and said so
     assert r["_rc"] == 0 and "dr" in r["skipped_tiers"] and "SKIPPED tier dr" in r["_stderr"]
-    from archive.scheduler import run_drill_job
+    from archive.app.scheduled import run_drill_job
 
     j = run_drill_job(inst.settings, threading.Event())
     assert j["ok"] and set(j["figures"]) == {"online", "objects"}

@@ -17,7 +17,12 @@ import pytest
 
 from tests.conftest import require_tool, site_paths
 from tests.support.daemon import Daemon, free_port, init_instance, run_cli
-from tests.support.dataset import NOT_FOR_STORESCU, SOP_CLASSES, VARIED, make_varied_study
+from tests.support.dataset import (
+    NOT_FOR_STORESCU,
+    SOP_CLASSES,
+    VARIED,
+    make_varied_study,
+)
 from tests.support.orthanc import ORTHANC_BIN, Orthanc, OrthancError, orthanc_binary
 from tests.support.verify import audit, sqlite_url
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_dr import CAPACITY, SEGMENT, configure, db, volumes_of
+from tests.integration.test_dr import configure, db, volumes_of
 from tests.support.daemon import run_cli
 from tests.support.dataset import make_conflict, make_ct_series, make_varied_study
 from tests.support.tiering import Install, site_state

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import socket
-from pathlib import Path
 
 import pytest
 
 from archive.config.load import load_settings
 from dr.deliver import AeDelivery
 from tests.support.daemon import run_cli
-from tests.support.dataset import EXPLICIT_LE, JPEG_BASELINE, make_ct_series, make_instance
+from tests.support.dataset import (
+    EXPLICIT_LE,
+    JPEG_BASELINE,
+    make_ct_series,
+    make_instance,
+)
 from tests.support.needs import missing
 from tests.support.storescp import StoreSCP, storescp_binary
 from tests.support.tiering import Install

@@ -64,7 +64,7 @@ def test_damaged_copies_raise_one_alert_with_counts_and_no_uid(tmp_path):
 def test_the_scheduled_scrub_and_migrate_jobs_alert_too(tmp_path):
     import threading
 
-    from archive.scheduler import run_migrate_job, run_scrub_job
+    from archive.app.scheduled import run_migrate_job, run_scrub_job
 
     hook, got = tmp_path / "hook.py", tmp_path / "alerts.jsonl"
     hook.write_text(HOOK)

@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import run_cli, storescu
-from tests.support.dataset import make_conflict, make_ct_series, make_instance, make_varied_study
+from tests.support.dataset import (
+    make_conflict,
+    make_ct_series,
+    make_instance,
+    make_varied_study,
+)
 from tests.support.tiering import Install, site_state
 
 
@@ -96,6 +101,7 @@ def test_status_and_dry_run_follow_the_policy(tmp_path):
     inst.ingest(old_ct + mr)
     # a study dated today: too young for the rule
     from datetime import date
+
     import pydicom
     ds = pydicom.dcmread(young[0].path)
     ds.StudyDate = date.today().strftime("%Y%m%d")

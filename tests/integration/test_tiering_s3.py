@@ -103,8 +103,9 @@ def test_worm_bundle_survives_a_thief_with_our_credentials(tmp_path, seaweed):
     assert version_id == head["VersionId"] and retain_until
 
     # The thief: delete the version (refused), then overwrite the key with junk.
-    from tiers.backend import ObjectLocked
     import os
+
+    from tiers.backend import ObjectLocked
     os.environ.update(env)
     try:
         tier = inst.tier()

@@ -13,8 +13,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_tool, site_paths
-from tests.support.daemon import (PACSVAULT, Daemon, dcmtk_env, echoscu, free_port,
-                                  init_instance, run_cli, storescu)
+from tests.support.daemon import (
+    PACSVAULT,
+    Daemon,
+    dcmtk_env,
+    echoscu,
+    free_port,
+    init_instance,
+    run_cli,
+    storescu,
+)
 from tests.support.dataset import make_ct_series
 from tests.support.pki import Pki, make_pki
 from tests.support.verify import audit, sqlite_url

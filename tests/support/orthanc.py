@@ -20,8 +20,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.process import LoggedProcess
 from tests.support.daemon import free_port
+from tests.support.process import LoggedProcess
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
 

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.process import LoggedProcess
 from tests.support.daemon import dcmtk_env, echoscu, free_port
+from tests.support.process import LoggedProcess
 
 
 def storescp_binary() -> str | None:

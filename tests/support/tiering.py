@@ -10,9 +10,9 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from archive.bootstrap import open_catalog, open_object_tier, open_sites
+from archive.app.compose import open_catalog, open_object_tier, open_sites
+from archive.app.ingest import IngestService, StoreRequest
 from archive.config.load import load_settings
-from archive.ingest import IngestService, StoreRequest
 from replication.mirror import MirrorWriter
 from tests.support.daemon import init_instance
 from tests.support.dataset import Made

@@ -15,7 +15,8 @@ import pytest
 from archive import atna, audit
 from archive.atna_schema import problems
 from archive.audit import Event
-from archive.syslog_sender import SyslogSender, parse_url
+from archive.config.syslog_url import parse_url
+from archive.syslog_sender import SyslogSender
 from tests.support.pki import make_pki
 from tests.support.tiering import Install
 

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tiers.backend import CopyCorrupt, ObjectExists, ObjectNotFound, StorageFull, Unavailable
+from tiers.backend import (
+    CopyCorrupt,
+    ObjectExists,
+    ObjectNotFound,
+    StorageFull,
+    Unavailable,
+)
 from tiers.fs import MARKER, FilesystemBackend
 
 

@@ -8,11 +8,12 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from archive import jobs
+from archive.app.status import collect
 from archive.catalog import lease
 from archive.catalog.models import JobRun
-from archive.http import start_http
-from archive.scheduler import cron_trigger, start_scheduler
-from archive.status import collect
+from archive.daemon.http import start_http
+from archive.config.cron import cron_trigger
+from archive.daemon.scheduler import start_scheduler
 from tests.support.daemon import run_cli
 from tests.support.dataset import make_ct_series
 from tests.support.tiering import Install

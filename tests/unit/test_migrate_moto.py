@@ -14,7 +14,7 @@ from tests.support.dataset import make_varied_study
 from tests.support.tiering import Install
 from tiers.migrate import Migrator
 from tiers.recall import Recaller
-from tiers.s3 import S3Backend, S3Settings
+from tiers.s3 import S3Backend
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def env(tmp_path, monkeypatch):
         inst.ingest(made)
         s = inst.settings
         cfg = S3TierSettings(bucket="pv-unit", prefix="t", verify="readback")
-        tier = S3Backend("objects", S3Settings(**cfg.model_dump()))
+        tier = S3Backend("objects", cfg)
         tier.initialize()
         settings = s.model_copy(update={"objects": s.objects.model_copy(
             update={"kind": "s3", "s3": cfg})})
@@ -76,7 +76,7 @@ def test_sse_kms_headers_reach_the_store(env):
     inst, made, settings, _ = env
     cfg = S3TierSettings(bucket="pv-unit", prefix="kms", verify="readback", sse="aws:kms",
                          kms_key_id="alias/pacsvault", storage_class="STANDARD_IA")
-    tier = S3Backend("objects", S3Settings(**cfg.model_dump()))
+    tier = S3Backend("objects", cfg)
     tier.initialize()
     catalog = inst.catalog()
     try:

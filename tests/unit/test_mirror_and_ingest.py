@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
+from archive.app.ingest import IngestService, Outcome, StoreRequest
 from archive.catalog.engine import make_engine, upgrade
 from archive.catalog.uow import Catalog
-from archive.ingest import IngestService, Outcome, StoreRequest
 from replication.mirror import MirrorWriter
 from replication.repair import repair_missing
 from tests.support.dataset import make_instance, write_raw_part10

@@ -91,7 +91,11 @@ def test_random_cuts_are_refused_unless_on_an_element_boundary(varied):
 ])
 def test_raw_attributes_match_pydicom(tmp_path: Path, varied, charset, name):
     """The one-pass reader used at ingest gives what pydicom gives, for every kind."""
-    from archive.dicom.attributes import CATALOG_TAGS, attributes_from_raw, read_attributes
+    from archive.dicom.attributes import (
+        CATALOG_TAGS,
+        attributes_from_raw,
+        read_attributes,
+    )
     from tests.support.dataset import make_instance
 
     extra = make_instance(tmp_path / "n.dcm")

@@ -2,7 +2,8 @@
 import threading
 
 from archive.catalog import lease
-from archive.scheduler import run_migrate_job, start_scheduler
+from archive.app.scheduled import run_migrate_job
+from archive.daemon.scheduler import start_scheduler
 from tests.support.dataset import make_ct_series
 from tests.support.tiering import Install
 
@@ -53,7 +54,7 @@ def test_scheduler_reads_the_cron_from_config(tmp_path):
 def test_cron_weekdays_mean_what_they_mean_in_cron():
     from datetime import datetime, timezone
 
-    from archive.scheduler import cron_trigger
+    from archive.config.cron import cron_trigger
 
     monday = datetime(2026, 11, 23, tzinfo=timezone.utc)           # a Monday
     nxt = lambda e: cron_trigger(e).get_next_fire_time(None, monday)  # noqa: E731
@@ -65,7 +66,7 @@ def test_cron_weekdays_mean_what_they_mean_in_cron():
 
 
 def test_scrub_job_runs_once_at_a_time(tmp_path):
-    from archive.scheduler import run_scrub_job
+    from archive.app.scheduled import run_scrub_job
 
     inst = Install.create(tmp_path / "pv")
     inst.ingest(make_ct_series(tmp_path / "ct", 3, size=4000))

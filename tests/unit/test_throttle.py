@@ -2,7 +2,7 @@
 memory bounded however many addresses fail, IPv6 counted per /64."""
 from __future__ import annotations
 
-from archive.throttle import SourceThrottle
+from archive.daemon.throttle import SourceThrottle
 
 
 class Clock:

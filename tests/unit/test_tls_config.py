@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from archive.config import load_settings
-from archive.dicom.tls import server_context, warn_if_key_exposed
+from archive.daemon.tls import server_context, warn_if_key_exposed
 from archive.errors import ConfigError
 from tests.support.pki import make_pki
 

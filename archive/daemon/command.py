@@ -6,9 +6,10 @@ import sys
 
 import click
 
-from archive.cli.common import config_option, handle_errors, settings_from
 from archive.config.schema import DicomSettings, Settings
+from archive.daemon.serve import Supervisor, setup_logging
 from archive.errors import ConfigError
+from archive.invocation import config_option, handle_errors, settings_from
 
 
 @click.command()
@@ -29,7 +30,6 @@ def serve(ctx: click.Context, dicom_port: int | None, http_port: int | None,
 
     SIGTERM finishes in-flight work and exits 0.
     """
-    from archive.serve import Supervisor, setup_logging
 
     settings = settings_from(ctx, config)
     dicom_port = dicom_port or settings.dicom.port

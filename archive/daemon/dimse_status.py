@@ -1,7 +1,7 @@
 """Map ingest outcomes to C-STORE status codes (PS3.4 B.2.3, PS3.7 C)."""
 from __future__ import annotations
 
-from archive.ingest import Outcome
+from archive.app.ingest import Outcome
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700        # Refused: Out of Resources

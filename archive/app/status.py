@@ -5,13 +5,21 @@ from typing import Any
 
 from sqlalchemy import func, select, true
 
-from archive.catalog import repo
 from archive import jobs
-from archive.rpo import exposure
-from archive.scheduler import schedule_of
-from archive.catalog.models import Bundle, Copy, Instance, ScrubFinding, ScrubRun, Series, Study
+from archive.app.rpo import exposure
+from archive.app.scheduled import schedule_of
+from archive.catalog import repo
+from archive.catalog.models import (
+    Bundle,
+    Copy,
+    Instance,
+    ScrubFinding,
+    ScrubRun,
+    Series,
+    Study,
+)
 from archive.catalog.uow import Catalog
-from archive.clock import Clock, utcnow
+from archive.clock import Clock, iso, utcnow
 from archive.config.paths import site_risks
 from archive.config.schema import Settings
 from tiers.backend import Backend
@@ -55,7 +63,7 @@ def _last_scrub(s) -> dict[str, Any] | None:  # noqa: ANN001
     kinds = dict(s.execute(select(ScrubFinding.kind, func.count())
                            .where(ScrubFinding.run_fk == run.id).group_by(ScrubFinding.kind)).all())
     return {"run_id": run.id, "sites": run.sites.split(","),
-            "finished_at": jobs._iso(run.finished_at), "objects": run.objects, "bytes": run.bytes,
+            "finished_at": iso(run.finished_at), "objects": run.objects, "bytes": run.bytes,
             "findings": run.findings, "repaired": run.repaired,
             "unrecoverable": kinds.get("unrecoverable", 0), "orphans": kinds.get("orphan", 0)}
 

@@ -17,14 +17,24 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
+from archive import atna, audit
 from archive import spool as spool_area
-from archive.bootstrap import open_catalog, open_object_tier_or_none, open_sites
+from archive.app.compose import open_catalog, open_object_tier_or_none, open_sites
+from archive.app.ingest import IngestService
+from archive.app.status import collect
 from archive.config.paths import site_risks
 from archive.config.schema import Settings
-from archive.instance_lock import hold_instance_lock
-from archive.ports import check_free
+from archive.daemon.dicom_scp import configure_pynetdicom, start_listener
+from archive.daemon.http import AccountGate, start_http
+from archive.daemon.instance_lock import hold_instance_lock
+from archive.daemon.ports import check_free
+from archive.daemon.scheduler import start_scheduler
+from archive.daemon.tls import server_context, warn_if_key_exposed
+from archive.errors import ConfigError
+from archive.peers import PeerRegistry
+from replication.mirror import MirrorWriter
+from replication.repair import repair_missing
 
 log = logging.getLogger("pacsvault.serve")
 
@@ -46,7 +56,6 @@ def _die_with_parent() -> None:
 def _audit_setup(settings: Settings) -> None:
     """Every process that writes audit records signs checkpoints and, if configured,
     sends each record to the audit collector (workers are spawned: each needs it)."""
-    from archive import atna, audit
 
     audit.configure(settings.data_dir)
     atna.install(settings)
@@ -56,11 +65,6 @@ def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | No
     """One DICOM worker: listener + ingest. Runs until SIGTERM."""
     _die_with_parent()
     setup_logging()
-    from archive.dicom.scp import configure_pynetdicom, start_listener
-    from archive.dicom.tls import server_context
-    from archive.ingest import IngestService
-    from archive.peers import PeerRegistry
-    from replication.mirror import MirrorWriter
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -153,7 +157,6 @@ class Supervisor:
         self._procs[index] = p
 
     def _repair_loop(self, catalog, sites) -> None:  # noqa: ANN001
-        from replication.repair import repair_missing
 
         scratch = self.settings.ingest.spool_dir / "repair"
         while not self.stop.wait(self.settings.ingest.repair_interval_s):
@@ -163,8 +166,6 @@ class Supervisor:
                 log.exception("repair pass failed; will retry")
 
     def run(self) -> int:
-        from archive.http import AccountGate, start_http
-        from archive.status import collect
 
         s = self.settings
         # Before anything else: one daemon per instance, and no port shared by accident.
@@ -221,7 +222,6 @@ class Supervisor:
         repair = threading.Thread(target=self._repair_loop, args=(catalog, sites),
                                   name="repair", daemon=True)
         repair.start()
-        from archive.scheduler import start_scheduler
 
         scheduler = start_scheduler(s, self.stop)
         while not self.stop.wait(1.0):
@@ -252,8 +252,6 @@ class Supervisor:
     def _check_tls(self):  # noqa: ANN202
         """Load every certificate now, so that a bad one stops start-up with a clear
         message instead of killing workers; returns the HTTPS context (or None)."""
-        from archive.dicom.tls import server_context, warn_if_key_exposed
-        from archive.errors import ConfigError
 
         d, h = self.settings.dicom, self.settings.http
         if d.tls_port:

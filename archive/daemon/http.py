@@ -30,8 +30,8 @@ from prometheus_client.core import GaugeMetricFamily
 from archive import auth
 from archive.catalog.uow import Catalog
 from archive.config.schema import AccountSettings
-from archive.dicom.tls import DeferredHandshake
-from archive.throttle import SourceThrottle
+from archive.daemon.throttle import SourceThrottle
+from archive.daemon.tls import DeferredHandshake
 
 log = logging.getLogger("pacsvault.http")
 

@@ -27,10 +27,11 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from archive import audit
+from archive.app.ingest import IngestService, StoreRequest
 from archive.config.schema import DicomSettings
-from archive.dicom.status import CANNOT_UNDERSTAND, store_status
-from archive.dicom.tls import DeferredHandshake
-from archive.ingest import IngestService, StoreRequest
+from archive.daemon.dimse_status import CANNOT_UNDERSTAND, store_status
+from archive.daemon.tls import DeferredHandshake
 from archive.peers import PeerRegistry
 from archive.spool import RECEIVE_PREFIX
 
@@ -164,7 +165,6 @@ class _Received:
             st["stored" if result.acknowledged else "refused"] += 1
 
     def flush(self, assoc, catalog) -> None:  # noqa: ANN001
-        from archive import audit
 
         with self.lock:
             a = self.by_assoc.pop(id(assoc), None)
