@@ -6,12 +6,10 @@ repair never spreads a bad copy). The catalog checksum is never changed here.
 """
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-
 
 from sqlalchemy import select
 
@@ -19,7 +17,8 @@ from archive.catalog import repo
 from archive.catalog.models import Copy, Instance
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
-from tiers.backend import Backend, BackendError, FilePayload
+from tiers.backend import Backend, BackendError
+from tiers.verified_copy import copy_verified
 
 log = logging.getLogger("pacsvault.repair")
 
@@ -30,23 +29,6 @@ class RepairReport:
     failed: int = 0
     no_source: int = 0
     sites: dict[str, int] = field(default_factory=dict)
-
-
-def _fetch_verified(src: Backend, key: str, sha256: str, scratch: Path) -> FilePayload | None:
-    """Copy a source object to scratch, hashing as it goes; None if it does not match."""
-    h = hashlib.sha256()
-    size = 0
-    scratch.mkdir(parents=True, exist_ok=True)     # only when there is work: an idle pass writes nothing
-    fd, name = tempfile.mkstemp(dir=scratch, suffix=".tmp")
-    with open(fd, "wb") as out, src.open(key) as f:
-        while chunk := f.read(1024 * 1024):
-            h.update(chunk)
-            out.write(chunk)
-            size += len(chunk)
-    if h.hexdigest() != sha256:
-        Path(name).unlink(missing_ok=True)
-        return None
-    return FilePayload(Path(name), size, sha256)
 
 
 def repair_missing(catalog: Catalog, sites: list[Backend], scratch: Path, *,
@@ -68,7 +50,8 @@ def repair_missing(catalog: Catalog, sites: list[Backend], scratch: Path, *,
             done = False
             for src_name, src_key in sources:
                 try:
-                    spooled = _fetch_verified(by_name[src_name], src_key, sha, scratch)
+                    spooled = copy_verified(functools.partial(by_name[src_name].open, src_key), sha,
+                                            scratch)
                 except BackendError as e:
                     log.warning("repair source %s unreadable: %s", src_name, e)
                     continue

@@ -18,7 +18,6 @@ UID and study; ``ok`` is false whenever anything was found, repaired or not.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import tempfile
@@ -38,6 +37,7 @@ from archive.clock import Clock, utcnow
 from archive.errors import describe_failure
 from tiers.backend import Backend, BackendError, FilePayload, ObjectNotFound
 from tiers.bundle import BundleError, extract_to
+from tiers.verified_copy import copy_verified
 
 log = logging.getLogger("pacsvault.scrub")
 
@@ -342,18 +342,8 @@ class Scrubber:
         return None
 
     def _fetch(self, open_source, row: Any) -> FilePayload | None:  # noqa: ANN001
-        h = hashlib.sha256()
-        fd, name = tempfile.mkstemp(dir=self.scratch, suffix=".scrub.tmp")
-        size = 0
-        with open(fd, "wb") as out, open_source() as src:
-            while chunk := src.read(1 << 20):
-                h.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-        if (size, h.hexdigest()) != (row.size, row.sha256):
-            Path(name).unlink(missing_ok=True)
-            return None
-        return FilePayload(Path(name), size, row.sha256)
+        return copy_verified(open_source, row.sha256, self.scratch, size=row.size,
+                             suffix=".scrub.tmp")
 
     def _fetch_frame(self, key: str, version: str | None, offset: int, length: int,
                      row: Any) -> FilePayload | None:

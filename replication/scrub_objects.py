@@ -29,9 +29,10 @@ from sqlalchemy import func, select, update
 from archive import phi
 from archive.catalog.models import Bundle, Copy, Instance, ScrubFinding, Study
 from archive.config.schema import Settings
-from replication.scrub import Finding, ScrubReport, Scrubber
+from replication.scrub import Finding, Scrubber, ScrubReport
 from tiers.backend import Backend, BackendError, ObjectNotFound
 from tiers.bundle import BundleError, extract_to, skip_to
+from tiers.migrate import Migrator
 
 log = logging.getLogger("pacsvault.scrub")
 
@@ -191,7 +192,6 @@ class ObjectTierScrubber(Scrubber):
     def _rebundle(self, b: Bundle, study_uid: str) -> str | None:
         """Bundle the study again from its online copies when every instance of the
         damaged bundle has one; the damaged bundle is retired by the migrator."""
-        from tiers.migrate import Migrator
 
         with self.catalog.unit() as uow:
             s = uow.session
