@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import io
 import logging
-import tempfile
 import queue
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
