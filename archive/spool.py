@@ -19,7 +19,7 @@ from pathlib import Path
 from archive.errors import ConfigError
 
 MARKER = "PACSVAULT-SPOOL.json"
-# Prefix of the files pynetdicom spools received data sets into (see archive/dicom/scp.py).
+# Prefix of the files pynetdicom spools received data sets into (see archive/daemon/dicom_scp.py).
 RECEIVE_PREFIX = "pv-spool-"
 # Our temp files: pynetdicom's received data sets, and tempfile.mkstemp files with a
 # suffix of ours (".tmp", ".scrub.tmp", ".recall.tmp", ".restore.tmp", ...).

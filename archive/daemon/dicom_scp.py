@@ -10,7 +10,7 @@
   "calling AE title not recognized") before any data is exchanged.
 * The listening socket sets SO_REUSEPORT, so several worker processes share the
   port and the kernel spreads associations over them (one GIL each).
-* A TLS listener (archive/dicom/tls.py) is the same server with an SSL context:
+* A TLS listener (archive/daemon/tls.py) is the same server with an SSL context:
   same handlers, so the same allow-list.
 """
 from __future__ import annotations
