@@ -176,7 +176,7 @@ def check_password(catalog: Catalog, name: str, password: str, policy: AccountSe
     password check, whether the user is unknown, locked, disabled or mistyped, so a
     caller cannot learn which accounts exist. ``count_failures``: a wrong password
     counts towards the account's lock (back-off that doubles); the HTTP endpoint
-    throttles per source instead (archive/throttle.py), so that no local process
+    throttles per source instead (archive/daemon/throttle.py), so that no local process
     can lock an operator out."""
     now = clock()
     with catalog.unit(write=True) as uow:
