@@ -170,7 +170,8 @@ def _item(kind: int, body: bytes) -> bytes:
 
 
 def _ae(value: str) -> bytes:
-    raw = _text(value, "an AE title")
+    # An A-ASSOCIATE-AC echoes the request's titles, which may hold what the peer sent.
+    raw = value.encode("ascii", "replace")
     if len(raw) > 16:
         raise ValueError("an AE title is at most 16 characters")
     return raw.ljust(16, b" ")

@@ -1,0 +1,97 @@
+"""The thin blocking-socket loop around one ``Association`` (one thread each).
+
+It owns the clock: ARTIM while a connection has not associated (or after a
+release, until the peer closes), and an idle timeout for the rest, where a PDU
+that started arriving must finish within the timeout of its first byte, so a
+peer dripping a byte at a time cannot hold a connection open.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from archive.dicom.net import association as A
+from archive.dicom.net import dimse
+from archive.dicom.net import pdu as P
+
+RECV_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    artim_s: float = 30.0     # to send an A-ASSOCIATE-RQ, and to close after release
+    idle_s: float = 60.0      # between messages, and for any one PDU to arrive whole
+
+
+class Handler(Protocol):
+    """The archive's side: plain functions on decoded messages."""
+
+    def on_request(self, rq: P.AssociateRQ) -> P.AssociateAC | P.AssociateRJ: ...
+
+    def on_event(self, assoc: A.Association, event: dimse.CommandReceived | dimse.DataFragment
+                 ) -> None: ...
+
+    def on_close(self, assoc: A.Association, how: A.Event | None) -> None: ...
+
+
+def serve(sock: socket.socket, assoc: A.Association, handler: Handler, timeouts: Timeouts, *,
+          clock: Callable[[], float] = time.monotonic) -> None:
+    """Run one association to its end; the socket is closed on return."""
+    last = clock()
+    pdu_started: float | None = None
+    ending: A.Event | None = None
+    try:
+        while not assoc.closed:
+            limit = timeouts.artim_s if assoc.wants_artim else timeouts.idle_s
+            start = pdu_started if pdu_started is not None else last
+            remaining = start + limit - clock()
+            if remaining <= 0:
+                if assoc.wants_artim:
+                    assoc.artim_expired()
+                else:
+                    assoc.abort(P.REASON_NOT_SPECIFIED, source=P.ABORT_SOURCE_PROVIDER)
+                    ending = A.Aborted(P.ABORT_SOURCE_PROVIDER, 0, by_us=True, why="idle timeout")
+                    _flush(sock, assoc, timeouts)
+                break
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(RECV_SIZE)
+            except socket.timeout:
+                continue
+            except OSError:
+                data = b""
+            last = clock()
+            assoc.receive_data(data)
+            pdu_started = (pdu_started or last) if assoc.mid_pdu else None
+            for event in assoc.events():
+                if isinstance(event, A.AssociationRequested):
+                    answer = handler.on_request(event.request)
+                    if isinstance(answer, P.AssociateAC):
+                        assoc.accept(answer)
+                    else:
+                        assoc.reject(answer)
+                elif isinstance(event, (dimse.CommandReceived, dimse.DataFragment)):
+                    handler.on_event(assoc, event)
+                elif isinstance(event, A.ReleaseRequested):
+                    assoc.release()
+                    ending = event
+                elif isinstance(event, A.Aborted):
+                    ending = event
+            _flush(sock, assoc, timeouts)
+    finally:
+        try:
+            sock.close()
+        finally:
+            handler.on_close(assoc, ending)
+
+
+def _flush(sock: socket.socket, assoc: A.Association, timeouts: Timeouts) -> None:
+    out = assoc.data_to_send()
+    if out:
+        sock.settimeout(timeouts.idle_s)       # a peer that stops reading is cut off too
+        try:
+            sock.sendall(out)
+        except OSError:
+            assoc.receive_data(b"")
