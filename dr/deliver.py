@@ -13,7 +13,7 @@ import re
 import socket
 import stat
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
@@ -37,6 +37,25 @@ class Delivery(Protocol):
     def deliver(self, item: Any, path: Path) -> None: ...
 
     def close(self) -> None: ...
+
+
+# Optional abilities of a Delivery: a caller tests them with isinstance.
+@runtime_checkable
+class Journaled(Protocol):
+    """A delivery that journals its run so an interrupted one can be resumed."""
+
+    restarted: bool     # an interrupted run's journal was dropped, not resumed
+
+    def expire(self) -> None:
+        """The run delivered everything: nothing is left to resume."""
+        ...
+
+
+@runtime_checkable
+class WrappingDelivery(Protocol):
+    """A delivery that hands each instance on to another (de-identification)."""
+
+    inner: Delivery
 
 
 class DeliveryRefused(InvalidInput):

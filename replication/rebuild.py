@@ -34,7 +34,7 @@ from archive.catalog.models import Copy, Instance, Study
 from archive.catalog.uow import Catalog
 from archive.errors import InvalidInput
 from replication.scrub import STATES, Scrubber
-from tiers.backend import Backend, BackendError, ObjectNotFound
+from tiers.backend import Backend, BackendError, ObjectNotFound, TempSweeper
 
 log = logging.getLogger("pacsvault.rebuild")
 
@@ -108,7 +108,7 @@ class SiteRebuilder:
             self.site.initialize()                       # type: ignore[attr-defined]
             report.initialized = True
             log.warning("site %s initialized for a rebuild", self.site.name)
-        if hasattr(self.site, "sweep_temp"):
+        if isinstance(self.site, TempSweeper):
             self.site.sweep_temp()      # temp files of a rebuild that was killed
         report.rows_added = self.add_missing_rows()
 

@@ -35,7 +35,7 @@ from archive.catalog.models import Bundle, Copy, Instance, ScrubFinding, ScrubRu
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.errors import describe_failure
-from tiers.backend import Backend, BackendError, FilePayload, ObjectNotFound
+from tiers.backend import Backend, BackendError, BulkHasher, FilePayload, ObjectNotFound
 from tiers.bundle import BundleError, extract_to
 from tiers.verified_copy import copy_verified
 
@@ -128,7 +128,7 @@ def _copies_after(session: Any, site: str, after: int) -> list[Any]:
 def _hash(site: Backend, keys: list[str]) -> Iterator[tuple[int, str] | None | BackendError]:
     """(size, SHA-256) of each stored copy read back, in order; None if it is gone,
     the BackendError if it cannot be read."""
-    if hasattr(site, "hash_each"):    # FilesystemBackend: one open per file, read-ahead
+    if isinstance(site, BulkHasher):  # FilesystemBackend: one open per file, read-ahead
         yield from site.hash_each(keys)
         return
     for key in keys:

@@ -30,7 +30,7 @@ from archive import phi
 from archive.catalog.models import Bundle, Copy, Instance, ScrubFinding, Study
 from archive.config.schema import Settings
 from replication.scrub import Finding, Scrubber, ScrubReport
-from tiers.backend import Backend, BackendError, ObjectNotFound
+from tiers.backend import Backend, BackendError, LocalFile, ObjectNotFound
 from tiers.bundle import BundleError, extract_to, skip_to
 from tiers.migrate import Migrator
 
@@ -117,7 +117,7 @@ class ObjectTierScrubber(Scrubber):
         bad, good = [], set()
         try:
             with self.tier.open(b.key, version_id=b.version_id) as f:  # type: ignore[union-attr,call-arg]
-                if hasattr(f, "fileno"):       # directory tier: read the device, not the cache
+                if isinstance(f, LocalFile):   # directory tier: read the device, not the cache
                     try:
                         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
                     except (OSError, ValueError):

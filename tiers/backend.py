@@ -15,8 +15,9 @@ site must never need the catalog (the media describe themselves).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import BinaryIO, Iterator, Protocol
+from typing import BinaryIO, Iterable, Iterator, Protocol, runtime_checkable
 
 from archive.errors import PacsvaultError
 
@@ -79,6 +80,14 @@ class Payload(Protocol):
     sha256: str
 
     def open(self) -> BinaryIO: ...
+
+
+@runtime_checkable
+class StreamingPayload(Protocol):
+    """Optional ability of a Payload: ``streaming`` true means its size and SHA-256
+    are known only once it was read to the end (tiers.growing)."""
+
+    streaming: bool
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,7 @@ class Backend(Protocol):
         ...
 
 
+@runtime_checkable
 class RangedReader(Protocol):
     """Optional ability: read part of an object (a study bundle's one instance)."""
 
@@ -154,3 +164,43 @@ class RangedReader(Protocol):
         """Exactly ``length`` bytes from ``offset``; a range not wholly inside the
         object is an error (never a short read)."""
         ...
+
+
+# Optional abilities: a caller tests them with isinstance. Each Protocol names one
+# method only, so the check never touches anything else of the object.
+@runtime_checkable
+class TempSweeper(Protocol):
+    """Optional ability: remove the temp files a crashed writer left (a directory site)."""
+
+    def sweep_temp(self) -> int:
+        """Removes them; returns how many."""
+        ...
+
+
+@runtime_checkable
+class UploadSweeper(Protocol):
+    """Optional ability: abort the multipart uploads a crash left (an object store)."""
+
+    def sweep_uploads(self, older_than: timedelta = ...) -> int:
+        """Aborts those started before ``older_than`` ago; returns how many."""
+        ...
+
+
+@runtime_checkable
+class BulkHasher(Protocol):
+    """Optional ability: (bytes read, SHA-256) of many objects in turn, faster than
+    ``stat`` and ``sha256`` one by one (a directory site reads ahead)."""
+
+    def hash_each(self, keys: Iterable[str], *, ahead: int = 2
+                  ) -> Iterator[tuple[int, str] | None | BackendError]:
+        """In the order of ``keys``: None where it is gone, the BackendError (yielded,
+        not raised) where it cannot be read."""
+        ...
+
+
+@runtime_checkable
+class LocalFile(Protocol):
+    """What ``open`` returned may be a local file: its cached pages can be dropped,
+    so a read-back comes from the device (an object store's stream raises on fileno)."""
+
+    def fileno(self) -> int: ...

@@ -47,7 +47,9 @@ from tiers.backend import (
     FilePayload,
     ObjectLocked,
     ObjectNotFound,
+    TempSweeper,
     Unavailable,
+    UploadSweeper,
 )
 from tiers.bundle import (
     BundleError,
@@ -354,21 +356,19 @@ class Migrator:
     def _sweep_tier_temp(self) -> None:
         """Remove the temp files a killed run left in a directory tier's tmp/: whole
         bundles, patient data. Only our own temp naming, never one a live writer holds."""
-        sweep = getattr(self.tier, "sweep_temp", None)
-        if sweep is None:
+        if not isinstance(self.tier, TempSweeper):
             return
-        n = sweep()
+        n = self.tier.sweep_temp()
         if n:
             log.info("removed %d temp files an interrupted run left on %s", n, self.tier.name)
 
     def _sweep_uploads(self) -> None:
         """Abort multipart uploads a crash left on the tier over a day ago (their
         parts may hold patient data and cost storage); S3 only."""
-        sweep = getattr(self.tier, "sweep_uploads", None)
-        if sweep is None:
+        if not isinstance(self.tier, UploadSweeper):
             return
         try:
-            n = sweep()
+            n = self.tier.sweep_uploads()
         except BackendError as e:
             log.warning("could not sweep stale multipart uploads: %s", e)
             return

@@ -74,6 +74,7 @@ from tiers.backend import (
     ObjectNotFound,
     Payload,
     SiteHealth,
+    StreamingPayload,
     Unavailable,
 )
 from tiers.layout import LAYOUT_VERSION
@@ -131,6 +132,10 @@ def _version_of(response: dict) -> str | None:
 
 def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
+
+
+def _streaming(payload: Payload) -> bool:
+    return isinstance(payload, StreamingPayload) and payload.streaming
 
 
 def _read_exact(src: BinaryIO, n: int) -> bytes:
@@ -265,7 +270,7 @@ class S3Backend:
             if same is not None:
                 return same
         try:
-            if getattr(payload, "streaming", False) or payload.size >= self.settings.multipart_threshold:
+            if _streaming(payload) or payload.size >= self.settings.multipart_threshold:
                 version, composite = self._put_multipart(full, key, payload, replace=replace)
             else:
                 version, composite = self._put_small(full, key, payload, replace=replace)
@@ -365,7 +370,7 @@ class S3Backend:
     def _put_multipart(self, full: str, key: str, payload: Payload, *,
                        replace: bool) -> tuple[str | None, str | None]:
         s = self.settings
-        streaming = getattr(payload, "streaming", False)
+        streaming = _streaming(payload)
         create: dict[str, Any] = (self._put_kwargs(None, None) if streaming
                                   else self._put_kwargs(payload.sha256, payload.size))
         if s.checksum == "sha256":
@@ -390,7 +395,7 @@ class S3Backend:
                       payload: Payload) -> tuple[list[dict], list[bytes]]:
         # A streamed payload's size is known only at its end (tiers.growing):
         # read until EOF with the configured part size, then check.
-        streaming = getattr(payload, "streaming", False)
+        streaming = _streaming(payload)
         part_size = self.settings.part_size if streaming else self._part_size(payload.size)
         whole = hashlib.sha256()
         digests: list[bytes] = []

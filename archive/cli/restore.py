@@ -76,7 +76,13 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
     sends everything. Exits 1 if any instance could not be restored; the
     report names it and why.
     """
-    from dr.deliver import AeDelivery, DirDelivery, OnlineDelivery
+    from dr.deliver import (
+        AeDelivery,
+        DirDelivery,
+        Journaled,
+        OnlineDelivery,
+        WrappingDelivery,
+    )
     from dr.keys import load_identities
     from dr.restore import TIERS, Selection, select_studies
 
@@ -111,7 +117,8 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
                 delivery, key=deid_key, map_file=deid_map, journal=journal_path(
                     settings.ingest.spool_dir, str(to_dir.resolve()) if to_dir else to_ae,
                     [u for _, u in chosen]), resume=resume)
-        if any(getattr(d, "restarted", False) for d in (delivery, getattr(delivery, "inner", None))):
+        wrapped = delivery.inner if isinstance(delivery, WrappingDelivery) else None
+        if any(isinstance(d, Journaled) and d.restarted for d in (delivery, wrapped)):
             click.echo(f"an interrupted restore to {delivery.name} was not resumed: sending "
                        "everything again (--resume continues it instead)", err=True)
 
@@ -139,7 +146,7 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
 
                     audit_exports(catalog, deid, actor=actor.name, target="dir" if to_dir else "ae",
                                   ok=report is not None and report.ok)
-            if report.ok and hasattr(delivery, "expire"):
+            if report.ok and isinstance(delivery, Journaled):
                 delivery.expire()           # complete: the next run is a new one
             j = report.to_json()
             if deid is not None:
