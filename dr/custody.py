@@ -24,33 +24,44 @@ from archive.catalog.models import AuditRecord, DrCustody, DrVolume
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, iso, utcnow
 from archive.errors import InvalidInput
+from dr.format import (
+    CUSTODY_STATES,
+    DESTROYED,
+    EXPIRED,
+    FAILED,
+    IN_LIBRARY,
+    IN_TRANSIT,
+    OFFSITE,
+    RECALLED,
+    RETURNED,
+    SEALED,
+    WRITING,
+)
 
-# Custody states, in the order a volume usually lives them.
-STATES = ("sealed", "in-library", "in-transit", "offsite", "recalled", "returned", "expired",
-          "destroyed")
-# Writer states: not custody states, a volume cannot be moved into them.
-WRITER_STATES = ("writing", "failed")
+# Custody states (dr/format.py), in the order a volume usually lives them; the writer's
+# states are not custody states: a volume cannot be moved into them.
+STATES = CUSTODY_STATES
 
 # from -> the states it may move to. Anything not listed is refused. 'writing'
 # cannot move (the writer holds it); a 'failed' volume counts for nothing and may
 # only be destroyed; 'destroyed' is final. Nothing goes back to 'sealed': a
 # recycled cartridge is a new volume with a new barcode.
 TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "sealed": ("in-library", "in-transit"),
-    "in-library": ("in-transit", "expired"),
-    "in-transit": ("offsite", "in-library", "returned"),
-    "offsite": ("recalled", "in-transit", "expired"),
-    "recalled": ("in-transit", "in-library", "returned"),
-    "returned": ("in-library", "offsite", "in-transit", "expired"),
-    "expired": ("destroyed", "in-library"),
-    "failed": ("destroyed",),
-    "writing": (),
-    "destroyed": (),
+    SEALED: (IN_LIBRARY, IN_TRANSIT),
+    IN_LIBRARY: (IN_TRANSIT, EXPIRED),
+    IN_TRANSIT: (OFFSITE, IN_LIBRARY, RETURNED),
+    OFFSITE: (RECALLED, IN_TRANSIT, EXPIRED),
+    RECALLED: (IN_TRANSIT, IN_LIBRARY, RETURNED),
+    RETURNED: (IN_LIBRARY, OFFSITE, IN_TRANSIT, EXPIRED),
+    EXPIRED: (DESTROYED, IN_LIBRARY),
+    FAILED: (DESTROYED,),
+    WRITING: (),
+    DESTROYED: (),
 }
 
 # Past its retention, a volume in one of these states may be recycled (rotation):
 # it is at rest in a known place, not travelling and not wanted for a restore.
-RECYCLABLE_STATES = ("in-library", "offsite", "returned", "expired")
+RECYCLABLE_STATES = (IN_LIBRARY, OFFSITE, RETURNED, EXPIRED)
 
 # Column widths of dr_custody (migration 0006): refuse rather than truncate.
 LIMITS = {"location": 128, "actor": 128, "courier_ref": 128, "note": 512}
@@ -118,7 +129,7 @@ def move(catalog: Catalog, barcode: str, to_state: str, location: str, actor: st
             allowed = ", ".join(TRANSITIONS.get(v.state, ())) or "none"
             raise InvalidInput(f"{barcode} is {v.state}: it cannot move to {to_state} "
                                f"(allowed: {allowed})")
-        if to_state == "expired":
+        if to_state == EXPIRED:
             until = aware(v.retain_until)
             if until is None:
                 raise InvalidInput(f"{barcode} has no retention date in the catalog: "
@@ -143,8 +154,8 @@ def _event(r: DrCustody, barcode: str) -> dict[str, Any]:
 def _initial(v: DrVolume) -> tuple[str, datetime | None]:
     """The state the writer left the volume in (it logs no custody row)."""
     if v.sealed_at is not None:
-        return "sealed", v.sealed_at
-    return ("writing" if v.state == "writing" else "failed"), v.created_at
+        return SEALED, v.sealed_at
+    return (WRITING if v.state == WRITING else FAILED), v.created_at
 
 
 def _load(catalog: Catalog, barcode: str) -> tuple[DrVolume, list[DrCustody]]:
@@ -186,7 +197,7 @@ def check_chain(catalog: Catalog, barcode: str) -> dict[str, Any]:
         if prev_at is not None and t < prev_at:
             problems.append(f"move {r.id}: recorded at {iso(t)}, before the previous event "
                             f"({iso(prev_at)})")
-        if r.to_state == "expired" and (until is None or t < until):
+        if r.to_state == EXPIRED and (until is None or t < until):
             problems.append(f"move {r.id}: expired at {iso(t)}, before its retention ended")
         prev_to, prev_at, prev_loc = r.to_state, t, r.location
     if v.state != prev_to:

@@ -40,8 +40,8 @@ from archive.checksum import sha256_file
 from archive.clock import Clock, iso, utcnow
 from archive.errors import describe_failure
 from dr.deliver import DirDelivery
+from dr.format import GOOD_STATES
 from dr.restore import Restorer
-from dr.writer import GOOD_STATES
 from tiers.backend import Backend
 
 log = logging.getLogger("pacsvault.drill")

@@ -20,6 +20,7 @@ from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.errors import InvalidInput
 from dr.custody import aware, check_barcode, clean_text
+from dr.format import UNSEALED_OR_GONE
 
 # Code 39: each character is 9 elements (bar, space, bar, ... bar), 3 of them
 # wide. Bit 8 (most significant) is the first bar; a set bit is a wide element.
@@ -79,7 +80,7 @@ def load(catalog: Catalog, barcodes: list[str]) -> list[dict[str, Any]]:
             v = uow.session.scalars(select(DrVolume).where(DrVolume.barcode == code)).first()
             if v is None:
                 raise InvalidInput(f"no volume with barcode {code} in the catalog")
-            if v.state in ("writing", "failed", "destroyed") or not v.stream_sha256:
+            if v.state in UNSEALED_OR_GONE or not v.stream_sha256:
                 raise InvalidInput(f"{code} is {v.state}: only sealed volumes go on a manifest")
             out.append({"barcode": v.barcode, "pool": v.pool, "volume_set": v.volume_set,
                         "sequence": v.sequence, "continues": v.continues, "bytes": v.bytes,

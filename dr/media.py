@@ -28,6 +28,7 @@ from archive.catalog.models import (
 from archive.catalog.uow import Catalog
 from archive.errors import InvalidInput
 from dr.contents import check_volume
+from dr.format import FAILED, SEALED
 from dr.reader import VolumeRead, read_volume
 
 
@@ -227,7 +228,7 @@ def import_volume(catalog: Catalog, vol: VolumeRead, retain_days: int = 3650,
                 volume_set=label["volume_set"], sequence=label["sequence"],
                 capacity=label.get("capacity", 0), block_size=label.get("block_size", 0),
                 bytes=vol.stream_bytes if vol.complete else 0,
-                segments=0, studies=0, state="sealed" if vol.complete else "failed",
+                segments=0, studies=0, state=SEALED if vol.complete else FAILED,
                 location="", device=vol.where, kind=label.get("kind", "stream"),
                 recipients=json.dumps(label.get("recipients", [])),
                 continues=bool((vol.index or {}).get("continues", False)), writer="",

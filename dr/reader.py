@@ -24,14 +24,20 @@ import zstandard
 
 from archive.errors import InvalidInput
 from dr import crypt, segment
+from dr.format import (
+    CATALOG,
+    INDEX,
+    LABEL,
+    READ_VERSIONS,
+    SEGMENT_DIR,
+    SIGNATURE,
+    TAR_BLOCK,
+    VOLUME_FORMAT,
+)
 from dr.keys import identity_fingerprints
-from dr.signing import SIGNATURE
 from dr.signing import check as check_signature
-from dr.sinks import LABEL
 
 MAX_PLAIN = 2 * 1024 ** 3          # refuse to decompress a member to more than this
-INDEX = "INDEX.json.zst.age"
-CATALOG = "CATALOG.json.zst.age"
 
 
 @dataclass
@@ -106,10 +112,10 @@ def tar_members(f: BinaryIO, on_end: Callable[[int, str, bool], None]) -> Iterat
     pax: dict[str, str] = {}
     while True:
         at = src.n
-        header = src.read(512)
-        if len(header) < 512:
+        header = src.read(TAR_BLOCK)
+        if len(header) < TAR_BLOCK:
             break
-        if header == b"\0" * 512:
+        if header == b"\0" * TAR_BLOCK:
             clean = True
             break
         try:
@@ -117,7 +123,7 @@ def tar_members(f: BinaryIO, on_end: Callable[[int, str, bool], None]) -> Iterat
         except tarfile.HeaderError as e:
             raise _Damaged(f"tar header at byte {at} unreadable ({e})", src) from None
         body = src.read(info.size)
-        src.read((-info.size) % 512)
+        src.read((-info.size) % TAR_BLOCK)
         if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE):    # pax extended header
             pax = _pax(body) if info.type == tarfile.XHDTYPE else pax
             continue
@@ -153,7 +159,7 @@ def _pax(body: bytes) -> dict[str, str]:
 
 def ltfs_members(root: Path) -> Iterator[RawMember]:
     """The files of an LTFS volume directory in the order they were written."""
-    names = [LABEL] + sorted(str(p.relative_to(root)) for p in (root / "seg").glob("*.age")) \
+    names = [LABEL] + sorted(str(p.relative_to(root)) for p in (root / SEGMENT_DIR).glob("*.age")) \
         + [INDEX, CATALOG, SIGNATURE]
     at = 0
     for name in names:
@@ -247,9 +253,9 @@ def _member(out: VolumeRead, m: RawMember, identities: list, mine: set[str],
             out.errors.append("label unreadable")
             return
         out.label = label
-        if out.label.get("format") != "pacsvault-dr-volume":
+        if out.label.get("format") != VOLUME_FORMAT:
             out.errors.append("label is not a pacsvault DR volume label")
-        elif out.label.get("version") not in (1, 2):     # 1: before volumes were signed
+        elif out.label.get("version") not in READ_VERSIONS:
             out.errors.append(f"label version {out.label.get('version')!r} is not one this "
                               "pacsvault reads")
         if identities and not mine & set(out.label.get("recipients", [])):

@@ -49,8 +49,8 @@ from archive.errors import InvalidInput, describe_failure
 from archive.uids import validate_uid
 from dr import crypt, segment
 from dr.deliver import Delivery, DeliveryRefused
+from dr.format import GOOD_STATES, LABEL, ONSITE_STATES
 from dr.reader import RawMember, ltfs_members, tar_members
-from dr.writer import GOOD_STATES
 from tiers import study_state
 from tiers.backend import Backend, BackendError
 from tiers.bundle import BundleError, extract_to
@@ -58,7 +58,6 @@ from tiers.bundle import BundleError, extract_to
 log = logging.getLogger("pacsvault.restore")
 
 TIERS = ("online", "objects", "dr")
-ONSITE = ("sealed", "in-library", "recalled", "returned")
 
 
 @dataclass
@@ -333,7 +332,7 @@ class Restorer:
         for fk, per_pool in pools.items():
             complete = [rs for rs in per_pool.values() if len({r.part for r in rs}) == rs[0].parts]
             if complete:
-                plan[fk] = min(complete, key=lambda rs: sum(r.state not in ONSITE for r in rs))
+                plan[fk] = min(complete, key=lambda rs: sum(r.state not in ONSITE_STATES for r in rs))
         for item in todo:
             if item.inst.id not in plan:
                 item.tried.append("not on any DR volume")
@@ -357,7 +356,7 @@ class Restorer:
         order = sorted(volumes, key=lambda v: (volumes[v]["volume_set"], volumes[v]["sequence"]))
         report.volumes = [{**{k: volumes[v][k] for k in ("barcode", "state", "location",
                                                          "sequence")},
-                           "must_recall": volumes[v]["state"] not in ONSITE, "read": False}
+                           "must_recall": volumes[v]["state"] not in ONSITE_STATES, "read": False}
                           for v in order]
         parts: dict[tuple[int, int], Path] = {}
         for n, vid in enumerate(order):
@@ -368,7 +367,7 @@ class Restorer:
             if where is None:
                 why = (f"needs DR volume {v['barcode']} ({v['state']}"
                        + (f" at {v['location']}" if v["location"] else "") + "): "
-                       + ("recall it, then " if v["state"] not in ONSITE else "")
+                       + ("recall it, then " if v["state"] not in ONSITE_STATES else "")
                        + "make it readable (load it, or give --volume PATH)")
                 for fk, _, _ in (x for xs in members[vid].values() for x in xs):
                     if why not in by_id[fk].tried:
@@ -468,12 +467,12 @@ def _label_barcode(where: str) -> str | None:
     p = Path(where)
     try:
         if p.is_dir():
-            return json.loads((p / "PACSVAULT-LABEL.json").read_text()).get("barcode")
+            return json.loads((p / LABEL).read_text()).get("barcode")
         if not p.is_file():
             return None
         with open(p, "rb") as f:
             for m in tar_members(f, lambda *a: None):
-                return json.loads(m.data).get("barcode") if m.name == "PACSVAULT-LABEL.json" else None
+                return json.loads(m.data).get("barcode") if m.name == LABEL else None
     except (OSError, ValueError):
         return None
     return None

@@ -22,8 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-FORMAT = "pacsvault-dr-segment"
-VERSION = 1
+from dr.format import SEGMENT_FORMAT, SEGMENT_VERSION
 
 
 @dataclass
@@ -68,7 +67,7 @@ def build(stem: str, head: dict[str, Any], pieces: list[Piece]
         sums.append(f"{digest}  {p.file}\n")
         if p.parts > 1 and p.part == p.parts - 1:
             joined.append(f"{p.entry['sha256']}  {p.path}\n")
-    manifest = {"format": FORMAT, "version": VERSION, "stem": stem, **head, "files": files}
+    manifest = {"format": SEGMENT_FORMAT, "version": SEGMENT_VERSION, "stem": stem, **head, "files": files}
     now = int(time.time())
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -104,7 +103,7 @@ def read(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
                 contents[m.name] = body
     except (tarfile.TarError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SegmentError(f"segment tar unreadable: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != SEGMENT_FORMAT:
         raise SegmentError("segment has no manifest")
     try:                # a forged manifest must not crash the reader (dr/contents.py checks it)
         for f in manifest["files"]:

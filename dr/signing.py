@@ -34,7 +34,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from archive.errors import InvalidInput
 
-SIGNATURE = "SIGNATURE.json"
 KEY_FILE = "dr-signing.key"
 VERIFY_PREFIX = "# pacsvault-dr-verify-key:"
 FORMAT = "pacsvault-dr-signature"

@@ -22,8 +22,6 @@ from typing import BinaryIO, Protocol, Sequence
 from archive.errors import InvalidInput
 from dr.tarstream import Data, RecordWriter, pieces
 
-LABEL = "PACSVAULT-LABEL.json"
-
 
 class Volume(Protocol):
     used: int

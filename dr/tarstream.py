@@ -12,7 +12,7 @@ import tarfile
 import time
 from typing import BinaryIO, Sequence
 
-TAR_BLOCK = 512
+from dr.format import TAR_BLOCK
 
 
 def member_header(name: str, size: int, mtime: float | None = None) -> bytes:

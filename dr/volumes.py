@@ -10,6 +10,7 @@ from archive.catalog.models import DrVolume
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, iso, utcnow
 from dr.custody import aware, recyclable
+from dr.format import UNSEALED_OR_GONE
 
 
 def list_volumes(catalog: Catalog, pool: str | None = None,
@@ -45,7 +46,7 @@ def rotation(catalog: Catalog, days: int = 30, pool: str | None = None,
     now = clock()
     horizon = now + timedelta(days=days)
     q = select(DrVolume).where(DrVolume.retain_until.is_not(None),
-                               DrVolume.state.not_in(("writing", "failed", "destroyed")))
+                               DrVolume.state.not_in(UNSEALED_OR_GONE))
     if pool:
         q = q.where(DrVolume.pool == pool)
     now_rows, soon = [], []

@@ -60,19 +60,32 @@ from archive.clock import Clock, utcnow
 from archive.config.schema import DrSettings
 from archive.errors import InvalidInput, describe_failure
 from dr import crypt, segment, signing
+from dr.format import (
+    CATALOG,
+    CATALOG_FORMAT,
+    FAILED,
+    GOOD_STATES,
+    INDEX,
+    INDEX_FORMAT,
+    LABEL,
+    SEALED,
+    SEGMENT_FORMAT,
+    SEGMENT_VERSION,
+    SIGNATURE,
+    VERSION,
+    VOLUME_FORMAT,
+    WRITING,
+    segment_member,
+    segment_stem,
+)
 from dr.keys import fingerprint
-from dr.sinks import LABEL, Volume, one_volume_per_run, open_volume
+from dr.sinks import Volume, one_volume_per_run, open_volume
 from tiers import study_state
 from tiers.backend import Backend, BackendError, ObjectNotFound
 from tiers.bundle import BundleError, extract_to
 
 log = logging.getLogger("pacsvault.dr")
 
-FORMAT = "pacsvault-dr-volume"
-VERSION = 2             # 2: signed (SIGNATURE.json last); readers still read 1 (unsigned)
-INDEX = "INDEX.json.zst.age"
-CATALOG = "CATALOG.json.zst.age"
-GOOD_STATES = ("sealed", "in-library", "in-transit", "offsite", "recalled", "returned")
 DEPTH = 2      # segments compressed/encrypted ahead of the one being written
 FETCHERS = 3   # instances read and hashed at once: keeps the disk and both cores busy
 SEALERS = 2    # segments compressed and encrypted at once
@@ -231,7 +244,7 @@ def segment_pieces(stem: str, head: dict[str, Any], pieces: list[segment.Piece],
         sums.append(f"{digest}  {p.file}\n")
         if p.parts > 1 and p.part == p.parts - 1:
             joined.append(f"{p.entry['sha256']}  {p.path}\n")
-    manifest = {"format": segment.FORMAT, "version": segment.VERSION, "stem": stem, **head,
+    manifest = {"format": SEGMENT_FORMAT, "version": SEGMENT_VERSION, "stem": stem, **head,
                 "files": files}
     now = int(time.time())
     front_members = [(f"pacsvault/{stem}.manifest.json",
@@ -308,10 +321,10 @@ class DrWriter:
     def _settle_dead_writers(self) -> list[str]:
         failed = []
         with self.catalog.unit(write=True) as uow:
-            for v in uow.session.scalars(select(DrVolume).where(DrVolume.state == "writing")):
+            for v in uow.session.scalars(select(DrVolume).where(DrVolume.state == WRITING)):
                 # We hold the pool's lease, so a 'writing' volume's writer is gone.
                 if v.pool == self.s.pool or holder_is_dead_here(v.writer):
-                    v.state = "failed"
+                    v.state = FAILED
                     failed.append(v.barcode)
                     log.error("DR volume %s was left unfinished by a writer that stopped; "
                               "marked failed, its studies are written again", v.barcode)
@@ -356,7 +369,7 @@ class DrWriter:
         vol, where = open_volume(self.kind, self.device, barcode, self.s.block_size)
         now = self.clock()
         label = {
-            "format": FORMAT, "version": VERSION, "barcode": barcode, "pool": self.s.pool,
+            "format": VOLUME_FORMAT, "version": VERSION, "barcode": barcode, "pool": self.s.pool,
             "volume_set": volume_set, "sequence": seq, "created_at": now.isoformat(),
             "block_size": self.s.block_size, "capacity": self.capacity, "kind": self.kind,
             "recipients": [fingerprint(r) for r in self.recipients],
@@ -365,7 +378,7 @@ class DrWriter:
         with self.catalog.unit(write=True) as uow:
             row = DrVolume(barcode=barcode, pool=self.s.pool, volume_set=volume_set, sequence=seq,
                            capacity=self.capacity, block_size=self.s.block_size, bytes=0,
-                           segments=0, studies=0, state="writing", location="", device=where,
+                           segments=0, studies=0, state=WRITING, location="", device=where,
                            kind=self.kind, recipients=json.dumps(label["recipients"]),
                            continues=False, writer=self.holder, created_at=now)
             uow.session.add(row)
@@ -479,8 +492,8 @@ class DrWriter:
         The tar is never assembled: its pieces stream through zstd (which drops the
         GIL) into age (another process, on the other core), whose output is hashed
         by a thread as it arrives."""
-        stem = f"{barcode}-{member_no:06d}"
-        name = f"seg/{stem}.tar.zst.age"
+        stem = segment_stem(barcode, member_no)
+        name = segment_member(stem)
         head = {"volume_set": volume_set, "barcode": barcode, "member": name,
                 "study_uid": raw.study_uid, "study_segment": raw.study_segment,
                 "last_of_study": raw.last, "study_instances": raw.study_instances,
@@ -516,10 +529,10 @@ class DrWriter:
 
     # -- tail: index and catalog -----------------------------------------------------------------
     def _new_tail(self, volume_set: str, barcode: str, seq: int) -> dict[str, Any]:
-        return {"index": {"format": "pacsvault-dr-index", "version": VERSION,
+        return {"index": {"format": INDEX_FORMAT, "version": VERSION,
                           "volume_set": volume_set, "barcode": barcode, "sequence": seq,
                           "pool": self.s.pool, "segments": [], "continues": False},
-                "catalog": {"format": "pacsvault-dr-catalog", "version": VERSION,
+                "catalog": {"format": CATALOG_FORMAT, "version": VERSION,
                             "volume_set": volume_set, "barcode": barcode, "studies": {}},
                 "raw": 2048, "signed": [self._label_signed]}
 
@@ -530,7 +543,7 @@ class DrWriter:
         est = int(tail["raw"] * 1.02) + 4096 + 512 * len(self.recipients)
         est += est // 65536 * 16
         signature = 1024 + 160 * (len(tail["signed"]) + 3)    # every member, the next included
-        return 2 * vol.cost(INDEX, est) + vol.cost(signing.SIGNATURE, signature) + 1024 \
+        return 2 * vol.cost(INDEX, est) + vol.cost(SIGNATURE, signature) + 1024 \
             + self.s.block_size
 
     def _record_segment(self, vol_id: int, raw: _Raw, name: str, offset: int, size: int,
@@ -575,13 +588,13 @@ class DrWriter:
             tail["signed"].append((name, len(data), hashlib.sha256(data).hexdigest()))
         # Last: the signature over every member written (the writer never seeks back).
         head = {k: tail["index"][k] for k in ("barcode", "volume_set", "sequence")}
-        vol.member(signing.SIGNATURE, signing.sign(self.signing_key, head, tail["signed"]))
+        vol.member(SIGNATURE, signing.sign(self.signing_key, head, tail["signed"]))
         size, sha = vol.finish()
         now = self.clock()
         studies = len({s["study_uid"] for s in tail["index"]["segments"]})
         with self.catalog.unit(write=True) as uow:
             uow.session.execute(update(DrVolume).where(DrVolume.id == vol_id).values(
-                state="sealed", sealed_at=now, bytes=size, stream_sha256=sha,
+                state=SEALED, sealed_at=now, bytes=size, stream_sha256=sha,
                 segments=len(tail["index"]["segments"]), studies=studies, continues=continues,
                 writer="", retain_until=now + timedelta(days=self.s.retain_days)))
             uow.commit()

@@ -20,6 +20,7 @@ import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dr import crypt, segment, signing
+from dr.format import SIGNATURE
 from dr.keys import fingerprint
 from tests.integration.test_dr import cli_json, configure, db, volumes_of
 from tests.support.daemon import run_cli
@@ -93,7 +94,7 @@ def forge(path: Path, recipient: str, *, study: str = GOOD_STUDY, series: str = 
             json.dumps(body).encode()), [recipient])))
     if sign_with is not None:
         listed_members = [(n, len(b), hashlib.sha256(b).hexdigest()) for n, b in members]
-        members.append((signing.SIGNATURE, signing.sign(
+        members.append((SIGNATURE, signing.sign(
             sign_with, {"barcode": barcode, "volume_set": volume_set, "sequence": 1},
             listed_members)))
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
