@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
 from archive import failpoints
+from archive.object_names import is_safe_key
 from tiers.backend import (
     BackendError,
     CopyCorrupt,
@@ -150,9 +151,10 @@ class FilesystemBackend:
 
     # -- objects -------------------------------------------------------------
     def _path(self, key: str) -> Path:
-        # Keys come from tiers.layout; this is a second fence, not the first.
-        if key.startswith("/") or ".." in key.split("/") or "\x00" in key:
-            raise BackendError("resolve", self.name, "key escapes the site")
+        # Keys come from tiers.layout; this is a second fence, not the first. The
+        # same fence as S3's: a path would quietly normalise "a//b", "a/./b", "a/".
+        if not key or not is_safe_key(key):
+            raise BackendError("resolve", self.name, "key is not a safe object name")
         return self.root / key
 
     def _ensure_dir(self, d: Path) -> None:
