@@ -10,7 +10,8 @@ module's namespace; a ``conftest_s3.py`` would not be loaded):
 * ``weed``     the seaweed kind only (checksums, Object Lock, versioning, faults).
 
 ``Store.make(**overrides)`` builds an initialized backend; for the S3 kinds the
-overrides are S3Settings fields (the FS kind ignores them). Every S3 backend
+overrides are S3Settings fields (the FS kind ignores them). The payload and
+helpers both suites use (``Bytes``, ``rand``, ``flip``, ``nothing_left``) are here. Every S3 backend
 uses the prefix ``pv/`` in a bucket of its own, and reads its credentials from
 environment variables named in its settings, as production does.
 
@@ -20,7 +21,10 @@ the seaweed kind trusts the server's checksum (the production default).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -35,6 +39,55 @@ from tiers.s3 import S3Backend, S3Settings
 PREFIX = "pv/"
 KEY_ENV, SECRET_ENV = "PV_TEST_S3_KEY", "PV_TEST_S3_SECRET"
 _names = itertools.count()
+
+MiB = 1024 * 1024
+KEY = "objects/aa/bb/1.2/3/1.2.3.dcm"
+MULTIPART = dict(multipart_threshold=5 * MiB, part_size=5 * MiB, max_concurrency=2)
+BIG = 12 * MiB + 123  # three parts: 5 + 5 + 2 MiB
+
+
+@dataclass
+class Bytes:
+    """A payload; ``read_size`` caps each read() so readers must loop."""
+
+    data: bytes
+    sha256: str = ""
+    read_size: int = 100_000
+
+    def __post_init__(self):
+        self.sha256 = self.sha256 or hashlib.sha256(self.data).hexdigest()
+
+    @property
+    def size(self):
+        return len(self.data)
+
+    def open(self):
+        src, cap = io.BytesIO(self.data), self.read_size
+
+        class Capped(io.RawIOBase):
+            def readable(self):
+                return True
+
+            def readinto(self, b):
+                chunk = src.read(min(len(b), cap))
+                b[: len(chunk)] = chunk
+                return len(chunk)
+
+        return Capped()
+
+
+def flip(data: bytes, pos: int = 0) -> bytes:
+    """Never a no-op (borg's lesson: a fixed overwrite is one 1 time in 256)."""
+    return data[:pos] + bytes([data[pos] ^ 0xFF]) + data[pos + 1:]
+
+
+def rand(n: int) -> bytes:
+    return os.urandom(n)
+
+
+def nothing_left(store: "Store") -> None:
+    assert store.raw_keys() == []
+    assert store.open_uploads() == []
 
 
 @dataclass
@@ -61,6 +114,13 @@ class Store:
             keys += [o["Key"] for o in page.get("Contents", [])
                      if not o["Key"].endswith(FS_MARKER)]
         return sorted(keys)
+
+    def tamper(self, be: Any, key: str, data: bytes) -> None:
+        """Replace what is stored under ``key`` behind the backend's back (bit rot)."""
+        if not self.is_s3:
+            (be.root / key).write_bytes(data)
+        else:
+            self.raw.put_object(Bucket=self.bucket, Key=PREFIX + key, Body=data)
 
     def open_uploads(self) -> list:
         """Half-done writes: multipart uploads (S3) or temp files (FS)."""
@@ -96,8 +156,8 @@ def _s3_store(kind: str, raw: Any, bucket: str, endpoint: str | None, access: st
 def _fs_store(tmp_path: Path) -> Store:
     def make(name: str | None = None, *, wrap: Any = None, clock: Any = None,
              **_ignored: Any) -> FilesystemBackend:
-        be = FilesystemBackend(name or f"site-{next(_names)}", tmp_path / f"fs{next(_names)}",
-                               verify_read="cache")
+        # verify_read="device", the default: what production runs, fadvise and all.
+        be = FilesystemBackend(name or f"site-{next(_names)}", tmp_path / f"fs{next(_names)}")
         be.initialize()
         return be
 
