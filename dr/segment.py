@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dr.format import SEGMENT_FORMAT, SEGMENT_VERSION
+from dr.format import SEGMENT_FORMAT, SEGMENT_RECORD, SEGMENT_VERSION, TAR_BLOCK
 
 
 @dataclass
@@ -46,40 +46,60 @@ def instance_path(study_uid: str, entry: dict[str, Any]) -> str:
     return f"{study_uid}/{entry['series_uid']}/{name}.dcm"
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), mtime, 0o640
-    tar.addfile(info, io.BytesIO(data))
-
-
-def build(stem: str, head: dict[str, Any], pieces: list[Piece]
-          ) -> tuple[bytes, dict[str, Any], int]:
-    """The segment's tar bytes, its manifest, and where the instance files start
-    (the writer compresses the head as a zstd frame of its own, so the manifest
-    can be read from the first bytes of a member damaged further on).
-    ``head``: volume_set, barcode, member, study (catalog rows), study_segment,
-    last_of_study, study_instances."""
+def tar_pieces(stem: str, head: dict[str, Any], pieces: list[Piece],
+               digests: list[str] | None = None
+               ) -> tuple[bytes, list[bytes | memoryview], dict[str, Any]]:
+    """The segment's tar, as tarfile writes it, in two parts: the front (manifest and
+    checksum files: the writer compresses it as a zstd frame of its own, so the
+    manifest can be read from the first bytes of a member damaged further on) and a
+    list of buffers for the rest, the instances' bytes not copied; and the manifest.
+    ``digests``: the pieces' SHA-256 when the caller has them (the writer's fetchers
+    hashed them as they read). ``head``: volume_set, barcode, member, study (catalog
+    rows), study_segment, last_of_study, study_instances."""
+    if digests is None:
+        digests = [hashlib.sha256(p.data).hexdigest() for p in pieces]
     files, sums, joined = [], [], []
-    for p in pieces:
-        digest = hashlib.sha256(p.data).hexdigest()
+    for p, digest in zip(pieces, digests, strict=True):
         files.append({**p.entry, "path": p.path, "file": p.file, "part": p.part,
                       "parts": p.parts, "part_size": len(p.data), "part_sha256": digest})
         sums.append(f"{digest}  {p.file}\n")
         if p.parts > 1 and p.part == p.parts - 1:
             joined.append(f"{p.entry['sha256']}  {p.path}\n")
-    manifest = {"format": SEGMENT_FORMAT, "version": SEGMENT_VERSION, "stem": stem, **head, "files": files}
+    manifest = {"format": SEGMENT_FORMAT, "version": SEGMENT_VERSION, "stem": stem, **head,
+                "files": files}
     now = int(time.time())
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        _add(tar, f"pacsvault/{stem}.manifest.json",
-             json.dumps(manifest, sort_keys=True, ensure_ascii=False).encode(), now)
-        _add(tar, f"pacsvault/{stem}.sha256", "".join(sums).encode(), now)
-        if joined:
-            _add(tar, f"pacsvault/{stem}.joined-sha256", "".join(joined).encode(), now)
-        files_at = buf.tell()
-        for p in pieces:
-            _add(tar, p.file, p.data, now)
-    return buf.getvalue(), manifest, files_at
+    front_members = [(f"pacsvault/{stem}.manifest.json",
+                      json.dumps(manifest, sort_keys=True, ensure_ascii=False).encode()),
+                     (f"pacsvault/{stem}.sha256", "".join(sums).encode())]
+    if joined:
+        front_members.append((f"pacsvault/{stem}.joined-sha256", "".join(joined).encode()))
+    front = b"".join(b for name, data in front_members for b in _tar_member(name, data, now))
+    rest: list[bytes | memoryview] = []
+    for p in pieces:
+        rest += _tar_member(p.file, p.data, now)
+    size = len(front) + sum(len(b) for b in rest) + 2 * TAR_BLOCK
+    # tarfile's end of archive: two zero blocks, then zeros to a whole record.
+    rest.append(bytes(2 * TAR_BLOCK + (-size) % SEGMENT_RECORD))
+    return front, rest, manifest
+
+
+def _tar_member(name: str, data: bytes | memoryview, mtime: int) -> list[bytes | memoryview]:
+    """What tarfile.addfile writes for a regular file: its header, its data, zeros
+    to a whole block."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), mtime, 0o640
+    out = [info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"), data]
+    if len(data) % TAR_BLOCK:
+        out.append(bytes(TAR_BLOCK - len(data) % TAR_BLOCK))
+    return out
+
+
+def build(stem: str, head: dict[str, Any], pieces: list[Piece]
+          ) -> tuple[bytes, dict[str, Any], int]:
+    """The segment's tar bytes whole, its manifest, and where the instance files
+    start (see tar_pieces)."""
+    front, rest, manifest = tar_pieces(stem, head, pieces)
+    return front + b"".join(rest), manifest, len(front)
 
 
 class SegmentError(ValueError):

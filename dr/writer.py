@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import queue
-import tarfile
 import threading
 import time
 import uuid
@@ -69,8 +68,6 @@ from dr.format import (
     INDEX_FORMAT,
     LABEL,
     SEALED,
-    SEGMENT_FORMAT,
-    SEGMENT_VERSION,
     SIGNATURE,
     VERSION,
     VOLUME_FORMAT,
@@ -229,47 +226,6 @@ def pending_studies(session, pool: str, study_fks: list[int] | None = None) -> l
     if study_fks:
         q = q.where(Instance.study_fk.in_(study_fks))
     return [(fk, n) for fk, n in session.execute(q)]
-
-
-def segment_pieces(stem: str, head: dict[str, Any], pieces: list[segment.Piece],
-                   digests: list[str]) -> tuple[bytes, list[bytes | memoryview], dict[str, Any]]:
-    """segment.build's tar, byte for byte, as the front (manifest and checksum files,
-    compressed as a frame of their own) and a list of buffers for the rest, without
-    copying the instances' bytes or hashing them again (``digests``: their SHA-256,
-    from the reader). tests/bench/test_bench_dr.py checks it against segment.build."""
-    files, sums, joined = [], [], []
-    for p, digest in zip(pieces, digests, strict=True):
-        files.append({**p.entry, "path": p.path, "file": p.file, "part": p.part,
-                      "parts": p.parts, "part_size": len(p.data), "part_sha256": digest})
-        sums.append(f"{digest}  {p.file}\n")
-        if p.parts > 1 and p.part == p.parts - 1:
-            joined.append(f"{p.entry['sha256']}  {p.path}\n")
-    manifest = {"format": SEGMENT_FORMAT, "version": SEGMENT_VERSION, "stem": stem, **head,
-                "files": files}
-    now = int(time.time())
-    front_members = [(f"pacsvault/{stem}.manifest.json",
-                      json.dumps(manifest, sort_keys=True, ensure_ascii=False).encode()),
-                     (f"pacsvault/{stem}.sha256", "".join(sums).encode())]
-    if joined:
-        front_members.append((f"pacsvault/{stem}.joined-sha256", "".join(joined).encode()))
-    front = b"".join(b for name, data in front_members for b in _tar_member(name, data, now))
-    rest: list[bytes | memoryview] = []
-    for p in pieces:
-        rest += _tar_member(p.file, p.data, now)
-    size = len(front) + sum(len(b) for b in rest) + 2 * tarfile.BLOCKSIZE
-    # tarfile's end of archive: two zero blocks, then zeros to a whole record.
-    rest.append(bytes(2 * tarfile.BLOCKSIZE + (-size) % tarfile.RECORDSIZE))
-    return front, rest, manifest
-
-
-def _tar_member(name: str, data: bytes, mtime: int) -> list[bytes]:
-    """What tarfile.addfile writes for a regular file (as segment._add makes it)."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), mtime, 0o640
-    out = [info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"), data]
-    if len(data) % tarfile.BLOCKSIZE:
-        out.append(bytes(tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
-    return out
 
 
 class DrWriter:
@@ -498,7 +454,7 @@ class DrWriter:
                 "study_uid": raw.study_uid, "study_segment": raw.study_segment,
                 "last_of_study": raw.last, "study_instances": raw.study_instances,
                 "study": raw.study_doc}
-        front, files, manifest = segment_pieces(stem, head, raw.pieces, raw.digests)
+        front, files, manifest = segment.tar_pieces(stem, head, raw.pieces, raw.digests)
         cctx = self._compressor()
         buf = self._sealed.get()
         enc = crypt.Encryptor(self.recipients, out=buf)

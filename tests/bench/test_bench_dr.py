@@ -1,23 +1,25 @@
 """The DR benchmark runs end to end on a small study (CI's short version): both
 contenders measured over the same files on both sinks, the ratios computed, the
 writer's memory bounded by its segments rather than the study, and the volume
-it wrote read back and verified. And the writer's streamed segment tar is byte
-for byte what dr/segment.py builds (the format's reference)."""
+it wrote read back and verified. And the segment tar dr/segment.py streams is byte
+for byte what Python's tarfile writes (the format's reference)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import random
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 from unittest import mock
 
 import pytest
 
 from dr import segment
-from dr.writer import segment_pieces
 
 pytestmark = [pytest.mark.bench]
 REPO = Path(__file__).resolve().parents[2]
@@ -62,6 +64,39 @@ def test_quick_dr_bench_compares_with_the_shell_pipeline_and_lto9(tmp_path: Path
     assert 0.9 < ours / theirs < 1.1, (ours, theirs)
 
 
+def _tarfile_segment(stem, head, pieces):
+    """A segment written by tarfile, as dr/segment.py built it before it streamed:
+    (tar bytes, manifest, where the instance files start)."""
+    files, sums, joined = [], [], []
+    for p in pieces:
+        digest = hashlib.sha256(p.data).hexdigest()
+        files.append({**p.entry, "path": p.path, "file": p.file, "part": p.part,
+                      "parts": p.parts, "part_size": len(p.data), "part_sha256": digest})
+        sums.append(f"{digest}  {p.file}\n")
+        if p.parts > 1 and p.part == p.parts - 1:
+            joined.append(f"{p.entry['sha256']}  {p.path}\n")
+    manifest = {"format": "pacsvault-dr-segment", "version": 1, "stem": stem, **head,
+                "files": files}
+    now = int(time.time())
+    buf = io.BytesIO()
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), now, 0o640
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        add(tar, f"pacsvault/{stem}.manifest.json",
+            json.dumps(manifest, sort_keys=True, ensure_ascii=False).encode())
+        add(tar, f"pacsvault/{stem}.sha256", "".join(sums).encode())
+        if joined:
+            add(tar, f"pacsvault/{stem}.joined-sha256", "".join(joined).encode())
+        files_at = buf.tell()
+        for p in pieces:
+            add(tar, p.file, p.data)
+    return buf.getvalue(), manifest, files_at
+
+
 def test_streamed_segment_is_byte_for_byte_segment_build():
     rng = random.Random(5)
     study = "1.2.826.0.1.3680043.8.498." + "1" * 37
@@ -85,8 +120,10 @@ def test_streamed_segment_is_byte_for_byte_segment_build():
                 "study_instances": len(pieces), "study": {"patient": {"name": "Ünïcode^Name"}}}
         digests = [hashlib.sha256(p.data).hexdigest() for p in pieces]
         with mock.patch("time.time", return_value=1_790_000_000.4):
-            plain, manifest, files_at = segment.build("PV000001-000001", head, pieces)
-            front, rest, streamed = segment_pieces("PV000001-000001", head, pieces, digests)
+            plain, manifest, files_at = _tarfile_segment("PV000001-000001", head, pieces)
+            front, rest, streamed = segment.tar_pieces("PV000001-000001", head, pieces, digests)
+            built = segment.build("PV000001-000001", head, pieces)
         assert streamed == manifest
         assert len(front) == files_at
         assert front + b"".join(bytes(b) for b in rest) == plain, trial
+        assert built == (plain, manifest, files_at), trial
