@@ -27,10 +27,10 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from archive import audit
 from archive.app.ingest import IngestService, StoreRequest
 from archive.config.schema import DicomSettings
 from archive.daemon.dimse_status import CANNOT_UNDERSTAND, store_status
+from archive.daemon.received import Received
 from archive.daemon.tls import DeferredHandshake
 from archive.peers import PeerRegistry
 from archive.spool import RECEIVE_PREFIX
@@ -132,49 +132,16 @@ def make_handlers(ingest: IngestService, peers: PeerRegistry, reactor_sleep_s: f
             transfer_syntax=str(event.context.transfer_syntax),
             calling_ae=str(event.assoc.requestor.ae_title).strip(),
         ))
-        received.count(event.assoc, result)
+        received.count(id(event.assoc), _who(event.assoc), result)
         return store_status(result.outcome)
 
     def on_ended(event) -> None:  # noqa: ANN001
-        received.flush(event.assoc, ingest.catalog)
+        received.flush(id(event.assoc), ingest.catalog)
 
-    received = _Received()
+    received = Received()
     return [(evt.EVT_REQUESTED, on_requested), (evt.EVT_C_STORE, on_c_store),
             (evt.EVT_RELEASED, on_ended), (evt.EVT_ABORTED, on_ended),
             (evt.EVT_CONN_CLOSE, on_ended)]
-
-
-class _Received:
-    """What each association delivered, per study, for the audit trail: one
-    "object-received" record per study and association when it ends (PS3.15's
-    DICOM Instances Transferred), not one per object on the ingest path."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.lock = threading.Lock()
-        self.by_assoc: dict[int, dict] = {}
-
-    def count(self, assoc, result) -> None:  # noqa: ANN001
-        if result.study_uid is None:
-            return
-        with self.lock:
-            a = self.by_assoc.setdefault(id(assoc), {"who": _who(assoc), "studies": {}})
-            st = a["studies"].setdefault(result.study_uid, {"patient_id": result.patient_id,
-                                                            "stored": 0, "refused": 0})
-            st["stored" if result.acknowledged else "refused"] += 1
-
-    def flush(self, assoc, catalog) -> None:  # noqa: ANN001
-
-        with self.lock:
-            a = self.by_assoc.pop(id(assoc), None)
-        if a is None:
-            return
-        for uid, st in a["studies"].items():
-            audit.record_quietly(catalog, audit.Event(
-                "object-received", "failure" if st["refused"] else "success", a["who"][0],
-                a["who"][1], st["patient_id"], uid,
-                {"stored": st["stored"], "refused": st["refused"]}))
 
 
 def _who(assoc) -> tuple[str, str]:  # noqa: ANN001

@@ -26,6 +26,7 @@ from archive.app.status import collect
 from archive.config.paths import site_risks
 from archive.config.schema import Settings
 from archive.daemon.dicom_scp import configure_pynetdicom, start_listener
+from archive.daemon.engine_scp import EngineListener
 from archive.daemon.http import AccountGate, start_http
 from archive.daemon.instance_lock import hold_instance_lock
 from archive.daemon.ports import check_free
@@ -80,27 +81,49 @@ def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | No
     ingest = IngestService(catalog, mirror, min_copies=settings.ingest.min_copies)
     peers = PeerRegistry(catalog, settings.dicom.allow_any_peer)
     d = settings.dicom
-    listeners = []  # (ae, server): the plain port, the TLS port, or both
-    if not d.tls_only:
-        listeners.append(start_listener(d, port, ingest, peers))
-    if d.tls_port:
-        ctx = server_context(d.tls_cert, d.tls_key, d.tls_ca, d.tls_require_client_cert,
-                             what="dicom.tls")
-        listeners.append(start_listener(d, d.tls_port, ingest, peers, ssl_context=ctx))
+    listeners = []  # the plain port, the TLS port, or both
+    ctx = server_context(d.tls_cert, d.tls_key, d.tls_ca, d.tls_require_client_cert,
+                         what="dicom.tls") if d.tls_port else None
+    ports = ([(port, None)] if not d.tls_only else []) + ([(d.tls_port, ctx)] if d.tls_port else [])
+    for p, ssl_context in ports:
+        if d.engine == "pacsvault":
+            listeners.append(EngineListener(d, p, ingest, peers, spool, ssl_context=ssl_context))
+        else:
+            listeners.append(_PynetdicomListener(*start_listener(d, p, ingest, peers,
+                                                                 ssl_context=ssl_context)))
     if ready is not None:
         ready.put(index)
     stop.wait()
-    for _, server in listeners:
-        server.shutdown()  # stop accepting; open associations carry on
+    for listener in listeners:
+        listener.shutdown()  # stop accepting; open associations carry on
     deadline = time.monotonic() + settings.dicom.shutdown_grace_s
-    while any(ae.active_associations for ae, _ in listeners) and time.monotonic() < deadline:
+    while any(listener.active for listener in listeners) and time.monotonic() < deadline:
         time.sleep(0.05)
-    for assoc in [a for ae, _ in listeners for a in ae.active_associations]:
-        log.warning("aborting an association still open after the shutdown grace period")
-        assoc.abort()
+    for listener in listeners:
+        if listener.active:
+            log.warning("aborting associations still open after the shutdown grace period")
+            listener.abort_open()
     ingest.close()
     mirror.close()
     catalog.close()
+
+
+class _PynetdicomListener:
+    """The pynetdicom listener behind the same three calls as EngineListener."""
+
+    def __init__(self, ae, server) -> None:  # noqa: ANN001
+        self.ae, self.server = ae, server
+
+    @property
+    def active(self) -> int:
+        return len(self.ae.active_associations)
+
+    def shutdown(self) -> None:
+        self.server.shutdown()
+
+    def abort_open(self) -> None:
+        for assoc in list(self.ae.active_associations):
+            assoc.abort()
 
 
 class _StatusSnapshot:
@@ -215,8 +238,8 @@ class Supervisor:
                     return 1
         ports = ([] if s.dicom.tls_only else [str(self.dicom_port)]) + \
             ([f"{s.dicom.tls_port} (TLS)"] if s.dicom.tls_port else [])
-        log.info("pacsvault listening: DICOM %s:%s as %s (%d workers), HTTP%s %s",
-                 s.dicom.bind, ", ".join(ports), s.dicom.ae_title, self.workers,
+        log.info("pacsvault listening: DICOM %s:%s as %s (%d workers, %s engine), HTTP%s %s",
+                 s.dicom.bind, ", ".join(ports), s.dicom.ae_title, self.workers, s.dicom.engine,
                  "S" if http_tls else "",
                  f"{s.http.bind}:{self.http_port}" if self.http_port else "off")
         repair = threading.Thread(target=self._repair_loop, args=(catalog, sites),

@@ -24,7 +24,8 @@ TEMPORARY_CONGESTION, LOCAL_LIMIT_EXCEEDED = 1, 2   # source presentation
 class Offer:
     """What this acceptor supports."""
     ae_title: str
-    abstract_syntaxes: frozenset[str]
+    abstract_syntaxes: frozenset[str] | None     # None: any (every storage class, retired
+                                                 # and private ones too)
     transfer_syntaxes: tuple[str, ...]       # every one we can keep as received
     max_pdu_length: int
     implementation_class_uid: str
@@ -41,7 +42,7 @@ def answer(rq: P.AssociateRQ, offer: Offer) -> P.AssociateAC | P.AssociateRJ:
     supported = set(offer.transfer_syntaxes)
     contexts = []
     for c in rq.contexts:
-        if c.abstract_syntax not in offer.abstract_syntaxes:
+        if offer.abstract_syntaxes is not None and c.abstract_syntax not in offer.abstract_syntaxes:
             contexts.append(P.PresentationContextAC(c.id, P.ABSTRACT_SYNTAX_NOT_SUPPORTED, ""))
             continue
         # The requestor's order is its preference; any one we accept keeps the bytes as sent.

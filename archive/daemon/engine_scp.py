@@ -1,0 +1,280 @@
+"""The DICOM listener on pacsvault's own engine (archive/dicom/net): C-ECHO and
+C-STORE for every storage SOP class, one thread per association.
+
+* The calling AE and source address are checked on the A-ASSOCIATE-RQ, before
+  anything else is read; the request itself is bounded (64 KiB).
+* Every storage abstract syntax is accepted, in the first transfer syntax the
+  peer proposes that is a known one; the bytes are stored as received.
+* A data set goes to a spool file fragment by fragment as it arrives (memory per
+  association is one PDU), then to the ingest use case; the response is sent
+  only after it returns, so an acknowledgement means what it always meant.
+* Connections over ``max_associations`` are answered with A-ASSOCIATE-RJ
+  (transient, local limit exceeded), and ARTIM closes connections that never
+  send a request; a PDU must arrive whole within the network timeout.
+* Peer strings are made printable before they reach a log or the ingest path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+import struct
+import tempfile
+import threading
+from pathlib import Path
+
+from pydicom.uid import AllTransferSyntaxes
+
+from archive.app.ingest import IngestService, StoreRequest
+from archive.config.schema import DicomSettings
+from archive.daemon.dimse_status import OUT_OF_RESOURCES, store_status
+from archive.daemon.received import Received
+from archive.daemon.tls import HANDSHAKE_TIMEOUT_S
+from archive.dicom.net import association as A
+from archive.dicom.net import dimse, driver
+from archive.dicom.net import pdu as P
+from archive.dicom.net.negotiation import (
+    CALLED_AE_NOT_RECOGNIZED,
+    CALLING_AE_NOT_RECOGNIZED,
+    LOCAL_LIMIT_EXCEEDED,
+    REJECTED_PERMANENT,
+    REJECTED_TRANSIENT,
+    SOURCE_PRESENTATION,
+    SOURCE_USER,
+    Offer,
+    answer,
+)
+from archive.dicom.part10 import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
+    PREAMBLE,
+    file_meta,
+)
+from archive.peers import PeerRegistry
+from archive.spool import RECEIVE_PREFIX
+
+log = logging.getLogger("pacsvault.dicom")
+
+VERIFICATION = "1.2.840.10008.1.1"
+# For a command whose UIDs cannot go into a meta group (the ingest path refuses it
+# anyway): a Part 10 header with an empty meta group.
+_EMPTY_META = PREAMBLE + b"\x02\x00\x00\x00UL\x04\x00\x00\x00\x00\x00"
+
+
+def _spool_head(command: dimse.Command, transfer_syntax: str) -> bytes:
+    """The spool file is Part 10, as the ingest path reads it: a deflated data set
+    can only be read with its transfer syntax in the meta."""
+    try:
+        return file_meta(command.affected_sop_class or "", command.affected_sop_instance or "",
+                         transfer_syntax)
+    except (UnicodeEncodeError, ValueError, struct.error):
+        return _EMPTY_META
+
+
+def printable(text: str) -> str:
+    """A peer string safe for a log line: control characters shown as '?'."""
+    return "".join(c if c.isprintable() and c.isascii() else "?" for c in text).strip()
+
+
+class _Store:
+    """One C-STORE in flight: its command and its spool file."""
+
+    def __init__(self, context_id: int, command: dimse.Command, transfer_syntax: str,
+                 spool_dir: Path) -> None:
+        self.context_id, self.command = context_id, command
+        fd, name = tempfile.mkstemp(dir=spool_dir, prefix=RECEIVE_PREFIX)
+        self.path = Path(name)
+        self.file = os.fdopen(fd, "wb", buffering=0)
+        self.file.write(_spool_head(command, transfer_syntax))
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class _Session:
+    """The archive's side of one association (driver.Handler)."""
+
+    def __init__(self, listener: "EngineListener", address: str, over_limit: bool) -> None:
+        self.listener = listener
+        self.address = address
+        self.over_limit = over_limit
+        self.calling = ""
+        self.contexts: dict[int, str] = {}          # accepted context id -> transfer syntax
+        self.store: _Store | None = None
+        self.conn: socket.socket | None = None
+
+    def on_request(self, rq: P.AssociateRQ) -> P.AssociateAC | P.AssociateRJ:
+        self.calling = printable(rq.calling_ae)
+        s = self.listener.settings
+        if self.over_limit:
+            log.warning("association from %s refused: %d associations open (dicom.max_associations)",
+                        self.address, s.max_associations)
+            return P.AssociateRJ(REJECTED_TRANSIENT, SOURCE_PRESENTATION, LOCAL_LIMIT_EXCEEDED)
+        try:
+            ok, reason = self.listener.peers.check(rq.calling_ae, self.address)
+        except Exception:  # fail closed: a broken check never lets a peer in
+            log.exception("peer check failed; refusing association")
+            ok, reason = False, "peer check failed"
+        if not ok:
+            log.warning("association refused: %s", printable(reason))
+            return P.AssociateRJ(REJECTED_PERMANENT, SOURCE_USER, CALLING_AE_NOT_RECOGNIZED)
+        if s.check_called_ae and rq.called_ae.strip() != s.ae_title:
+            log.warning("association from %s refused: called AE title is not ours", self.calling)
+            return P.AssociateRJ(REJECTED_PERMANENT, SOURCE_USER, CALLED_AE_NOT_RECOGNIZED)
+        ac = answer(rq, self.listener.offer)
+        if isinstance(ac, P.AssociateAC):
+            self.contexts = {c.id: c.transfer_syntax for c in ac.contexts if c.result == P.ACCEPTANCE}
+        return ac
+
+    def on_event(self, assoc: A.Association, event: dimse.CommandReceived | dimse.DataFragment
+                 ) -> None:
+        if isinstance(event, dimse.CommandReceived):
+            cmd = event.command
+            if event.context_id not in self.contexts:
+                assoc.abort(P.UNEXPECTED_PDU_PARAMETER, source=P.ABORT_SOURCE_PROVIDER)
+            elif cmd.command_field == dimse.C_ECHO_RQ:
+                assoc.send_message(event.context_id, dimse.Command(
+                    dimse.C_ECHO_RSP, message_id_responded_to=cmd.message_id,
+                    affected_sop_class=VERIFICATION, status=0))
+            elif cmd.command_field == dimse.C_STORE_RQ and cmd.has_data_set:
+                self.store = _Store(event.context_id, cmd, self.contexts[event.context_id],
+                                    self.listener.spool_dir)
+            else:
+                # A service we do not offer on this listener: PS3.7 0x0211 "unrecognized operation".
+                if cmd.has_data_set:
+                    assoc.abort(P.REASON_NOT_SPECIFIED, source=P.ABORT_SOURCE_PROVIDER)
+                else:
+                    assoc.send_message(event.context_id, dimse.Command(
+                        cmd.command_field | 0x8000, message_id_responded_to=cmd.message_id,
+                        affected_sop_class=cmd.affected_sop_class, status=0x0211))
+            return
+        st = self.store
+        if st is None:
+            return                      # the data set of a refused command: dropped
+        st.file.write(event.data)
+        if event.is_last:
+            self.store = None
+            st.file.close()
+            try:
+                status = self._ingest(st)
+            finally:
+                st.path.unlink(missing_ok=True)
+            cmd = st.command
+            assoc.send_message(st.context_id, dimse.Command(
+                dimse.C_STORE_RSP, message_id_responded_to=cmd.message_id,
+                affected_sop_class=cmd.affected_sop_class,
+                affected_sop_instance=cmd.affected_sop_instance, status=status))
+
+    def _ingest(self, st: _Store) -> int:
+        cmd = st.command
+        try:
+            result = self.listener.ingest.store(StoreRequest(
+                spool=st.path, sop_class=cmd.affected_sop_class or "",
+                sop_instance=cmd.affected_sop_instance or "",
+                transfer_syntax=self.contexts[st.context_id], calling_ae=self.calling))
+        except Exception:
+            log.exception("ingest failed; the object is not acknowledged")
+            return OUT_OF_RESOURCES
+        self.listener.received.count(id(self), (self.calling, f"{self.calling}@{self.address}"),
+                                     result)
+        return store_status(result.outcome)
+
+    def on_close(self, assoc: A.Association, how: A.Event | None) -> None:
+        if self.store is not None:
+            self.store.discard()        # an aborted transfer: never acknowledged, nothing kept
+            self.store = None
+        if isinstance(how, A.Aborted) and how.by_us and how.why:
+            log.warning("association from %s aborted: %s", self.address, how.why)
+        self.listener.received.flush(id(self), self.listener.ingest.catalog)
+        self.listener.ended(self)
+
+
+class EngineListener:
+    """One listening socket (plain or TLS), one thread per association."""
+
+    def __init__(self, settings: DicomSettings, port: int, ingest: IngestService,
+                 peers: PeerRegistry, spool_dir: Path,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.settings, self.ingest, self.peers = settings, ingest, peers
+        self.spool_dir, self.ssl_context = spool_dir, ssl_context
+        self.offer = Offer(settings.ae_title, None, tuple(AllTransferSyntaxes),
+                           settings.max_pdu or 262144, IMPLEMENTATION_CLASS_UID,
+                           IMPLEMENTATION_VERSION)
+        self.timeouts = driver.Timeouts(artim_s=min(30.0, settings.network_timeout_s),
+                                        idle_s=settings.network_timeout_s)
+        self.received = Received()
+        self.sessions: set[_Session] = set()
+        self.lock = threading.Lock()
+        self.sock = socket.socket(socket.AF_INET6 if ":" in settings.bind else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.sock.bind((settings.bind, port))
+        self.sock.listen(128)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                       name="dicom-tls-listener" if ssl_context else "dicom-listener")
+        self.thread.start()
+
+    @property
+    def active(self) -> int:
+        with self.lock:
+            return len(self.sessions)
+
+    def shutdown(self) -> None:
+        """Stop accepting; open associations carry on."""
+        self._stop.set()
+        self.sock.close()
+        self.thread.join(timeout=5)
+
+    def abort_open(self) -> None:
+        """After the shutdown grace period: abort what is still open."""
+        with self.lock:
+            sessions = list(self.sessions)
+        for s in sessions:
+            if s.conn is not None:
+                try:
+                    s.conn.shutdown(socket.SHUT_RDWR)   # its driver sees the close and ends
+                except OSError:
+                    pass
+
+    def ended(self, session: _Session) -> None:
+        with self.lock:
+            self.sessions.discard(session)
+
+    def _accept_loop(self) -> None:
+        self.sock.settimeout(0.5)
+        while not self._stop.is_set():
+            try:
+                conn, addr = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                session = _Session(self, addr[0], over_limit=len(self.sessions)
+                                   >= self.settings.max_associations)
+                self.sessions.add(session)
+            threading.Thread(target=self._run, args=(conn, session), daemon=True,
+                             name="dicom-association").start()
+
+    def _run(self, conn: socket.socket, session: _Session) -> None:
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                conn.settimeout(HANDSHAKE_TIMEOUT_S)
+                try:
+                    conn = self.ssl_context.wrap_socket(conn, server_side=True)
+                except (ssl.SSLError, OSError) as e:
+                    log.warning("TLS handshake from %s failed: %s", session.address,
+                                type(e).__name__)
+                    conn.close()
+                    self.ended(session)
+                    return
+            session.conn = conn
+            assoc = A.Association(requestor=False, max_pdu_length=self.offer.max_pdu_length)
+            driver.serve(conn, assoc, session, self.timeouts)
+        except Exception:
+            log.exception("association from %s failed", session.address)
+            self.ended(session)
