@@ -171,8 +171,11 @@ def ltfs_members(root: Path) -> Iterator[RawMember]:
         at += len(data)
 
 
-def _unpack(data: bytes, identities: list) -> bytes:
-    """Decrypt, then decompress every zstd frame (a segment has two), bounded."""
+def unpack(data: bytes, identities: list) -> bytes:
+    """A member's plaintext: decrypted, then every zstd frame (a segment has two)
+    decompressed, refused past MAX_PLAIN (a forged member could expand without end).
+    Raises crypt.DecryptFailed or segment.SegmentError. Every reader of DR members
+    (verify, import, restore) goes through here."""
     plain = crypt.decrypt(data, identities)
     out = bytearray()
     try:
@@ -181,7 +184,9 @@ def _unpack(data: bytes, identities: list) -> bytes:
             while chunk := r.read(1 << 20):
                 out += chunk
                 if len(out) > MAX_PLAIN:
-                    raise segment.SegmentError("member decompresses to more than 2 GiB")
+                    raise segment.SegmentError(
+                        f"member decompresses to more than {MAX_PLAIN} bytes, the most "
+                        "a reader accepts: refused")
     except zstandard.ZstdError as e:
         raise segment.SegmentError(f"zstd: {e}") from None
     return bytes(out)
@@ -271,7 +276,7 @@ def _member(out: VolumeRead, m: RawMember, identities: list, mine: set[str],
     if m.name in (INDEX, CATALOG):
         if not m.truncated:
             try:
-                doc = json.loads(_unpack(m.data, identities))
+                doc = json.loads(unpack(m.data, identities))
                 if not isinstance(doc, dict):
                     raise segment.SegmentError("not a JSON object")
                 if m.name == INDEX:
@@ -285,7 +290,7 @@ def _member(out: VolumeRead, m: RawMember, identities: list, mine: set[str],
         return
     if not m.truncated:
         try:
-            manifest, files = segment.read(_unpack(m.data, identities))
+            manifest, files = segment.read(unpack(m.data, identities))
             r.ok, r.manifest, r.study_uid = True, manifest, manifest.get("study_uid")
             r.files = files if keep_files else None
         except crypt.DecryptFailed as e:

@@ -19,7 +19,6 @@ instances are skipped, so a restore that was interrupted resumes.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -31,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import zstandard
 from sqlalchemy import and_, select
 
 from archive import failpoints, phi
@@ -50,7 +48,7 @@ from archive.uids import validate_uid
 from dr import crypt, segment
 from dr.deliver import Delivery, DeliveryRefused
 from dr.format import GOOD_STATES, LABEL, ONSITE_STATES
-from dr.reader import RawMember, ltfs_members, tar_members
+from dr.reader import RawMember, ltfs_members, tar_members, unpack
 from tiers import study_state
 from tiers.backend import Backend, BackendError
 from tiers.bundle import BundleError, extract_to
@@ -429,13 +427,7 @@ class Restorer:
                     (len(m.data), hashlib.sha256(m.data).hexdigest()):
                 raise segment.SegmentError("differs from the member the catalog recorded "
                                            "(altered, or another volume with its barcode)")
-            plain = crypt.decrypt(m.data, self.identities)
-            buf = bytearray()
-            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(plain),
-                                                            read_across_frames=True) as r:
-                while chunk := r.read(1 << 20):
-                    buf += chunk
-            _, files = segment.read(bytes(buf))
+            _, files = segment.read(unpack(m.data, self.identities))
         except (crypt.DecryptFailed, segment.SegmentError) as e:
             for fk, _, _ in needs:
                 by_id[fk].tried.append(f"DR volume {v['barcode']} member {m.name}: {e}")
