@@ -1,0 +1,101 @@
+"""`pacsvault serve` on pacsvault's own DICOM engine ([dicom] engine = "pacsvault").
+
+The daemon tests written for the listener run here unchanged (imported below, so
+they check the same things) against the new engine, and then what pynetdicom
+could not do: a 2 GB PDU header costs the worker nothing, and 100 sockets that
+never associate do not lock a modality out for longer than ARTIM."""
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.hostile.test_dicom_input import (  # noqa: F401
+    test_malformed_truncated_and_missing_uids,
+    test_retired_and_private_classes_are_stored,
+    test_uids_crafted_to_escape_are_refused_and_the_daemon_keeps_serving,
+    test_unknown_calling_ae_is_rejected_before_data,
+    test_wrong_sop_class_is_a_mismatch,
+)
+from tests.integration.test_dcmtk_push import (  # noqa: F401 - collected and run here too
+    test_echo_from_known_peer,
+    test_resend_is_idempotent_and_status_counts,
+    test_sigterm_exits_zero_without_errors,
+    test_unknown_ae_and_wrong_address_are_refused,
+    test_varied_study_lands_bit_identical_on_both_sites,
+)
+from tests.support.daemon import echoscu, init_instance, run_cli, storescu
+from tests.support.dataset import make_ct_series
+
+pytestmark = pytest.mark.needs_dcmtk
+
+
+@pytest.fixture
+def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PV_TEST_DICOM_ENGINE", "pacsvault")
+    cfg = init_instance(tmp_path / "pv")
+    # Short timeouts and a small association limit, so the hostile cases below run fast.
+    text = cfg.read_text().replace("network_timeout_s = 60", "network_timeout_s = 5") \
+        .replace("max_associations = 32", "max_associations = 8")
+    assert 'engine = "pacsvault"' in text and "network_timeout_s = 5" in text
+    cfg.write_text(text)
+    run_cli(cfg, "peer", "add", "STORESCU", "127.0.0.1")
+    return cfg
+
+
+def _worker_rss_kb(daemon) -> int:  # noqa: ANN001
+    """The largest resident set among the daemon's processes (the DICOM workers)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            stat = (p / "stat").read_text().split()
+            status = (p / "status").read_text()
+        except OSError:
+            continue
+        if int(stat[3]) == daemon.proc.pid or int(p.name) == daemon.proc.pid:
+            out += [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")]
+    return max(out)
+
+
+def test_the_engine_is_the_one_listening(daemon):
+    assert "pacsvault engine" in daemon.log()
+
+
+def test_pdu_headers_announcing_2_gb_cost_nothing_and_the_daemon_serves_on(daemon, tmp_path):
+    before = _worker_rss_kb(daemon)
+    socks = []
+    for kind in (0x01, 0x04, 0x01):
+        s = socket.create_connection(("127.0.0.1", daemon.dicom_port))
+        s.sendall(struct.pack(">BBI", kind, 0, 2_000_000_000) + b"\x00" * 64)
+        socks.append(s)
+    for s in socks:
+        s.settimeout(10)
+        got = s.recv(16)
+        assert got[:1] == b"\x07", got            # A-ABORT, not a 2 GB allocation
+    assert _worker_rss_kb(daemon) < before + 50_000
+    make_ct_series(tmp_path / "ct", 3, size=20_000)
+    assert storescu(daemon.dicom_port, tmp_path / "ct").returncode == 0
+    assert daemon.status()["instances"] == 3
+    assert "Traceback" not in daemon.log()
+
+
+def test_sockets_that_never_associate_are_closed_and_a_modality_gets_in(daemon):
+    # pynetdicom kept such sockets open for as long as they stayed: with them open, every
+    # legitimate association was refused "Local Limit Exceeded". ARTIM closes them.
+    idle = [socket.create_connection(("127.0.0.1", daemon.dicom_port)) for _ in range(40)]
+    for s in idle:
+        s.sendall(b"\x01\x00")                     # the start of a header, then nothing
+    time.sleep(0.5)
+    assert echoscu(daemon.dicom_port).returncode != 0   # 20 per worker: over the limit of 8
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and echoscu(daemon.dicom_port).returncode != 0:
+        time.sleep(1)
+    assert echoscu(daemon.dicom_port).returncode == 0
+    assert time.monotonic() < deadline - 45          # within ARTIM (5 s) and a margin
+    for s in idle:
+        s.close()
