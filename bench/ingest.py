@@ -218,11 +218,13 @@ class Receiver:
 class PacsvaultReceiver(Receiver):
     name, aet = "pacsvault", "PACSVAULT"
 
-    def __init__(self, workdir: Path, workers: int) -> None:
-        self.workdir, self.workers = workdir, workers
+    def __init__(self, workdir: Path, workers: int, engine: str = "pynetdicom") -> None:
+        self.workdir, self.workers, self.engine = workdir, workers, engine
 
     def start(self) -> None:
         cfg = init_instance(self.workdir)
+        # [dicom] engine: pacsvault's own DICOM engine or pynetdicom.
+        cfg.write_text(cfg.read_text().replace("[dicom]\n", f'[dicom]\nengine = "{self.engine}"\n', 1))
         run_cli(cfg, "peer", "add", CLIENT_AET, "127.0.0.1")
         self.daemon = Daemon(cfg, free_port(), free_port(), workers=self.workers).start()
         self.port, self.pgid = self.daemon.dicom_port, self.daemon.proc.pid
@@ -244,7 +246,8 @@ class PacsvaultReceiver(Receiver):
     def describe(self) -> dict:
         return {"command": f"pacsvault init DIR; pacsvault peer add {CLIENT_AET} 127.0.0.1; "
                            f"pacsvault serve --workers {self.workers}",
-                "copies": 2, "fsync": True, "read_back_verify": True, "catalog": "sqlite (WAL)"}
+                "copies": 2, "fsync": True, "read_back_verify": True, "catalog": "sqlite (WAL)",
+                "dicom_engine": self.engine}
 
     def log_summary(self) -> dict:
         return _log_lines(self.daemon.log(), ("ERROR", "Traceback", "WARNING", "CRITICAL"))
@@ -564,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help="where to put everything (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--seed", type=int, default=20240102)
+    ap.add_argument("--engine", choices=("pacsvault", "pynetdicom"), default="pynetdicom",
+                    help="pacsvault's DICOM engine: its own or pynetdicom ([dicom] engine)")
     a = ap.parse_args(argv)
 
     for tool in ("storescu", "storescp", "echoscu"):
@@ -595,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         templates[n] = make_template(DATASETS[n], counts[n], work / "templates" / n, rng, px)
     print(f"generated templates in {time.perf_counter() - t_gen:.1f}s", file=sys.stderr)
 
-    makers = {"pacsvault": lambda: PacsvaultReceiver(work / "pacsvault", a.workers),
+    makers = {"pacsvault": lambda: PacsvaultReceiver(work / "pacsvault", a.workers, a.engine),
               "orthanc": lambda: OrthancReceiver(work / "orthanc"),
               "storescp": lambda: StorescpReceiver(work / "storescp")}
     receivers: dict[str, Receiver] = {}
