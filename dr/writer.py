@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import queue
+import tempfile
 import threading
 import time
 import uuid
@@ -37,6 +38,8 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import zstandard
@@ -78,8 +81,9 @@ from dr.format import (
 from dr.keys import fingerprint
 from dr.sinks import Volume, one_volume_per_run, open_volume
 from tiers import study_state
-from tiers.backend import Backend, BackendError, ObjectNotFound
+from tiers.backend import Backend, BackendError, FilePayload, ObjectNotFound
 from tiers.bundle import BundleError, extract_to
+from tiers.verified_copy import copy_verified
 
 log = logging.getLogger("pacsvault.dr")
 
@@ -236,7 +240,7 @@ class DrWriter:
                  barcode: str | None = None, clock: Clock = utcnow,
                  progress: Callable[[int], None] | None = None,
                  next_volume: Callable[[str], bool] | None = None,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, scratch: Path | None = None) -> None:
         if not recipients:
             raise InvalidInput("no DR recipients: set [dr] recipients (age1...) or give "
                                "--recipient; make a key with 'pacsvault dr keygen'")
@@ -257,6 +261,9 @@ class DrWriter:
         self.progress = progress or (lambda n: None)
         self.next_volume = next_volume
         self.stop = stop or threading.Event()
+        # Where an instance larger than a segment, or read from a bundle, is copied
+        # and verified before any of it is written.
+        self.scratch = scratch or Path(tempfile.gettempdir())
         self.holder = new_holder()
         self._local = threading.local()
 
@@ -712,69 +719,101 @@ class DrWriter:
     def _parts(self, inst, cap: int, into: memoryview | None  # noqa: ANN001
                ) -> Iterator[tuple[bytes | memoryview, str]]:
         """The instance's bytes in parts of at most ``cap``, each with its SHA-256,
-        from a verified copy; an instance of at most ``cap`` bytes is read into
-        ``into`` (exactly its size) when given. A large instance is hashed whole
-        first, then read again part by part (and hashed again), so no part of a
-        copy that does not verify is ever written."""
+        from a copy that verifies against the catalog: an online site's, else its
+        frame in a bundle on the object tier. An online instance of at most ``cap``
+        bytes is read into memory (into ``into``, exactly its size, when given) and
+        checked; anything else is copied to a scratch file and checked whole first,
+        then read back part by part: no part of a copy that does not verify is ever
+        written, and memory stays bounded by ``cap`` whatever the instance's size."""
         for loc, c in inst.copies.items():
-            if loc in self.sites and c.state == "ok":
-                site = self.sites[loc]
-                try:
-                    if inst.size <= cap:
-                        with site.open(c.key) as f:
-                            if into is None:
-                                data: bytes | memoryview = f.read()
-                                whole = len(data) == inst.size
-                            else:
-                                data = into
-                                whole = f.readinto(into) == inst.size and not f.read(1)
-                        if whole and hashlib.sha256(data).hexdigest() == inst.sha256:
-                            yield data, inst.sha256
-                            return
-                        continue
-                    if site.sha256(c.key) != inst.sha256:   # type: ignore[attr-defined]
-                        continue
-                    h = hashlib.sha256()
-                    with site.open(c.key) as f:
-                        while chunk := f.read(cap):
-                            h.update(chunk)
-                            yield chunk, hashlib.sha256(chunk).hexdigest()
-                    if h.hexdigest() != inst.sha256:
-                        raise RuntimeError("an online copy changed while it was being written "
-                                           "to a DR volume")
-                    return
-                except (ObjectNotFound, BackendError, OSError) as e:
-                    log.warning("DR source %s unreadable: %s", loc, e)
+            if loc not in self.sites or c.state != "ok":
+                continue
+            site = self.sites[loc]
+            try:
+                if inst.size <= cap:
+                    data = self._small(site, c.key, inst, into)
+                    if data is not None:
+                        yield data, inst.sha256
+                        return
+                    continue
+                copy = copy_verified(partial(site.open, c.key), inst.sha256, self.scratch,
+                                     size=inst.size, suffix=".dr.tmp")
+            except (ObjectNotFound, BackendError, OSError) as e:
+                log.warning("DR source %s unreadable: %s", loc, e)
+                continue
+            if copy is not None:
+                yield from _file_parts(copy, cap, into)
+                return
         if self.tier is not None:
             c = inst.copies.get(self.tier.name)
             if c is not None and c.state == "ok" and c.bundle_fk is not None:
-                data = self._from_bundle(c, inst)
-                if data is not None:
-                    if len(data) <= cap:
-                        yield data, inst.sha256          # extract_to checked it whole
-                        return
-                    for i in range(0, len(data), cap):
-                        yield data[i:i + cap], hashlib.sha256(data[i:i + cap]).hexdigest()
+                copy = self._from_bundle(c, inst)
+                if copy is not None:
+                    yield from _file_parts(copy, cap, into)
                     return
         raise _NoSource("no online copy or bundle frame matches the catalog SHA-256")
 
-    def _from_bundle(self, c, inst) -> bytes | None:  # noqa: ANN001
-        import io
+    @staticmethod
+    def _small(site: Backend, key: str, inst, into: memoryview | None  # noqa: ANN001
+               ) -> bytes | memoryview | None:
+        """A small instance read whole (into ``into`` when given), or None if it does
+        not match the catalog."""
+        with site.open(key) as f:
+            if into is None:
+                data: bytes | memoryview = f.read()
+                whole = len(data) == inst.size
+            else:
+                data = into
+                whole = f.readinto(into) == inst.size and not f.read(1)
+        return data if whole and hashlib.sha256(data).hexdigest() == inst.sha256 else None
 
+    def _from_bundle(self, c, inst) -> FilePayload | None:  # noqa: ANN001
+        """The instance's frame in its bundle, decompressed into a scratch file and
+        checked against the catalog as it streams (tiers.bundle.extract_to), so
+        memory stays bounded whatever its size; None when it does not verify."""
         with self.catalog.unit() as uow:
             b = uow.session.get(Bundle, c.bundle_fk)
             if b is None or b.state != "ok":
                 return None
             key, version = b.key, b.version_id
-        sink = io.BytesIO()
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.scratch, suffix=".dr.tmp")
+        path = Path(name)
         try:
-            with self.tier.open_range(key, c.frame_offset, c.frame_length,  # type: ignore[union-attr]
-                                      version_id=version) as src:
-                extract_to(src, c.frame_length, {"size": inst.size, "sha256": inst.sha256}, sink)
-        except (BundleError, BackendError) as e:
+            with open(fd, "wb") as out, self.tier.open_range(  # type: ignore[union-attr]
+                    key, c.frame_offset, c.frame_length, version_id=version) as src:
+                extract_to(src, c.frame_length, {"size": inst.size, "sha256": inst.sha256}, out)
+        except (BundleError, BackendError, OSError) as e:
+            path.unlink(missing_ok=True)
             log.warning("DR source bundle unreadable: %s", e)
             return None
-        return sink.getvalue()
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return FilePayload(path, inst.size, inst.sha256)
+
+
+def _file_parts(copy: FilePayload, cap: int, into: memoryview | None
+                ) -> Iterator[tuple[bytes | memoryview, str]]:
+    """A verified scratch copy in parts of at most ``cap`` (a small one into ``into``
+    when given), each with its SHA-256; the file is removed once read. It is hashed
+    whole again as it is read: a copy that changed on the scratch disk is never
+    passed on as the one that verified."""
+    try:
+        with open(copy.path, "rb") as f:
+            if copy.size <= cap and into is not None:
+                if f.readinto(into) != copy.size or hashlib.sha256(into).hexdigest() != copy.sha256:
+                    raise RuntimeError("a scratch copy changed while it was written to a DR volume")
+                yield into, copy.sha256
+                return
+            h = hashlib.sha256()
+            while chunk := f.read(cap):
+                h.update(chunk)
+                yield chunk, hashlib.sha256(chunk).hexdigest()
+        if h.hexdigest() != copy.sha256:
+            raise RuntimeError("a scratch copy changed while it was written to a DR volume")
+    finally:
+        copy.path.unlink(missing_ok=True)
 
 
 class _NoSource(Exception):
