@@ -52,6 +52,7 @@ from dr.reader import RawMember, ltfs_members, tar_members, unpack
 from tiers import study_state
 from tiers.backend import Backend, BackendError
 from tiers.bundle import BundleError, extract_to
+from tiers.verified_copy import copy_verified
 
 log = logging.getLogger("pacsvault.restore")
 
@@ -257,21 +258,14 @@ class Restorer:
         return left
 
     def _copy_verified(self, opener, item: Item) -> Path | None:  # noqa: ANN001
-        fd, path = self._scratch_file()
-        h = hashlib.sha256()
+        """A scratch copy of the source if it matches the catalog, else None."""
         try:
-            with open(fd, "wb") as out, opener() as src:
-                while chunk := src.read(1 << 20):
-                    h.update(chunk)
-                    out.write(chunk)
+            copy = copy_verified(opener, item.inst.sha256, self.scratch, size=item.inst.size,
+                                 suffix=".restore.tmp")
         except (BackendError, OSError) as e:
             item.tried.append(f"unreadable: {e}")
-            path.unlink(missing_ok=True)
             return None
-        if h.hexdigest() != item.inst.sha256:
-            path.unlink(missing_ok=True)
-            return None
-        return path
+        return None if copy is None else copy.path
 
     # -- tier 2: the object tier ----------------------------------------------------------------
     def _objects(self, todo: list[Item], report: RestoreReport) -> list[Item]:
