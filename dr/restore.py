@@ -51,8 +51,8 @@ from dr.format import GOOD_STATES, LABEL, ONSITE_STATES
 from dr.reader import RawMember, ltfs_members, tar_members, unpack
 from tiers import study_state
 from tiers.backend import Backend, BackendError
-from tiers.bundle import BundleError, extract_to
-from tiers.verified_copy import copy_verified
+from tiers.bundle import BundleError
+from tiers.verified_copy import copy_verified, frame_verified
 
 log = logging.getLogger("pacsvault.restore")
 
@@ -285,14 +285,11 @@ class Restorer:
                 left.append(item)
                 continue
             key, version = bundles[c.bundle_fk]
-            fd, path = self._scratch_file()
             try:
-                with open(fd, "wb") as out, self.tier.open_range(  # type: ignore[attr-defined]
-                        key, c.frame_offset, c.frame_length, version_id=version) as src:
-                    extract_to(src, c.frame_length, {"size": item.inst.size,
-                                                     "sha256": item.inst.sha256}, out)
+                path = frame_verified(lambda: self.tier.open_range(  # type: ignore[attr-defined]
+                    key, c.frame_offset, c.frame_length, version_id=version), c.frame_length,
+                    item.inst.size, item.inst.sha256, self.scratch, suffix=".restore.tmp").path
             except (BundleError, BackendError, OSError) as e:
-                path.unlink(missing_ok=True)
                 item.tried.append(f"object copy does not verify: {e}")
                 log.error("restore: object copy of %s does not verify",
                           phi.token(item.inst.sop_uid))

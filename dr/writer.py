@@ -82,8 +82,8 @@ from dr.keys import fingerprint
 from dr.sinks import Volume, one_volume_per_run, open_volume
 from tiers import study_state
 from tiers.backend import Backend, BackendError, FilePayload, ObjectNotFound
-from tiers.bundle import BundleError, extract_to
-from tiers.verified_copy import copy_verified
+from tiers.bundle import BundleError
+from tiers.verified_copy import copy_verified, frame_verified
 
 log = logging.getLogger("pacsvault.dr")
 
@@ -776,20 +776,13 @@ class DrWriter:
             if b is None or b.state != "ok":
                 return None
             key, version = b.key, b.version_id
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.scratch, suffix=".dr.tmp")
-        path = Path(name)
         try:
-            with open(fd, "wb") as out, self.tier.open_range(  # type: ignore[union-attr]
-                    key, c.frame_offset, c.frame_length, version_id=version) as src:
-                extract_to(src, c.frame_length, {"size": inst.size, "sha256": inst.sha256}, out)
+            path = frame_verified(lambda: self.tier.open_range(  # type: ignore[union-attr]
+                key, c.frame_offset, c.frame_length, version_id=version), c.frame_length,
+                inst.size, inst.sha256, self.scratch, suffix=".dr.tmp").path
         except (BundleError, BackendError, OSError) as e:
-            path.unlink(missing_ok=True)
             log.warning("DR source bundle unreadable: %s", e)
             return None
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
         return FilePayload(path, inst.size, inst.sha256)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import random
-import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,8 +35,8 @@ from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.errors import describe_failure
 from tiers.backend import Backend, BackendError, BulkHasher, FilePayload, ObjectNotFound
-from tiers.bundle import BundleError, extract_to
-from tiers.verified_copy import copy_verified
+from tiers.bundle import BundleError
+from tiers.verified_copy import copy_verified, frame_verified
 
 log = logging.getLogger("pacsvault.scrub")
 
@@ -347,15 +346,12 @@ class Scrubber:
 
     def _fetch_frame(self, key: str, version: str | None, offset: int, length: int,
                      row: Any) -> FilePayload | None:
-        fd, name = tempfile.mkstemp(dir=self.scratch, suffix=".scrub.tmp")
         try:
-            with open(fd, "wb") as out, self.tier.open_range(  # type: ignore[union-attr]
-                    key, offset, length, version_id=version) as src:
-                extract_to(src, length, {"size": row.size, "sha256": row.sha256}, out)
+            return frame_verified(lambda: self.tier.open_range(  # type: ignore[union-attr]
+                key, offset, length, version_id=version), length, row.size, row.sha256,
+                self.scratch, suffix=".scrub.tmp")
         except BundleError:
-            Path(name).unlink(missing_ok=True)
             return None
-        return FilePayload(Path(name), row.size, row.sha256)
 
     # -- orphans ------------------------------------------------------------------------
     def _orphans(self, run_id: int, site: Backend, delete: bool, report: ScrubReport) -> None:

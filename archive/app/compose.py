@@ -127,7 +127,9 @@ def open_recaller(settings: Settings, catalog: Catalog) -> Recaller:
 def open_dr_writer(settings: Settings, catalog: Catalog, *, recipients: list[str],
                    stop: threading.Event | None = None, **device: object) -> DrWriter:
     """A DR volume writer signing with this install's key; ``device`` overrides the
-    config's [dr] device, kind, capacity, barcode and next-volume prompt."""
+    config's [dr] device, kind, capacity, barcode and next-volume prompt (and the scratch
+    directory, by default the spool's)."""
+    device.setdefault("scratch", settings.ingest.spool_dir / "dr")   # bundle frames, never tmpfs
     return DrWriter(catalog, open_sites(settings), readable_object_tier(settings), settings.dr,
                     recipients=recipients, signing_key=writer_key(settings.data_dir), stop=stop,
                     **device)  # type: ignore[arg-type]

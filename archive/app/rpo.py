@@ -18,7 +18,7 @@ from sqlalchemy import and_, exists, func, select
 from archive.catalog.models import Copy, DrInstance, DrSegment, DrVolume, Instance
 from archive.clock import Clock, utcnow
 from archive.config.schema import Settings
-from dr.writer import GOOD_STATES
+from dr.format import GOOD_STATES
 
 
 def _on_volumes(pool: str, states: tuple[str, ...]):  # noqa: ANN202
