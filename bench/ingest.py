@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import statistics
@@ -218,13 +219,14 @@ class Receiver:
 class PacsvaultReceiver(Receiver):
     name, aet = "pacsvault", "PACSVAULT"
 
-    def __init__(self, workdir: Path, workers: int, engine: str = "pynetdicom") -> None:
+    def __init__(self, workdir: Path, workers: int, engine: str = "pacsvault") -> None:
         self.workdir, self.workers, self.engine = workdir, workers, engine
 
     def start(self) -> None:
         cfg = init_instance(self.workdir)
         # [dicom] engine: pacsvault's own DICOM engine or pynetdicom.
-        cfg.write_text(cfg.read_text().replace("[dicom]\n", f'[dicom]\nengine = "{self.engine}"\n', 1))
+        cfg.write_text(re.sub(r'(?m)^engine = "[a-z]+"', f'engine = "{self.engine}"',
+                              cfg.read_text(), count=1))
         run_cli(cfg, "peer", "add", CLIENT_AET, "127.0.0.1")
         self.daemon = Daemon(cfg, free_port(), free_port(), workers=self.workers).start()
         self.port, self.pgid = self.daemon.dicom_port, self.daemon.proc.pid
@@ -567,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help="where to put everything (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--seed", type=int, default=20240102)
-    ap.add_argument("--engine", choices=("pacsvault", "pynetdicom"), default="pynetdicom",
+    ap.add_argument("--engine", choices=("pacsvault", "pynetdicom"), default="pacsvault",
                     help="pacsvault's DICOM engine: its own or pynetdicom ([dicom] engine)")
     a = ap.parse_args(argv)
 

@@ -1,9 +1,7 @@
-"""`pacsvault serve` on pacsvault's own DICOM engine ([dicom] engine = "pacsvault").
-
-The daemon tests written for the listener run here unchanged (imported below, so
-they check the same things) against the new engine, and then what pynetdicom
-could not do: a 2 GB PDU header costs the worker nothing, and 100 sockets that
-never associate do not lock a modality out for longer than ARTIM."""
+"""`pacsvault serve` on pacsvault's own DICOM engine (the default), where pynetdicom
+failed: a 2 GB PDU header costs the worker nothing, and sockets that never
+associate do not lock a modality out for longer than ARTIM. (Every other daemon
+test runs on this engine too; test_pynetdicom_fallback.py keeps the old one tested.)"""
 from __future__ import annotations
 
 import socket
@@ -20,13 +18,6 @@ from tests.hostile.test_dicom_input import (  # noqa: F401
     test_unknown_calling_ae_is_rejected_before_data,
     test_wrong_sop_class_is_a_mismatch,
 )
-from tests.integration.test_dcmtk_push import (  # noqa: F401 - collected and run here too
-    test_echo_from_known_peer,
-    test_resend_is_idempotent_and_status_counts,
-    test_sigterm_exits_zero_without_errors,
-    test_unknown_ae_and_wrong_address_are_refused,
-    test_varied_study_lands_bit_identical_on_both_sites,
-)
 from tests.support.daemon import echoscu, init_instance, run_cli, storescu
 from tests.support.dataset import make_ct_series
 
@@ -35,7 +26,6 @@ pytestmark = pytest.mark.needs_dcmtk
 
 @pytest.fixture
 def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("PV_TEST_DICOM_ENGINE", "pacsvault")
     cfg = init_instance(tmp_path / "pv")
     # Short timeouts and a small association limit, so the hostile cases below run fast.
     text = cfg.read_text().replace("network_timeout_s = 60", "network_timeout_s = 5") \

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,7 +44,7 @@ def init_instance(root: Path, *, toml_extra: str = "", allow_any: bool = False,
         text = text.replace('url = "sqlite:///catalog/catalog.db"', f'url = "{catalog_url}"')
     if engine := os.environ.get("PV_TEST_DICOM_ENGINE"):
         # Runs the same tests on either DICOM engine (archive/dicom/net or pynetdicom).
-        text = text.replace("[dicom]\n", f'[dicom]\nengine = "{engine}"\n', 1)
+        text = re.sub(r'(?m)^engine = "[a-z]+"', f'engine = "{engine}"', text, count=1)
     text += "\n" + toml_extra
     cfg.write_text(text)
     if catalog_url:  # the new catalog needs its schema
