@@ -2,35 +2,17 @@
 sweep. The Backend contract it keeps (durable, verified, never clobbering, never
 visible half-done) is tests/conformance/test_backend.py."""
 import errno
-import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.support.s3fixtures import Bytes
 from tiers.backend import (
     StorageFull,
     Unavailable,
 )
 from tiers.fs import MARKER, FilesystemBackend
-
-
-@dataclass
-class Bytes:
-    data: bytes
-    sha256: str = ""
-
-    def __post_init__(self):
-        self.sha256 = self.sha256 or hashlib.sha256(self.data).hexdigest()
-
-    @property
-    def size(self):
-        return len(self.data)
-
-    def open(self):
-        import io
-        return io.BytesIO(self.data)
 
 
 @pytest.fixture
