@@ -11,13 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.hostile.test_dicom_input import (  # noqa: F401
-    test_malformed_truncated_and_missing_uids,
-    test_retired_and_private_classes_are_stored,
-    test_uids_crafted_to_escape_are_refused_and_the_daemon_keeps_serving,
-    test_unknown_calling_ae_is_rejected_before_data,
-    test_wrong_sop_class_is_a_mismatch,
-)
 from tests.support.daemon import echoscu, init_instance, run_cli, storescu
 from tests.support.dataset import make_ct_series
 
@@ -25,7 +18,7 @@ pytestmark = pytest.mark.needs_dcmtk
 
 
 @pytest.fixture
-def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def instance(tmp_path: Path) -> Path:
     cfg = init_instance(tmp_path / "pv")
     # Short timeouts and a small association limit, so the hostile cases below run fast.
     text = cfg.read_text().replace("network_timeout_s = 60", "network_timeout_s = 5") \
