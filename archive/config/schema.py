@@ -35,6 +35,9 @@ class DicomSettings(_Strict):
     # Worker processes sharing the port (SO_REUSEPORT); 0 = one per CPU core.
     workers: int = Field(0, ge=0, le=64)
     max_associations: int = Field(32, ge=1, le=1000)
+    # Connections one source address may hold open per worker, associated or not, so one
+    # host (or an attacker's idle sockets) cannot starve the others (pacsvault engine).
+    max_associations_per_source: int = Field(8, ge=1, le=1000)
     network_timeout_s: float = Field(60, gt=0)
     max_pdu: int = Field(262144, ge=0)
     # The DICOM engine behind the listener: pacsvault's own (archive/dicom/net: bounded,

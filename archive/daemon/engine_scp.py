@@ -9,8 +9,10 @@ C-STORE for every storage SOP class, one thread per association.
   association is one PDU), then to the ingest use case; the response is sent
   only after it returns, so an acknowledgement means what it always meant.
 * Connections over ``max_associations`` are answered with A-ASSOCIATE-RJ
-  (transient, local limit exceeded), and ARTIM closes connections that never
-  send a request; a PDU must arrive whole within the network timeout.
+  (transient, local limit exceeded); one source address holding
+  ``max_associations_per_source`` already has further connections closed at
+  once. ARTIM closes connections that never send a request, and a PDU must
+  arrive whole within the network timeout of its first byte.
 * Peer strings are made printable before they reach a log or the ingest path.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import ssl
 import struct
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from pydicom.uid import AllTransferSyntaxes
@@ -213,6 +216,7 @@ class EngineListener:
         self.sock.bind((settings.bind, port))
         self.sock.listen(128)
         self._stop = threading.Event()
+        self._warned: dict[str, float] = {}
         self.thread = threading.Thread(target=self._accept_loop, daemon=True,
                                        name="dicom-tls-listener" if ssl_context else "dicom-listener")
         self.thread.start()
@@ -253,11 +257,28 @@ class EngineListener:
             except OSError:
                 return
             with self.lock:
-                session = _Session(self, addr[0], over_limit=len(self.sessions)
-                                   >= self.settings.max_associations)
-                self.sessions.add(session)
+                from_there = sum(1 for x in self.sessions if x.address == addr[0])
+                if from_there >= self.settings.max_associations_per_source:
+                    session = None
+                else:
+                    session = _Session(self, addr[0], over_limit=len(self.sessions)
+                                       >= self.settings.max_associations)
+                    self.sessions.add(session)
+            if session is None:
+                # Closed before anything is read: one source cannot hold every slot.
+                self._refused_source(addr[0])
+                conn.close()
+                continue
             threading.Thread(target=self._run, args=(conn, session), daemon=True,
                              name="dicom-association").start()
+
+    def _refused_source(self, address: str) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(address, -1e9) >= 60:    # a flood logs once a minute
+            self._warned[address] = now
+            log.warning("connections from %s refused: %d already open from there "
+                        "(dicom.max_associations_per_source)", address,
+                        self.settings.max_associations_per_source)
 
     def _run(self, conn: socket.socket, session: _Session) -> None:
         try:
