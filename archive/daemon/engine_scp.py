@@ -107,6 +107,7 @@ class _Session:
         self.contexts: dict[int, str] = {}          # accepted context id -> transfer syntax
         self.store: _Store | None = None
         self.conn: socket.socket | None = None
+        self.unsupported: tuple[int, dimse.Command] | None = None
 
     def on_request(self, rq: P.AssociateRQ) -> P.AssociateAC | P.AssociateRJ:
         self.calling = printable(rq.calling_ae)
@@ -144,18 +145,22 @@ class _Session:
             elif cmd.command_field == dimse.C_STORE_RQ and cmd.has_data_set:
                 self.store = _Store(event.context_id, cmd, self.contexts[event.context_id],
                                     self.listener.spool_dir)
+            elif cmd.command_field == dimse.C_CANCEL_RQ:
+                pass                            # nothing of ours runs long enough to cancel
+            elif not cmd.is_request:
+                assoc.abort(P.UNEXPECTED_PDU_PARAMETER, source=P.ABORT_SOURCE_PROVIDER)
+            elif cmd.has_data_set:
+                self.unsupported = (event.context_id, cmd)   # answered once its data is in
             else:
-                # A service we do not offer on this listener: PS3.7 0x0211 "unrecognized operation".
-                if cmd.has_data_set:
-                    assoc.abort(P.REASON_NOT_SPECIFIED, source=P.ABORT_SOURCE_PROVIDER)
-                else:
-                    assoc.send_message(event.context_id, dimse.Command(
-                        cmd.command_field | 0x8000, message_id_responded_to=cmd.message_id,
-                        affected_sop_class=cmd.affected_sop_class, status=0x0211))
+                self._unrecognized(assoc, event.context_id, cmd)
             return
         st = self.store
         if st is None:
-            return                      # the data set of a refused command: dropped
+            # The data set of a request we do not serve: dropped, then answered.
+            if event.is_last and self.unsupported is not None:
+                self._unrecognized(assoc, *self.unsupported)
+                self.unsupported = None
+            return
         st.file.write(event.data)
         if event.is_last:
             self.store = None
@@ -169,6 +174,14 @@ class _Session:
                 dimse.C_STORE_RSP, message_id_responded_to=cmd.message_id,
                 affected_sop_class=cmd.affected_sop_class,
                 affected_sop_instance=cmd.affected_sop_instance, status=status))
+
+    @staticmethod
+    def _unrecognized(assoc: A.Association, context_id: int, cmd: dimse.Command) -> None:
+        """A service this listener does not offer (C-FIND, C-MOVE, C-GET here): PS3.7
+        status 0x0211, unrecognized operation."""
+        assoc.send_message(context_id, dimse.Command(
+            cmd.command_field | 0x8000, message_id_responded_to=cmd.message_id,
+            affected_sop_class=cmd.affected_sop_class, status=0x0211))
 
     def _ingest(self, st: _Store) -> int:
         cmd = st.command

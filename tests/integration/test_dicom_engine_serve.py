@@ -110,3 +110,22 @@ def test_one_source_holding_idle_sockets_does_not_starve_another(daemon):
         s.close()
     assert 40 - 2 * 6 <= closed < 40            # the over-limit ones, not the others
     assert "connections from 127.0.0.2 refused" in daemon.log()
+
+
+def test_a_service_not_offered_is_answered_unrecognized_and_the_association_goes_on(daemon):
+    # C-FIND carries an identifier data set: it is read, dropped and answered 0x0211.
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+
+    ae = AE(ae_title="STORESCU")
+    find = "1.2.840.10008.5.1.4.1.2.2.1"         # Study Root Query/Retrieve - FIND
+    ae.add_requested_context(find)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", daemon.dicom_port, ae_title="PACSVAULT")
+    assert assoc.is_established
+    q = Dataset()
+    q.QueryRetrieveLevel, q.StudyInstanceUID = "STUDY", ""
+    [(status, _)] = list(assoc.send_c_find(q, find))
+    assert status.Status == 0x0211
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
