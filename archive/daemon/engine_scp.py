@@ -31,7 +31,7 @@ from pydicom.uid import AllTransferSyntaxes
 
 from archive.app.ingest import IngestService, StoreRequest
 from archive.config.schema import DicomSettings
-from archive.daemon.dimse_status import OUT_OF_RESOURCES, store_status
+from archive.daemon.dimse_status import DATASET_MISMATCH, OUT_OF_RESOURCES, store_status
 from archive.daemon.received import Received
 from archive.daemon.tls import HANDSHAKE_TIMEOUT_S
 from archive.dicom.net import association as A
@@ -60,6 +60,7 @@ from archive.spool import RECEIVE_PREFIX
 log = logging.getLogger("pacsvault.dicom")
 
 VERIFICATION = "1.2.840.10008.1.1"
+UNRECOGNIZED_OPERATION = 0x0211
 # For a command whose UIDs cannot go into a meta group (the ingest path refuses it
 # anyway): a Part 10 header with an empty meta group.
 _EMPTY_META = PREAMBLE + b"\x02\x00\x00\x00UL\x04\x00\x00\x00\x00\x00"
@@ -107,7 +108,10 @@ class _Session:
         self.contexts: dict[int, str] = {}          # accepted context id -> transfer syntax
         self.store: _Store | None = None
         self.conn: socket.socket | None = None
-        self.unsupported: tuple[int, dimse.Command] | None = None
+        self.abstract: dict[int, str] = {}          # context id -> abstract syntax
+        # A request refused before its data set arrived: (context, command, status),
+        # answered once the data set is in (and dropped).
+        self.refused: tuple[int, dimse.Command, int] | None = None
 
     def on_request(self, rq: P.AssociateRQ) -> P.AssociateAC | P.AssociateRJ:
         self.calling = printable(rq.calling_ae)
@@ -130,6 +134,7 @@ class _Session:
         ac = answer(rq, self.listener.offer)
         if isinstance(ac, P.AssociateAC):
             self.contexts = {c.id: c.transfer_syntax for c in ac.contexts if c.result == P.ACCEPTANCE}
+            self.abstract = {c.id: c.abstract_syntax for c in rq.contexts}
         return ac
 
     def on_event(self, assoc: A.Association, event: dimse.CommandReceived | dimse.DataFragment
@@ -142,6 +147,13 @@ class _Session:
                 assoc.send_message(event.context_id, dimse.Command(
                     dimse.C_ECHO_RSP, message_id_responded_to=cmd.message_id,
                     affected_sop_class=VERIFICATION, status=0))
+            elif cmd.command_field == dimse.C_STORE_RQ and cmd.has_data_set and \
+                    cmd.affected_sop_class != self.abstract.get(event.context_id):
+                # The SOP class must be the one the context was negotiated for (the ingest
+                # path then checks the data set's against it).
+                log.warning("C-STORE from %s refused: SOP class differs from its presentation "
+                            "context", self.calling)
+                self.refused = (event.context_id, cmd, DATASET_MISMATCH)
             elif cmd.command_field == dimse.C_STORE_RQ and cmd.has_data_set:
                 self.store = _Store(event.context_id, cmd, self.contexts[event.context_id],
                                     self.listener.spool_dir)
@@ -150,16 +162,16 @@ class _Session:
             elif not cmd.is_request:
                 assoc.abort(P.UNEXPECTED_PDU_PARAMETER, source=P.ABORT_SOURCE_PROVIDER)
             elif cmd.has_data_set:
-                self.unsupported = (event.context_id, cmd)   # answered once its data is in
+                self.refused = (event.context_id, cmd, UNRECOGNIZED_OPERATION)
             else:
-                self._unrecognized(assoc, event.context_id, cmd)
+                self._answer(assoc, event.context_id, cmd, UNRECOGNIZED_OPERATION)
             return
         st = self.store
         if st is None:
-            # The data set of a request we do not serve: dropped, then answered.
-            if event.is_last and self.unsupported is not None:
-                self._unrecognized(assoc, *self.unsupported)
-                self.unsupported = None
+            # The data set of a refused request: dropped, then answered.
+            if event.is_last and self.refused is not None:
+                self._answer(assoc, *self.refused)
+                self.refused = None
             return
         st.file.write(event.data)
         if event.is_last:
@@ -176,12 +188,13 @@ class _Session:
                 affected_sop_instance=cmd.affected_sop_instance, status=status))
 
     @staticmethod
-    def _unrecognized(assoc: A.Association, context_id: int, cmd: dimse.Command) -> None:
-        """A service this listener does not offer (C-FIND, C-MOVE, C-GET here): PS3.7
-        status 0x0211, unrecognized operation."""
+    def _answer(assoc: A.Association, context_id: int, cmd: dimse.Command, status: int) -> None:
+        """A failure response: a service this listener does not offer (C-FIND, C-MOVE,
+        C-GET here: 0x0211, unrecognized operation) or a refused C-STORE."""
         assoc.send_message(context_id, dimse.Command(
             cmd.command_field | 0x8000, message_id_responded_to=cmd.message_id,
-            affected_sop_class=cmd.affected_sop_class, status=0x0211))
+            affected_sop_class=cmd.affected_sop_class,
+            affected_sop_instance=cmd.affected_sop_instance, status=status))
 
     def _ingest(self, st: _Store) -> int:
         cmd = st.command

@@ -129,3 +129,51 @@ def test_a_service_not_offered_is_answered_unrecognized_and_the_association_goes
     assert status.Status == 0x0211
     assert assoc.send_c_echo().Status == 0
     assoc.release()
+
+
+def _associate(port: int, abstract: str, ts: str):  # noqa: ANN202
+    """A raw association as a hostile peer drives it (our codec as the client)."""
+    from archive.dicom.net import association as A
+    from archive.dicom.net import pdu as P
+
+    s = socket.create_connection(("127.0.0.1", port))
+    a = A.Association(requestor=True, max_pdu_length=65536)
+    a.request_association(P.AssociateRQ("PACSVAULT", "STORESCU", (P.PresentationContextRQ(1, abstract, (ts,)),),
+                                        P.UserInformation(max_length=65536, implementation_class_uid="1.2.3")))
+    s.sendall(a.data_to_send())
+    s.settimeout(10)
+    while not isinstance(ev := a.next_event(), A.Accepted):
+        assert ev is None, ev
+        a.receive_data(s.recv(65536))
+    return s, a
+
+
+def _response(s, a):  # noqa: ANN001, ANN202
+    from archive.dicom.net import dimse
+
+    while True:
+        ev = a.next_event()
+        if isinstance(ev, dimse.CommandReceived):
+            return ev.command
+        if ev is None:
+            a.receive_data(s.recv(65536))
+
+
+def test_a_c_store_whose_sop_class_is_not_its_contexts_is_refused(daemon, tmp_path):
+    from archive.dicom.net import dimse
+    from tests.hostile.test_dicom_input import minimal
+
+    mr, ct = "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.2"
+    s, a = _associate(daemon.dicom_port, mr, "1.2.840.10008.1.2.1")
+    # Command and data set agree (CT), the context was negotiated for MR.
+    a.send_message(1, dimse.Command(dimse.C_STORE_RQ, message_id=1, affected_sop_class=ct,
+                                    affected_sop_instance="1.2.3.4.5", priority=0,
+                                    data_set_type=dimse.DATA_SET_PRESENT),
+                   minimal(b"1.2.3.4.5", sop_class=ct.encode()))
+    s.sendall(a.data_to_send())
+    rsp = _response(s, a)
+    assert rsp.status == 0xA900 and rsp.message_id_responded_to == 1
+    a.request_release()
+    s.sendall(a.data_to_send())
+    s.close()
+    assert daemon.status()["instances"] == 0
