@@ -105,3 +105,19 @@ def test_negotiation_rejects_another_application_context_and_protocol_version():
     assert isinstance(rj, P.AssociateRJ) and rj.reason == 2
     rj = answer(P.AssociateRQ("X", "Y", (), P.UserInformation(), protocol_version=2), OFFER)
     assert isinstance(rj, P.AssociateRJ) and rj.source == 2
+
+
+@pytest.mark.parametrize("calling, called, reason", [
+    ("BAD\x1bAE", "PACSVAULT", 3), ("NEW\nLINE", "PACSVAULT", 3), ("BACK\\SLASH", "PACSVAULT", 3),
+    ("", "PACSVAULT", 3), ("SCU", "PACS\x00VAULT", 7)])
+def test_ae_titles_with_control_characters_are_rejected(calling, called, reason):
+    rj = answer(P.AssociateRQ(called, calling, RQ.contexts, RQ.user), OFFER)
+    assert isinstance(rj, P.AssociateRJ) and rj.reason == reason
+
+
+def test_ae_titles_compare_without_their_padding():
+    a = acceptor()
+    a.receive_data(P.encode(P.AssociateRQ("  PACSVAULT ", " SCU  ", RQ.contexts, RQ.user)))
+    [ev] = list(a.events())
+    assert (ev.request.called_ae, ev.request.calling_ae) == ("PACSVAULT", "SCU")
+    assert isinstance(answer(ev.request, OFFER), P.AssociateAC)

@@ -34,7 +34,17 @@ class Offer:
     scu_role_classes: frozenset[str] = frozenset()
 
 
+def valid_ae_title(title: str) -> bool:
+    """PS3.5 AE: 16 characters of the default repertoire, no control characters or
+    backslash; leading and trailing spaces are not significant (the codec strips them)."""
+    return 0 < len(title) <= 16 and all(" " <= c <= "~" and c != "\\" for c in title)
+
+
 def answer(rq: P.AssociateRQ, offer: Offer) -> P.AssociateAC | P.AssociateRJ:
+    if not valid_ae_title(rq.calling_ae):
+        return P.AssociateRJ(REJECTED_PERMANENT, SOURCE_USER, CALLING_AE_NOT_RECOGNIZED)
+    if not valid_ae_title(rq.called_ae):
+        return P.AssociateRJ(REJECTED_PERMANENT, SOURCE_USER, CALLED_AE_NOT_RECOGNIZED)
     if not rq.protocol_version & 1:
         return P.AssociateRJ(REJECTED_PERMANENT, SOURCE_ACSE, PROTOCOL_VERSION_NOT_SUPPORTED)
     if rq.application_context != P.DICOM_APPLICATION_CONTEXT:
