@@ -3,23 +3,28 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from archive.catalog.engine import make_engine, schema_is_current, upgrade
 from archive.catalog.uow import Catalog
 from archive.config.schema import Settings
 from archive.errors import CatalogError, PacsvaultError
-from dr.drill import Driller
-from dr.restore import TIERS, Delivery, Restorer
-from dr.signing import writer_key
-from dr.writer import DrWriter
-from replication.scrub import Scrubber
-from replication.scrub_objects import ObjectTierScrubber
 from tiers.backend import Backend, SiteHealth
 from tiers.fs import FilesystemBackend
-from tiers.migrate import Migrator
-from tiers.recall import Recaller
-from tiers.s3 import S3Backend
+
+# The services are imported inside the function that builds each: every `pacsvault`
+# call imports this module, and a verb should pay only for what it opens (DR pulls in
+# pynetdicom and pyrage, the object tier boto3). import-linter counts these imports all
+# the same, so they hide no cycle and climb no floor.
+if TYPE_CHECKING:
+    from dr.deliver import Delivery
+    from dr.drill import Driller
+    from dr.restore import Restorer
+    from dr.writer import DrWriter
+    from replication.scrub import Scrubber
+    from replication.scrub_objects import ObjectTierScrubber
+    from tiers.migrate import Migrator
+    from tiers.recall import Recaller
 
 
 def open_catalog(settings: Settings, migrate: bool = False) -> Catalog:
@@ -53,6 +58,8 @@ def open_object_tier(settings: Settings) -> Backend:
     the device like the sites do."""
     o = settings.objects
     if o.kind == "s3":
+        from tiers.s3 import S3Backend
+
         return S3Backend(o.name, o.s3)
     return FilesystemBackend(o.name, o.path, min_free_bytes=settings.ingest.min_free_bytes,
                              verify_read=settings.ingest.verify_read)
@@ -88,6 +95,8 @@ def readable_object_tier(settings: Settings) -> Backend | None:
 def open_scrubber(settings: Settings, catalog: Catalog,
                   stop: threading.Event | None = None) -> Scrubber:
     """The site scrubber with this config's sites, object tier (repair source) and limits."""
+    from replication.scrub import Scrubber
+
     return Scrubber(catalog, open_sites(settings), readable_object_tier(settings),
                     scratch=settings.ingest.spool_dir / "scrub",
                     max_mb_per_s=settings.scrub.max_mb_per_s,
@@ -97,6 +106,8 @@ def open_scrubber(settings: Settings, catalog: Catalog,
 def open_object_scrubber(settings: Settings, catalog: Catalog,
                          stop: threading.Event | None = None) -> ObjectTierScrubber:
     """The object-tier scrubber: reads every study bundle back (repairs from the sites)."""
+    from replication.scrub_objects import ObjectTierScrubber
+
     return ObjectTierScrubber(catalog, open_sites(settings), open_object_tier(settings), settings,
                               scratch=settings.ingest.spool_dir / "scrub",
                               max_mb_per_s=settings.scrub.max_mb_per_s,
@@ -107,6 +118,8 @@ def open_driller(settings: Settings, catalog: Catalog, *, identities: list | Non
                  volume_paths: list | None = None, trigger: str = "manual",
                  actor: str | None = None) -> Driller:
     """Restore drills over this config's sites, object tier and DR volumes."""
+    from dr.drill import Driller
+
     return Driller(catalog, open_sites(settings), readable_object_tier(settings),
                    scratch=settings.ingest.spool_dir / "drill", identities=identities,
                    volume_paths=volume_paths, trigger=trigger, actor=actor)
@@ -115,11 +128,15 @@ def open_driller(settings: Settings, catalog: Catalog, *, identities: list | Non
 def open_migrator(settings: Settings, catalog: Catalog,
                   stop: threading.Event | None = None) -> Migrator:
     """Lifecycle migration from this config's sites to its object tier."""
+    from tiers.migrate import Migrator
+
     return Migrator(catalog, open_sites(settings), open_object_tier(settings), settings, stop=stop)
 
 
 def open_recaller(settings: Settings, catalog: Catalog) -> Recaller:
     """Brings migrated studies back onto this config's sites."""
+    from tiers.recall import Recaller
+
     return Recaller(catalog, open_sites(settings), open_object_tier(settings),
                     scratch=settings.ingest.spool_dir / "recall")
 
@@ -129,6 +146,9 @@ def open_dr_writer(settings: Settings, catalog: Catalog, *, recipients: list[str
     """A DR volume writer signing with this install's key; ``device`` overrides the
     config's [dr] device, kind, capacity, barcode and next-volume prompt (and the scratch
     directory, by default the spool's)."""
+    from dr.signing import writer_key
+    from dr.writer import DrWriter
+
     device.setdefault("scratch", settings.ingest.spool_dir / "dr")   # bundle frames, never tmpfs
     return DrWriter(catalog, open_sites(settings), readable_object_tier(settings), settings.dr,
                     recipients=recipients, signing_key=writer_key(settings.data_dir), stop=stop,
@@ -136,13 +156,15 @@ def open_dr_writer(settings: Settings, catalog: Catalog, *, recipients: list[str
 
 
 def open_restorer(settings: Settings, catalog: Catalog, delivery: Delivery, *,
-                  sources: tuple[str, ...] = TIERS, identities: list | None = None,
+                  sources: tuple[str, ...] | None = None, identities: list | None = None,
                   volume_paths: list[Path] | None = None, scratch: Path | None = None,
                   load_volume: Callable[[str, str], bool] | None = None,
                   sites: list[FilesystemBackend] | None = None) -> Restorer:
     """A restore from this config's tiers to ``delivery`` (``sites``: the ones the
     delivery already holds open, when it writes back onto them)."""
+    from dr.restore import TIERS, Restorer
+
     return Restorer(catalog, sites or open_sites(settings), readable_object_tier(settings), delivery,
-                    sources=sources, identities=identities, volume_paths=volume_paths or [],
+                    sources=sources or TIERS, identities=identities, volume_paths=volume_paths or [],
                     scratch=scratch or settings.ingest.spool_dir / "restore",
                     load_volume=load_volume)

@@ -7,7 +7,6 @@ import sys
 import click
 
 from archive.config.schema import DicomSettings, Settings
-from archive.daemon.serve import Supervisor, setup_logging
 from archive.errors import ConfigError
 from archive.invocation import config_option, handle_errors, settings_from
 
@@ -30,6 +29,11 @@ def serve(ctx: click.Context, dicom_port: int | None, http_port: int | None,
 
     SIGTERM finishes in-flight work and exits 0.
     """
+
+    # Loaded here, not at the top: every `pacsvault` call imports this module, and only
+    # `serve` needs the daemon (APScheduler, the listeners). import-linter counts it all
+    # the same, so this hides no cycle.
+    from archive.daemon.serve import Supervisor, setup_logging
 
     settings = settings_from(ctx, config)
     dicom_port = dicom_port or settings.dicom.port
