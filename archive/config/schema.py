@@ -35,9 +35,11 @@ class DicomSettings(_Strict):
     # Worker processes sharing the port (SO_REUSEPORT); 0 = one per CPU core.
     workers: int = Field(0, ge=0, le=64)
     max_associations: int = Field(32, ge=1, le=1000)
-    # Connections one source address may hold open per worker, associated or not, so one
-    # host (or an attacker's idle sockets) cannot starve the others (pacsvault engine).
-    max_associations_per_source: int = Field(8, ge=1, le=1000)
+    # Connections from one source address that have not sent their A-ASSOCIATE-RQ yet, per
+    # worker: an attacker's idle sockets from one host cannot take every slot until ARTIM
+    # closes them, while a PACS that opens many associations at once is not limited
+    # (pacsvault engine).
+    max_pending_per_source: int = Field(8, ge=1, le=1000)
     network_timeout_s: float = Field(60, gt=0)
     max_pdu: int = Field(262144, ge=0)
     # The DICOM engine behind the listener: pacsvault's own (archive/dicom/net: bounded,

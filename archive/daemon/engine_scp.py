@@ -9,9 +9,9 @@ C-STORE for every storage SOP class, one thread per association.
   association is one PDU), then to the ingest use case; the response is sent
   only after it returns, so an acknowledgement means what it always meant.
 * Connections over ``max_associations`` are answered with A-ASSOCIATE-RJ
-  (transient, local limit exceeded); one source address holding
-  ``max_associations_per_source`` already has further connections closed at
-  once. ARTIM closes connections that never send a request, and a PDU must
+  (transient, local limit exceeded); a source address with
+  ``max_pending_per_source`` connections that have not associated yet has
+  further connections closed at once. ARTIM closes connections that never send a request, and a PDU must
   arrive whole within the network timeout of its first byte.
 * Peer strings are made printable before they reach a log or the ingest path.
 """
@@ -108,12 +108,14 @@ class _Session:
         self.contexts: dict[int, str] = {}          # accepted context id -> transfer syntax
         self.store: _Store | None = None
         self.conn: socket.socket | None = None
+        self.associating = False        # its A-ASSOCIATE-RQ has arrived
         self.abstract: dict[int, str] = {}          # context id -> abstract syntax
         # A request refused before its data set arrived: (context, command, status),
         # answered once the data set is in (and dropped).
         self.refused: tuple[int, dimse.Command, int] | None = None
 
     def on_request(self, rq: P.AssociateRQ) -> P.AssociateAC | P.AssociateRJ:
+        self.associating = True
         self.calling = printable(rq.calling_ae)
         s = self.listener.settings
         if self.over_limit:
@@ -283,8 +285,9 @@ class EngineListener:
             except OSError:
                 return
             with self.lock:
-                from_there = sum(1 for x in self.sessions if x.address == addr[0])
-                if from_there >= self.settings.max_associations_per_source:
+                pending = sum(1 for x in self.sessions
+                              if x.address == addr[0] and not x.associating)
+                if pending >= self.settings.max_pending_per_source:
                     session = None
                 else:
                     session = _Session(self, addr[0], over_limit=len(self.sessions)
@@ -302,9 +305,9 @@ class EngineListener:
         now = time.monotonic()
         if now - self._warned.get(address, -1e9) >= 60:    # a flood logs once a minute
             self._warned[address] = now
-            log.warning("connections from %s refused: %d already open from there "
-                        "(dicom.max_associations_per_source)", address,
-                        self.settings.max_associations_per_source)
+            log.warning("connections from %s refused: %d from there have not associated "
+                        "(dicom.max_pending_per_source)", address,
+                        self.settings.max_pending_per_source)
 
     def _run(self, conn: socket.socket, session: _Session) -> None:
         try:

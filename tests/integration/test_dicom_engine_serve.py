@@ -23,9 +23,9 @@ def instance(tmp_path: Path) -> Path:
     # Short timeouts and a small association limit, so the hostile cases below run fast.
     text = cfg.read_text().replace("network_timeout_s = 60", "network_timeout_s = 5") \
         .replace("max_associations = 32", "max_associations = 8") \
-        .replace("max_associations_per_source = 8", "max_associations_per_source = 6")
+        .replace("max_pending_per_source = 8", "max_pending_per_source = 3")
     assert 'engine = "pacsvault"' in text and "network_timeout_s = 5" in text
-    assert "max_associations_per_source = 6" in text
+    assert "max_pending_per_source = 3" in text
     cfg.write_text(text)
     run_cli(cfg, "peer", "add", "STORESCU", "127.0.0.1")
     return cfg
@@ -76,7 +76,7 @@ def test_sockets_that_never_associate_are_closed_and_a_modality_gets_in(daemon):
     for s in idle:
         s.sendall(b"\x01\x00")                     # the start of a header, then nothing
     time.sleep(0.5)
-    assert echoscu(daemon.dicom_port).returncode != 0   # 6 open from here per worker: full
+    assert echoscu(daemon.dicom_port).returncode != 0   # 3 pending from here per worker: full
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and echoscu(daemon.dicom_port).returncode != 0:
         time.sleep(1)
@@ -87,9 +87,9 @@ def test_sockets_that_never_associate_are_closed_and_a_modality_gets_in(daemon):
 
 
 def test_one_source_holding_idle_sockets_does_not_starve_another(daemon):
-    # An attacker on 127.0.0.2 opens 40 sockets and sends nothing. Beyond 6 per worker
-    # (max_associations_per_source) they are closed at once, and the modality on
-    # 127.0.0.1 is served at once (6 < max_associations = 8), not after ARTIM.
+    # An attacker on 127.0.0.2 opens 40 sockets and sends nothing. Beyond 3 per worker
+    # (max_pending_per_source) they are closed at once, and the modality on 127.0.0.1
+    # is served at once, not after ARTIM.
     idle = []
     for _ in range(40):
         s = socket.socket()
@@ -108,7 +108,7 @@ def test_one_source_holding_idle_sockets_does_not_starve_another(daemon):
         except socket.timeout:
             pass
         s.close()
-    assert 40 - 2 * 6 <= closed < 40            # the over-limit ones, not the others
+    assert 40 - 2 * 3 <= closed < 40            # the over-limit ones, not the others
     assert "connections from 127.0.0.2 refused" in daemon.log()
 
 
@@ -177,3 +177,4 @@ def test_a_c_store_whose_sop_class_is_not_its_contexts_is_refused(daemon, tmp_pa
     s.sendall(a.data_to_send())
     s.close()
     assert daemon.status()["instances"] == 0
+
