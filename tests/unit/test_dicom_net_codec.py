@@ -72,7 +72,7 @@ def test_every_pdu_survives_a_round_trip(pdu):
     assert decoded(P.encode(pdu)) == [pdu]
 
 
-@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(all_pdus, min_size=1, max_size=4), st.integers(1, 17))
 def test_pdus_arriving_in_any_pieces_come_out_whole_and_in_order(pdus, step):
     raw = b"".join(P.encode(p) for p in pdus)
@@ -225,7 +225,7 @@ commands = st.builds(
                                                     max_size=3).map(tuple)))
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(commands)
 def test_every_command_survives_a_round_trip(cmd):
     assert dimse.decode_command(dimse.encode_command(cmd)) == cmd
