@@ -121,3 +121,116 @@ def test_ae_titles_compare_without_their_padding():
     [ev] = list(a.events())
     assert (ev.request.called_ae, ev.request.calling_ae) == ("PACSVAULT", "SCU")
     assert isinstance(answer(ev.request, OFFER), P.AssociateAC)
+
+
+# -- the requestor (our SCU) ---------------------------------------------------------------
+CT = "1.2.840.10008.5.1.4.1.1.2"
+STORE = dimse.Command(dimse.C_STORE_RQ, message_id=1, affected_sop_class=CT,
+                      affected_sop_instance="1.2.3", priority=0,
+                      data_set_type=dimse.DATA_SET_PRESENT)
+OUR_RQ = P.AssociateRQ("PACS", "PACSVAULT", (P.PresentationContextRQ(1, CT, (IMPLICIT,)),),
+                       P.UserInformation(max_length=16384, implementation_class_uid="1.2"))
+
+
+def requestor(peer_max: int | None = 4096) -> A.Association:
+    a = A.Association(requestor=True, max_pdu_length=16384)
+    assert a.closed
+    a.request_association(OUR_RQ)
+    sent = P.PduDecoder(max_pdu_length=16384)
+    sent.receive(a.data_to_send())
+    assert sent.next_pdu() == OUR_RQ and a.state is A.State.AWAITING_AC
+    a.receive_data(P.encode(P.AssociateAC("PACS", "PACSVAULT", (
+        P.PresentationContextAC(1, P.ACCEPTANCE, IMPLICIT),), P.UserInformation(max_length=peer_max))))
+    [ev] = list(a.events())
+    assert isinstance(ev, A.Accepted) and a.state is A.State.ESTABLISHED
+    return a
+
+
+def sent_pdus(a: A.Association, limit: int = 1 << 24) -> list[P.Pdu]:
+    d = P.PduDecoder(max_pdu_length=limit)
+    d.receive(a.data_to_send())
+    out = []
+    while (p := d.next_pdu()) is not None:
+        out.append(p)
+    assert d.buffered == 0
+    return out
+
+
+def test_the_acceptors_maximum_pdu_length_is_kept():
+    assert requestor(4096).peer_max_pdu_length == 4096
+    assert requestor(0).peer_max_pdu_length == 0
+    assert requestor(None).peer_max_pdu_length == 0      # no item: no limit
+
+
+def test_a_rejection_is_an_event_and_closes():
+    a = A.Association(requestor=True, max_pdu_length=16384)
+    a.request_association(OUR_RQ)
+    a.data_to_send()
+    a.receive_data(P.encode(P.AssociateRJ(1, 1, 3)))
+    assert list(a.events()) == [A.Rejected(P.AssociateRJ(1, 1, 3))] and a.closed
+
+
+@pytest.mark.parametrize("pdu", [P.PData((P.PDV(1, True, True, b""),)), P.ReleaseRP(),
+                                 P.AssociateRQ("A", "B", (), P.UserInformation())])
+def test_anything_but_an_answer_to_our_request_is_aborted(pdu):
+    a = A.Association(requestor=True, max_pdu_length=16384)
+    a.request_association(OUR_RQ)
+    a.data_to_send()
+    a.receive_data(P.encode(pdu))
+    assert isinstance(next(a.events()), A.Aborted)
+    assert aborted_with(a) == P.UNEXPECTED_PDU
+
+
+def test_an_acceptor_maximum_too_small_for_any_data_is_aborted():
+    a = A.Association(requestor=True, max_pdu_length=16384)
+    a.request_association(OUR_RQ)
+    a.data_to_send()
+    a.receive_data(P.encode(P.AssociateAC("PACS", "PACSVAULT", (), P.UserInformation(max_length=6))))
+    assert isinstance(next(a.events()), A.Aborted) and a.state is A.State.AWAITING_CLOSE
+
+
+@pytest.mark.parametrize("peer_max, expect_room", [(4096, 4090), (0, A.UNLIMITED_PDU_FRAGMENT - 6)])
+def test_a_streamed_data_set_is_fragmented_to_the_acceptors_maximum(peer_max, expect_room):
+    a = requestor(peer_max)
+    data = bytes(range(256)) * 20_000               # 5 MB, sent in uneven pieces
+    a.send_message(1, STORE)
+    pieces = [data[:1], data[1:100_000], data[100_000:100_000], data[100_000:3_000_001],
+              data[3_000_001:]]
+    for i, piece in enumerate(pieces):
+        a.send_data(1, piece, last=i == len(pieces) - 1)
+    pdus = sent_pdus(a)
+    assert all(len(P.encode(p)) - 6 <= (peer_max or A.UNLIMITED_PDU_FRAGMENT) for p in pdus)
+    assert max(len(v.data) for p in pdus for v in p.pdvs) == expect_room
+    events = list(dimse.MessageAssembler().feed([v for p in pdus for v in p.pdvs]))
+    assert events[0] == dimse.CommandReceived(1, STORE)
+    assert [e.is_last for e in events[1:]] == [False] * (len(events) - 2) + [True]
+    assert b"".join(e.data for e in events[1:]) == data
+
+
+def test_a_data_set_must_be_announced_and_finished():
+    a = requestor()
+    with pytest.raises(RuntimeError):
+        a.send_data(1, b"x", last=True)               # no command announced one
+    a.send_message(1, STORE)
+    with pytest.raises(RuntimeError):
+        a.send_data(3, b"x", last=True)               # another context
+    with pytest.raises(RuntimeError):
+        a.send_message(1, ECHO)                       # the data set is not finished
+    with pytest.raises(RuntimeError):
+        a.request_release()
+    a.send_data(1, b"", last=True)
+    a.send_message(1, ECHO)
+
+
+def test_a_response_then_a_release():
+    a = requestor()
+    a.send_message(1, STORE, b"\x00" * 10)
+    a.data_to_send()
+    rsp = dimse.Command(dimse.C_STORE_RSP, message_id_responded_to=1, affected_sop_class=CT,
+                        affected_sop_instance="1.2.3", status=0xB000)
+    a.receive_data(P.encode(P.PData((P.PDV(1, True, True, dimse.encode_command(rsp)),))))
+    assert list(a.events()) == [dimse.CommandReceived(1, rsp)]
+    a.request_release()
+    assert a.data_to_send() == P.encode(P.ReleaseRQ()) and a.state is A.State.AWAITING_RELEASE_RP
+    a.receive_data(P.encode(P.ReleaseRP()))
+    assert list(a.events()) == [A.Released()] and a.closed

@@ -21,6 +21,11 @@ from typing import Iterator, Union
 from archive.dicom.net import dimse
 from archive.dicom.net import pdu as P
 
+# The PDU size we send to a peer that announced no maximum (0): big enough that the
+# per-PDU cost vanishes, small enough that a sender's pieces stay bounded.
+UNLIMITED_PDU_FRAGMENT = 1 << 20
+MIN_PEER_PDU_LENGTH = 7                # a PDV header (6 bytes) and one byte of data
+
 
 class State(enum.Enum):
     IDLE = "Sta1"                      # no transport
@@ -84,6 +89,7 @@ class Association:
         self._events: list[Event] = []
         self.peer_max_pdu_length = 0   # 0: the peer set no limit
         self.request: P.AssociateRQ | None = None
+        self._data_pending: int | None = None   # the context of a data set still being sent
 
     # -- what the driver needs ------------------------------------------------------------
     @property
@@ -147,9 +153,12 @@ class Association:
 
     def send_message(self, context_id: int, command: dimse.Command,
                      data_set: bytes | memoryview | None = None) -> None:
-        """One DIMSE message, fragmented to the peer's maximum PDU length."""
+        """One DIMSE message, fragmented to the peer's maximum PDU length. A command
+        that announces a data set but comes without one is followed by ``send_data``."""
         if self.state not in (State.ESTABLISHED, State.AWAITING_LOCAL_RELEASE):
             raise RuntimeError(f"cannot send a message in state {self.state.value}")
+        if self._data_pending is not None:
+            raise RuntimeError("cannot send a message before the last one's data set is sent")
         for v in dimse.fragments(context_id, dimse.encode_command(command), is_command=True,
                                  max_pdu_length=self.peer_max_pdu_length):
             self._send(P.PData((v,)))
@@ -157,9 +166,31 @@ class Association:
             for v in dimse.fragments(context_id, data_set, is_command=False,
                                      max_pdu_length=self.peer_max_pdu_length):
                 self._send(P.PData((v,)))
+        elif command.has_data_set:
+            self._data_pending = context_id
+
+    def send_data(self, context_id: int, data: bytes | memoryview, *, last: bool) -> None:
+        """The next piece of the data set the last command announced (a sender streams
+        a large one in bounded pieces), fragmented to the peer's maximum PDU length;
+        a peer without a limit gets PDUs of ``UNLIMITED_PDU_FRAGMENT``."""
+        if self.state not in (State.ESTABLISHED, State.AWAITING_LOCAL_RELEASE):
+            raise RuntimeError(f"cannot send data in state {self.state.value}")
+        if self._data_pending != context_id:
+            raise RuntimeError("no data set announced on this presentation context")
+        if not len(data) and not last:
+            return
+        for v in dimse.fragments(context_id, data, is_command=False,
+                                 max_pdu_length=self.peer_max_pdu_length or UNLIMITED_PDU_FRAGMENT):
+            if v.is_last and not last:          # only the last piece ends the data set
+                v = P.PDV(context_id, False, False, v.data)
+            self._send(P.PData((v,)))
+        if last:
+            self._data_pending = None
 
     def request_release(self) -> None:
         self._need(State.ESTABLISHED, "request a release")
+        if self._data_pending is not None:
+            raise RuntimeError("cannot request a release in the middle of a data set")
         self._send(P.ReleaseRQ())
         self.state = State.AWAITING_RELEASE_RP
 
@@ -212,6 +243,8 @@ class Association:
             self.state = State.AWAITING_LOCAL_RESPONSE
             self._events.append(AssociationRequested(pdu))
         elif s is State.AWAITING_AC and isinstance(pdu, P.AssociateAC):
+            if 0 < (pdu.user.max_length or 0) < MIN_PEER_PDU_LENGTH:
+                raise P.ProtocolError("the acceptor's maximum PDU length cannot carry a PDV")
             self.peer_max_pdu_length = pdu.user.max_length or 0
             self.state = State.ESTABLISHED
             self._events.append(Accepted(pdu))
