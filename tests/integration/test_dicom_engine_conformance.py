@@ -8,6 +8,7 @@ every count is checked as a difference."""
 from __future__ import annotations
 
 import socket
+import sqlite3
 import struct
 import subprocess
 import threading
@@ -67,6 +68,12 @@ def pv(tmp_path_factory: pytest.TempPathFactory):
 
 def _instances(d: Daemon) -> int:
     return d.status()["instances"]
+
+
+def _cataloged(d: Daemon) -> int:
+    """The catalog's count without the CLI's start-up (for the pynetdicom tests)."""
+    with sqlite3.connect(d.config.parent / "catalog" / "catalog.db") as c:
+        return c.execute("SELECT count(*) FROM instances").fetchone()[0]
 
 
 def _data_set(path: Path) -> bytes:
@@ -129,7 +136,6 @@ class PduSniffer:
         buf = bytearray()
         try:
             while data := src.recv(1 << 16):
-                dst.sendall(data)
                 if parse:
                     buf += data
                     while len(buf) >= 6 and len(buf) >= 6 + struct.unpack_from(">I", buf, 2)[0]:
@@ -141,6 +147,7 @@ class PduSniffer:
                             i = buf.find(b"\x51\x00\x00\x04", 6 + 68, 6 + n)
                             self.max_length_announced = struct.unpack_from(">I", buf, i + 4)[0]
                         del buf[:6 + n]
+                dst.sendall(data)       # after parsing: a reply means its request is counted
         except OSError:
             pass
         finally:
@@ -187,3 +194,119 @@ def test_storescu_pushes_every_transfer_syntax_at_every_pdu_size(pv, tmp_path, r
     assert _instances(pv) == before + len(STORESCU_TS)
     _assert_stored_as_sent(pv, sent)
     assert "Traceback" not in pv.log()
+
+
+# -- pynetdicom as the requestor ------------------------------------------------------------
+def _ae():  # noqa: ANN202
+    from pynetdicom import AE
+
+    ae = AE(ae_title="PYNET")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    return ae
+
+
+def _ac_items(assoc, kind: type) -> list:  # noqa: ANN001
+    """The user information sub-items of this type in the A-ASSOCIATE-AC as received."""
+    return [i for i in assoc.acceptor.user_information if isinstance(i, kind)]
+
+
+def test_pynetdicom_async_window_is_answered_1_1_and_c_stores_work(pv, tmp_path):
+    from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation
+
+    window = AsynchronousOperationsWindowNegotiation()
+    window.maximum_number_operations_invoked = 5
+    window.maximum_number_operations_performed = 5
+    ae = _ae()
+    ae.add_requested_context(CT, [EXPLICIT_LE])
+    made = [make_instance(tmp_path / f"{i}.dcm", size=20_000) for i in range(3)]
+    before = _cataloged(pv)
+    assoc = ae.associate("127.0.0.1", pv.dicom_port, ae_title="PACSVAULT", ext_neg=[window])
+    assert assoc.is_established
+    # The item is in the answer (its absence would read as 1/1 too).
+    [item] = _ac_items(assoc, AsynchronousOperationsWindowNegotiation)
+    assert (item.maximum_number_operations_invoked,
+            item.maximum_number_operations_performed) == (1, 1)
+    assert [assoc.send_c_store(m.path).Status for m in made] == [0, 0, 0]
+    assoc.release()
+    assert _cataloged(pv) == before + 3
+    _assert_stored_as_sent(pv, {m.sop_uid: m.path for m in made})
+
+
+def test_pynetdicom_role_selection_is_answered_as_negotiation_says(pv, tmp_path):
+    # negotiation.answer: the SCU role is granted for a proposed class, the SCP role
+    # never (no C-STOREs from us on an association we accepted); a role item for a class
+    # not proposed gets no answer.
+    from pynetdicom import build_role
+    from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+
+    ae = _ae()
+    ae.add_requested_context(CT, [EXPLICIT_LE])
+    ae.add_requested_context(MR, [EXPLICIT_LE])
+    roles = [build_role(CT, scu_role=True, scp_role=True), build_role(MR, scp_role=True),
+             build_role("1.2.840.10008.5.1.4.1.1.7", scu_role=True, scp_role=True)]
+    assoc = ae.associate("127.0.0.1", pv.dicom_port, ae_title="PACSVAULT", ext_neg=roles)
+    assert assoc.is_established
+    answered = {i.sop_class_uid: (i.scu_role, i.scp_role)
+                for i in _ac_items(assoc, SCP_SCU_RoleSelectionNegotiation)}
+    assert answered == {CT: (True, False), MR: (False, False)}
+    ct = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CT)
+    assert (ct.as_scu, ct.as_scp) == (True, False)
+    m = make_instance(tmp_path / "ct.dcm", size=10_000)
+    assert assoc.send_c_store(m.path).Status == 0
+    assoc.release()
+
+
+# (what pynetdicom announces it receives, the PDU size it sends in): odd sizes, and
+# 0 = no limit on what it receives. It sends at most what the daemon announced.
+ODD_SIZES = [(4097, 12345), (12345, 4097), (0, None)]
+
+
+@pytest.mark.parametrize(("receive", "send"), ODD_SIZES)
+def test_pynetdicom_stores_a_1_mb_object_with_odd_pdu_sizes(pv, tmp_path, receive, send):
+    from pynetdicom.pdu_primitives import MaximumLengthNotification
+
+    ae = _ae()
+    ae.add_requested_context(CT, [EXPLICIT_LE])
+    m = make_instance(tmp_path / "big.dcm", size=1 << 20)
+    before = _cataloged(pv)
+    sniffer = PduSniffer(pv.dicom_port)
+    # (associate's max_pdu is what a requestor announces; AE.maximum_pdu_size is not)
+    assoc = ae.associate("127.0.0.1", sniffer.port, ae_title="PACSVAULT", max_pdu=receive)
+    assert assoc.is_established
+    [announced] = _ac_items(assoc, MaximumLengthNotification)
+    assert announced.maximum_length_received == 262144      # [dicom] max_pdu default
+    if send is not None:
+        # A sender may use PDUs smaller than the peer's maximum: pynetdicom fragments by
+        # the value it holds for the acceptor's.
+        announced.maximum_length_received = send
+    assert assoc.send_c_store(m.path).Status == 0
+    assoc.release()
+    sniffer.close()
+    assert sniffer.max_length_announced == receive
+    assert max(sniffer.p_data_lengths) == (send or 262144)    # on the wire, as asked
+    assert _cataloged(pv) == before + 1
+    _assert_stored_as_sent(pv, {m.sop_uid: m.path})
+
+
+def test_user_identity_is_read_and_ignored_without_a_response(pv, tmp_path):
+    # docs/conformance.md 2.3: not used, no user identity response sent, even when one
+    # is asked for; and the passcode never reaches the log.
+    from pynetdicom.pdu_primitives import UserIdentityNegotiation
+
+    for kind, secondary in ((1, b""), (2, b"s3cret-passcode")):
+        identity = UserIdentityNegotiation()
+        identity.user_identity_type = kind
+        identity.primary_field = b"alice-the-operator"
+        if secondary:
+            identity.secondary_field = secondary
+        identity.positive_response_requested = True
+        ae = _ae()
+        ae.add_requested_context(CT, [EXPLICIT_LE])
+        assoc = ae.associate("127.0.0.1", pv.dicom_port, ae_title="PACSVAULT",
+                             ext_neg=[identity])
+        assert assoc.is_established, kind
+        assert _ac_items(assoc, UserIdentityNegotiation) == []
+        m = make_instance(tmp_path / f"u{kind}.dcm", size=5_000)
+        assert assoc.send_c_store(m.path).Status == 0
+        assoc.release()
+    assert "s3cret" not in pv.log() and "alice-the-operator" not in pv.log()
