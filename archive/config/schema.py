@@ -42,6 +42,10 @@ class DicomSettings(_Strict):
     max_pending_per_source: int = Field(8, ge=1, le=1000)
     network_timeout_s: float = Field(60, gt=0)
     max_pdu: int = Field(262144, ge=0)
+    # A data set up to this size stays in memory until it is stored (no spool file to
+    # write and read back); a larger one goes to the spool as it arrives. Memory per
+    # association is at most this plus one PDU (pacsvault engine).
+    in_memory_max_bytes: int = Field(1 << 20, ge=0, le=64 << 20)
     # The DICOM engine behind the listener: pacsvault's own (archive/dicom/net: bounded,
     # 1.5-2.5x the objects/s of pynetdicom here) or pynetdicom (the earlier listener, kept
     # as a fallback for one release).

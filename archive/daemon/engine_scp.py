@@ -5,8 +5,9 @@ C-STORE for every storage SOP class, one thread per association.
   anything else is read; the request itself is bounded (64 KiB).
 * Every storage abstract syntax is accepted, in the first transfer syntax the
   peer proposes that is a known one; the bytes are stored as received.
-* A data set goes to a spool file fragment by fragment as it arrives (memory per
-  association is one PDU), then to the ingest use case; the response is sent
+* A data set up to ``in_memory_max_bytes`` is kept in memory; a larger one goes
+  to a spool file fragment by fragment as it arrives (memory per association is
+  that threshold plus one PDU). Then the ingest use case; the response is sent
   only after it returns, so an acknowledgement means what it always meant.
 * Connections over ``max_associations`` are answered with A-ASSOCIATE-RJ
   (transient, local limit exceeded); a source address with
@@ -82,19 +83,43 @@ def printable(text: str) -> str:
 
 
 class _Store:
-    """One C-STORE in flight: its command and its spool file."""
+    """One C-STORE in flight: its command and its data set so far, in memory up to
+    ``in_memory_max`` bytes, in a spool file beyond (written as it arrives)."""
 
     def __init__(self, context_id: int, command: dimse.Command, transfer_syntax: str,
-                 spool_dir: Path) -> None:
+                 spool_dir: Path, in_memory_max: int) -> None:
         self.context_id, self.command = context_id, command
-        fd, name = tempfile.mkstemp(dir=spool_dir, prefix=RECEIVE_PREFIX)
-        self.path = Path(name)
-        self.file = os.fdopen(fd, "wb", buffering=0)
-        self.file.write(_spool_head(command, transfer_syntax))
+        self.spool_dir, self.in_memory_max = spool_dir, in_memory_max
+        self.buffer: bytearray | None = bytearray(_spool_head(command, transfer_syntax))
+        self.path: Path | None = None
+        self.file = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.buffer is not None and len(self.buffer) + len(data) <= self.in_memory_max:
+            self.buffer += data
+            return
+        if self.file is None:       # over the threshold: everything so far to the spool
+            fd, name = tempfile.mkstemp(dir=self.spool_dir, prefix=RECEIVE_PREFIX)
+            self.path = Path(name)
+            self.file = os.fdopen(fd, "wb", buffering=0)
+            self.file.write(self.buffer)
+            self.buffer = None
+        self.file.write(data)
+
+    def finish(self) -> tuple[Path | None, bytes | None]:
+        """(spool path, None) or (None, the Part 10 image in memory)."""
+        if self.file is not None:
+            self.file.close()
+            return self.path, None
+        data, self.buffer = bytes(self.buffer or b""), None
+        return None, data
 
     def discard(self) -> None:
-        self.file.close()
-        self.path.unlink(missing_ok=True)
+        if self.file is not None:
+            self.file.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+        self.buffer = None
 
 
 class _Session:
@@ -158,7 +183,8 @@ class _Session:
                 self.refused = (event.context_id, cmd, DATASET_MISMATCH)
             elif cmd.command_field == dimse.C_STORE_RQ and cmd.has_data_set:
                 self.store = _Store(event.context_id, cmd, self.contexts[event.context_id],
-                                    self.listener.spool_dir)
+                                    self.listener.spool_dir,
+                                    self.listener.settings.in_memory_max_bytes)
             elif cmd.command_field == dimse.C_CANCEL_RQ:
                 pass                            # nothing of ours runs long enough to cancel
             elif not cmd.is_request:
@@ -175,14 +201,14 @@ class _Session:
                 self._answer(assoc, *self.refused)
                 self.refused = None
             return
-        st.file.write(event.data)
+        st.write(event.data)
         if event.is_last:
             self.store = None
-            st.file.close()
+            path, data = st.finish()
             try:
-                status = self._ingest(st)
+                status = self._ingest(st, path, data)
             finally:
-                st.path.unlink(missing_ok=True)
+                st.discard()
             cmd = st.command
             assoc.send_message(st.context_id, dimse.Command(
                 dimse.C_STORE_RSP, message_id_responded_to=cmd.message_id,
@@ -198,11 +224,11 @@ class _Session:
             affected_sop_class=cmd.affected_sop_class,
             affected_sop_instance=cmd.affected_sop_instance, status=status))
 
-    def _ingest(self, st: _Store) -> int:
+    def _ingest(self, st: _Store, path: Path | None, data: bytes | None) -> int:
         cmd = st.command
         try:
             result = self.listener.ingest.store(StoreRequest(
-                spool=st.path, sop_class=cmd.affected_sop_class or "",
+                spool=path, data=data, sop_class=cmd.affected_sop_class or "",
                 sop_instance=cmd.affected_sop_instance or "",
                 transfer_syntax=self.contexts[st.context_id], calling_ae=self.calling))
         except Exception:

@@ -105,6 +105,29 @@ class SpooledObject:
         return _MetaThenRegion(self.meta, self.spool, self.offset, self.length)
 
 
+class InMemoryObject:
+    """A small received data set held in memory (no spool file) plus the meta
+    pacsvault will store with it: the same interface as SpooledObject."""
+
+    def __init__(self, meta: bytes, dataset: bytes | memoryview) -> None:
+        self.meta = meta
+        self.length = len(dataset)
+        # Built once: every site's reader shares it (BytesIO over bytes does not copy).
+        self.image = meta + dataset
+        self.sha256 = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.image)
+
+    def compute_sha256(self, f: BinaryIO | None = None) -> str:
+        self.sha256 = hashlib.sha256(self.image).hexdigest()
+        return self.sha256
+
+    def open(self) -> BinaryIO:
+        return io.BytesIO(self.image)
+
+
 class _MetaThenRegion(io.RawIOBase):
     """Reads ``meta`` and then ``length`` bytes of ``path`` from ``offset``."""
 

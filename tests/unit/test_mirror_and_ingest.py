@@ -157,3 +157,22 @@ def test_an_idle_repair_pass_writes_nothing(env):
     ingest.store(req(make_instance(tmp / "x.dcm")))
     rep = repair_missing(catalog, [a, b], tmp / "scratch")
     assert rep.repaired == 0 and not (tmp / "scratch").exists()
+
+
+def test_a_data_set_in_memory_is_stored_exactly_as_one_from_a_spool_file(env):
+    """The engine hands small data sets over in memory: the same object either way
+    is the same stored bytes (a re-send from memory is a duplicate, not a conflict)."""
+    url, catalog, a, b, ingest, tmp = env
+    m = make_instance(tmp / "m.dcm", size=5000)
+    image = m.path.read_bytes()
+    in_memory = StoreRequest(None, m.sop_class, m.sop_uid, m.transfer_syntax, "T", data=image)
+    r = ingest.store(in_memory)
+    assert r.outcome is Outcome.STORED
+    assert ingest.store(req(m)).outcome is Outcome.DUPLICATE
+    res = audit(url, {"site-a": a.root, "site-b": b.root})
+    assert res.instances == 1 and res.ok_copies == 2 and not res.bad
+    stored = next(a.root.rglob("*.dcm")).read_bytes()
+    assert stored.endswith(image[len(image) - 5000:])
+    bad = StoreRequest(None, m.sop_class, m.sop_uid, m.transfer_syntax, "T",
+                       data=image[:-100])    # cut inside the pixel data
+    assert ingest.store(bad).outcome is Outcome.INVALID
