@@ -12,13 +12,17 @@ import sqlite3
 import struct
 import subprocess
 import threading
+import zlib
 from pathlib import Path
 
 import pydicom
 import pytest
 
+from archive.daemon.dimse_status import CANNOT_UNDERSTAND
+from archive.dicom import walk
 from archive.dicom.part10 import dataset_offset
 from tests.conftest import require_tool, site_paths
+from tests.hostile.test_dicom_input import crafted, minimal
 from tests.support.daemon import Daemon, dcmtk_env, free_port, init_instance, run_cli
 from tests.support.dataset import (
     DEFLATED_LE,
@@ -32,6 +36,8 @@ from tests.support.dataset import (
     RLE,
     make_instance,
 )
+from tests.support.rss import RssSampler
+from tests.support.scu import send_files
 from tests.support.verify import audit, sqlite_url
 
 pytestmark = pytest.mark.needs_dcmtk
@@ -310,3 +316,54 @@ def test_user_identity_is_read_and_ignored_without_a_response(pv, tmp_path):
         assert assoc.send_c_store(m.path).Status == 0
         assoc.release()
     assert "s3cret" not in pv.log() and "alice-the-operator" not in pv.log()
+
+
+# -- data sets the frame check refuses, sent over the socket ----------------------------------
+def _nested(depth: int) -> bytes:
+    """``depth`` sequences of defined length, each holding one item holding the next:
+    20 bytes a level, written outside in (each length counts everything inside it)."""
+    return b"".join(struct.pack("<HH2sHI", 0x0040, 0xA730, b"SQ", 0, 8 + 20 * i)
+                    + struct.pack("<HHI", 0xFFFE, 0xE000, 20 * i) for i in reversed(range(depth)))
+
+
+def _serves_on(d: Daemon, tmp_path: Path) -> None:
+    good = make_instance(tmp_path / "after.dcm", size=5_000)
+    assert send_files(d.dicom_port, [good.path], aet="PYNET") == [0]
+    _assert_stored_as_sent(d, {good.sop_uid: good.path})
+    assert d.proc.poll() is None and "Traceback" not in d.log()
+
+
+def test_50000_nested_sequences_are_refused_and_the_daemon_serves_on(pv, tmp_path):
+    # The walk stops at depth 32 with "cannot understand"; without that check the
+    # recursion fails and the answer is another status, with a traceback in the log.
+    sop = "1.2.826.0.1.3680043.9.7.1.50000"
+    ds = minimal(sop.encode()) + _nested(50_000)
+    assert len(ds) > 1_000_000                         # a megabyte, many PDUs
+    f = crafted(tmp_path / "deep.dcm", sop, ds)
+    before = _cataloged(pv)
+    assert send_files(pv.dicom_port, [f], aet="PYNET") == [CANNOT_UNDERSTAND]
+    assert _cataloged(pv) == before
+    assert not [p for root in site_paths(pv.config).values() for p in root.rglob(sop + "*")]
+    _serves_on(pv, tmp_path)
+
+
+def test_a_deflate_bomb_is_refused_without_memory_and_the_daemon_serves_on(pv, tmp_path):
+    # 1.1 MB deflated, past walk.MAX_INFLATED (1 GiB) inflated. Full flushes make each
+    # block of a MiB of zeros the same bytes, so the bomb is built in milliseconds; the
+    # daemon inflates to a scratch file, so its memory does not grow with the bomb.
+    sop = "1.2.826.0.1.3680043.9.7.1.1099"
+    mib = walk.MAX_INFLATED // (1 << 20) + 64
+    head = minimal(sop.encode()) + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, mib << 20)
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    start = c.compress(head) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(b"\x00" * (1 << 20)) + c.flush(zlib.Z_FULL_FLUSH)
+    bomb = start + block * mib + c.flush()
+    assert len(bomb) < 2 << 20
+    f = crafted(tmp_path / "bomb.dcm", sop, bomb, ts=DEFLATED_LE)
+    before = _cataloged(pv)
+    with RssSampler(pv.proc.pid) as rss:
+        assert send_files(pv.dicom_port, [f], aet="PYNET") == [CANNOT_UNDERSTAND]
+    assert rss.samples > 5 and rss.peak_growth_kb < 100_000, rss.peak_growth_kb
+    assert "inflates to more than" in pv.log()
+    assert _cataloged(pv) == before
+    _serves_on(pv, tmp_path)
