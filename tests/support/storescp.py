@@ -32,6 +32,7 @@ class StoreSCP(LoggedProcess):
     promiscuous: bool = True   # accept unknown (private, retired) SOP classes too
     nodelay: bool = True       # TCP_NODELAY=1 in its environment
     accept_all: bool = True    # +xa; False: storescp's default, uncompressed syntaxes only
+    extra_args: tuple[str, ...] = ()   # e.g. ("+B", "--max-pdu", "4096")
     proc: subprocess.Popen | None = None
 
     @property
@@ -50,6 +51,7 @@ class StoreSCP(LoggedProcess):
             args.append("--fork")
         if self.promiscuous:
             args.append("-pm")
+        args.extend(self.extra_args)
         args.append(str(self.port))
         self.log_path = self.workdir / "storescp.log"
         log = open(self.log_path, "ab")
