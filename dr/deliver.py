@@ -10,19 +10,16 @@ import errno
 import hashlib
 import os
 import re
-import socket
 import stat
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from pynetdicom import AE, _config
-from pynetdicom.presentation import build_context
-from pynetdicom.transport import AddressInformation, AssociationSocket
 from sqlalchemy import update
 
 from archive.catalog.models import Copy
 from archive.catalog.uow import Catalog
 from archive.clock import utcnow
+from archive.dicom.net import client
 from archive.errors import InvalidInput
 from archive.uids import validate_uid
 from tiers.backend import Backend, BackendError, FilePayload, ObjectExists
@@ -283,6 +280,10 @@ class OnlineDelivery:
         pass
 
 
+# Success, and the warnings that still mean stored: coercion of data elements (0xB000),
+# elements discarded (0xB006), data set does not match SOP class (0xB007).
+STORED = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
 AE_TARGET = re.compile(r"^(?P<ae>[ -~]{1,16})@(?P<host>[A-Za-z0-9.:\[\]-]{1,253}):(?P<port>\d{1,5})$")
 
 
@@ -293,80 +294,44 @@ def parse_ae_target(text: str) -> tuple[str, str, int]:
     return m["ae"].strip(), m["host"].strip("[]"), int(m["port"])
 
 
-class _PromptSocket(AssociationSocket):
-    """An association socket that neither holds back what we send nor what the peer
-    sends. pynetdicom writes a C-STORE's PDUs with separate writes, and many PACS
-    (dcmtk, Orthanc) split their response into a PDU header and body: whichever
-    side keeps Nagle's algorithm then waits for the other's delayed ACK (~40 ms
-    on Linux) on every instance. TCP_NODELAY covers our writes; TCP_QUICKACK after
-    each read (Linux resets it) acknowledges at once, so a peer's held-back
-    segment follows without waiting."""
-
-    _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-
-    def _create_socket(self, address: AddressInformation) -> socket.socket:
-        sock = super()._create_socket(address)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        data = super().recv(nr_bytes)
-        if self._QUICKACK is not None and self.socket is not None:
-            try:
-                self.socket.setsockopt(socket.IPPROTO_TCP, self._QUICKACK, 1)
-            except OSError:
-                pass        # closed under us: the association reports it
-        return data
-
-
-def _responses_to_the_sender(assoc: Any) -> None:
-    """pynetdicom's reactor thread polls the DIMSE queue (``get_msg(block=False)``)
-    between requests and can take a response that arrives before it has paused
-    ("Received unexpected C-STORE service message", then the association is lost
-    after the DIMSE timeout): with prompt sockets a fast PACS did that about once in
-    ten restores of 100 instances. An SCU that only sends never needs the reactor to
-    serve a message, so its polls get nothing; send_c_store's blocking get is kept."""
-    get = assoc.dimse.get_msg
-    assoc.dimse.get_msg = lambda block=False: get(block=True) if block else (None, None)
-
-
-class _PromptAE(AE):
-    def _create_socket(self, assoc, address, tls_args):  # noqa: ANN001, ANN202
-        sock = _PromptSocket(assoc, address=address)   # as AE._create_socket does
-        sock.tls_args = tls_args
-        return sock
-
-
 class AeDelivery:
-    """C-STORE to a PACS, the file's bytes sent verbatim (pynetdicom's chunked
-    send), in one association proposing the (SOP class, transfer syntax) pairs the
-    restored instances need. A journal of the instances this run stored lets an
-    interrupted run be continued with ``resume`` without sending them twice. It
-    lives only as long as its run: a run that is not resumed starts it afresh
-    (``restarted`` says one was dropped), and a complete run removes it
-    (``expire``), so a later restore to the same PACS sends everything again
-    (the PACS may have lost or deleted what it had)."""
+    """C-STORE to a PACS with our own SCU (archive/dicom/net/client.py), the data set's
+    bytes sent verbatim, streamed from the file, in one association proposing the
+    (SOP class, transfer syntax) pairs the restored instances need. A journal of the
+    instances this run stored lets an interrupted run be continued with ``resume``
+    without sending them twice. It lives only as long as its run: a run that is not
+    resumed starts it afresh (``restarted`` says one was dropped), and a complete run
+    removes it (``expire``), so a later restore to the same PACS sends everything
+    again (the PACS may have lost or deleted what it had)."""
+
+    TIMEOUTS = client.Timeouts(connect_s=60, network_s=60, dimse_s=60)
 
     def __init__(self, target: str, calling_ae: str, contexts: list[tuple[str, str]],
                  journal: Path, *, resume: bool = False) -> None:
         self.ae_title, self.host, self.port = parse_ae_target(target)
         self.name = f"{self.ae_title}@{self.host}:{self.port}"
-        _config.STORE_SEND_CHUNKED_DATASET = True
-        ae = _PromptAE(ae_title=calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-        if len(contexts) > 128:
+        if not contexts:
+            raise InvalidInput(f"nothing to send to {self.name}: no instance to restore")
+        if len(contexts) > client.MAX_CONTEXTS:
             raise InvalidInput(f"{len(contexts)} SOP class / transfer syntax pairs: more than "
                                "one association can carry (128); restore fewer studies at once")
-        ae.requested_contexts = [build_context(c, t) for c, t in contexts]
-        self.assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
-        if not self.assoc.is_established:
+        try:
+            self.assoc = client.associate(self.host, self.port, called_ae=self.ae_title,
+                                          calling_ae=calling_ae,
+                                          contexts=[(c, [t]) for c, t in contexts],
+                                          timeouts=self.TIMEOUTS)
+        except client.AssociationRejected as e:
             raise InvalidInput(f"{self.name} refused the association (check its AE title, "
-                               "and that it accepts our calling AE title)")
-        _responses_to_the_sender(self.assoc)
+                               f"and that it accepts our calling AE title): {e.why}") from None
+        except client.ScuError as e:
+            raise InvalidInput(f"{self.name} refused the association: {e}") from None
         # What the PACS took: an instance whose (SOP class, transfer syntax) it refused
         # cannot be sent verbatim, so it is a named failure and the run goes on.
-        self.accepted = {(cx.abstract_syntax, cx.transfer_syntax[0])
-                         for cx in self.assoc.accepted_contexts}
+        self.accepted = {(cx.abstract_syntax, cx.transfer_syntax) for cx in self.assoc.accepted}
+        if not self.accepted:
+            self.assoc.abort()
+            raise InvalidInput(f"{self.name} refused the association: it accepted none of the "
+                               f"{len(contexts)} SOP class / transfer syntax pairs proposed")
         self.journal = journal
         journal.parent.mkdir(parents=True, exist_ok=True)
         self.restarted = journal.exists() and not resume
@@ -382,12 +347,15 @@ class AeDelivery:
             raise DeliveryRefused(f"not sent: {self.name} accepted no presentation context for "
                                   f"SOP class {pair[0]} in transfer syntax {pair[1]} (the "
                                   "bytes are sent as stored, never converted)")
-        status = self.assoc.send_c_store(path)
-        code = getattr(status, "Status", None)
-        path.unlink(missing_ok=True)
-        if code is None:
-            raise BackendError("C-STORE", self.name, "no response (association lost)")
-        if code not in (0x0000, 0xB000, 0xB007, 0xB006):
+        try:
+            code = self.assoc.store(pair[0], item.inst.sop_uid, path,
+                                    transfer_syntax=pair[1]).status
+        except client.ScuError as e:
+            raise BackendError("C-STORE", self.name, f"no response (association lost): {e}"
+                               ) from None
+        finally:
+            path.unlink(missing_ok=True)
+        if code not in STORED:
             raise BackendError("C-STORE", self.name, f"status 0x{code:04X}")
         key = f"{item.inst.sop_uid}/{item.inst.version}"
         self.log.write(key + "\n")
