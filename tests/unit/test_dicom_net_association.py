@@ -1,6 +1,8 @@
 """The PS3.8 state machine (archive/dicom/net/association.py), fed bytes only."""
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from archive.dicom.net import association as A
@@ -42,6 +44,24 @@ def test_anything_but_a_request_before_association_is_aborted(pdu):
                    P.encode(P.AssociateAC("A", "B", (), P.UserInformation())))
     assert aborted_with(a) == P.UNEXPECTED_PDU
     assert isinstance(next(a.events()), A.Aborted)
+
+
+@pytest.mark.parametrize("kind", [P.ASSOCIATE_RQ, P.P_DATA_TF])
+def test_after_aborting_for_an_oversized_pdu_what_follows_is_dropped_not_buffered(kind):
+    # The header stayed at the front of the buffer, so everything the peer streamed
+    # after it was kept (and answered with another A-ABORT each time) until ARTIM:
+    # 48 MB per connection in the attack test, more the longer ARTIM.
+    a = acceptor() if kind == P.ASSOCIATE_RQ else associated()
+    a.receive_data(struct.pack(">BBI", kind, 0, 2_000_000_000) + b"\xee" * 1000)
+    assert aborted_with(a) == P.INVALID_PDU_PARAMETER_VALUE
+    assert [type(e) for e in a.events()] == [A.Aborted]
+    for _ in range(100):
+        a.receive_data(b"\xee" * 65536)
+    assert not a.mid_pdu                                # nothing buffered
+    assert a.data_to_send() == b"" and list(a.events()) == []     # one A-ABORT, one event
+    assert a.state is A.State.AWAITING_CLOSE and a.wants_artim
+    a.receive_data(b"")
+    assert a.closed
 
 
 def test_a_second_request_while_the_first_awaits_an_answer_is_aborted():

@@ -221,6 +221,7 @@ class Association:
         self._out.append(P.encode(pdu))
 
     def _abort_for(self, why: str, reason: int) -> None:
+        self._decoder.discard()        # Sta13 ignores what follows (AA-6): never buffer it
         self._send(P.Abort(P.ABORT_SOURCE_PROVIDER, reason))
         self._events.append(Aborted(P.ABORT_SOURCE_PROVIDER, reason, by_us=True, why=why))
         self.state = State.AWAITING_CLOSE

@@ -427,9 +427,17 @@ class PduDecoder:
         self.max_pdu_length = max_pdu_length
         self.max_associate_length = max_associate_length
         self._buf = bytearray()
+        self._discarding = False
 
     def receive(self, data: bytes) -> None:
-        self._buf += data
+        if not self._discarding:
+            self._buf += data
+
+    def discard(self) -> None:
+        """Drop what is buffered and whatever arrives from now on: after a PDU we refused,
+        the stream has no framing left, and a peer streaming on must not fill memory."""
+        self._buf.clear()
+        self._discarding = True
 
     @property
     def buffered(self) -> int:
