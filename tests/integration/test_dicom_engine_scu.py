@@ -54,7 +54,7 @@ def need_storescp() -> None:
 
 @pytest.fixture
 def made(tmp_path):
-    # Sizes that span several 4 KiB PDUs and one 128 KiB PDU, and one byte over.
+    # One PDU at 4 KiB; many at 4 KiB and one at 128 KiB; several at 128 KiB.
     return [make_instance(tmp_path / "in" / f"{kind}-{ts}.dcm", kind=kind, ts=ts,
                           size=[3_000, 70_000, 300_000][i % 3])
             for i, (kind, ts) in enumerate(SYNTAXES)]
@@ -264,7 +264,7 @@ def test_orthanc_receives_every_instance(tmp_path, made):
         orthanc.stop()
 
 
-def test_no_peer_string_reaches_an_error():
+def test_errors_are_worded_from_the_numbers_alone():
     rj = C.AssociationRejected(2, 3, 2)
     assert str(rj) == ("association rejected (transient, by the service provider "
                        "(presentation): local limit exceeded)")
