@@ -1,1 +1,1 @@
-"""DICOM network services (pynetdicom) and Part 10 handling."""
+"""DICOM: Part 10 files and data set walking here; the network engine in ``net``."""

@@ -254,3 +254,13 @@ def test_a_response_then_a_release():
     assert a.data_to_send() == P.encode(P.ReleaseRQ()) and a.state is A.State.AWAITING_RELEASE_RP
     a.receive_data(P.encode(P.ReleaseRP()))
     assert list(a.events()) == [A.Released()] and a.closed
+
+
+def test_a_requestor_maximum_too_small_for_any_answer_is_aborted():
+    """A C-ECHO-RSP needs a PDV of 7 bytes at least: a peer allowing fewer is aborted
+    at its request, not answered with a response that cannot be fragmented."""
+    a = acceptor()
+    tiny = P.AssociateRQ("PACSVAULT", "SCU", RQ.contexts, P.UserInformation(max_length=6))
+    a.receive_data(P.encode(tiny))
+    assert isinstance(next(a.events()), A.Aborted)
+    aborted_with(a)

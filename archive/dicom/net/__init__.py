@@ -5,6 +5,10 @@
   hands out whole PDUs, refusing an oversized one from its header alone.
 * ``dimse``: the PS3.7 command set (group 0000) codec and the assembly of
   P-DATA fragments into commands and data sets.
+* ``association``: the PS3.8 state machine, either role; ``negotiation``: the
+  acceptor's answer to an A-ASSOCIATE-RQ.
+* ``driver`` (acceptor) and ``client`` (requestor, the C-STORE SCU): the thin
+  blocking-socket loops around an association.
 
-Nothing here touches a socket: the drivers that do are thin loops around it.
+Apart from those two drivers, nothing here touches a socket.
 """

@@ -239,6 +239,9 @@ class Association:
                 self._send(P.Abort(P.ABORT_SOURCE_PROVIDER, P.UNEXPECTED_PDU))
             return
         if s is State.AWAITING_RQ and isinstance(pdu, P.AssociateRQ):
+            if 0 < (pdu.user.max_length or 0) < MIN_PEER_PDU_LENGTH:
+                # Every answer we send after the AC would need a PDV it cannot take.
+                raise P.ProtocolError("the requestor's maximum PDU length cannot carry a PDV")
             self.request = pdu
             self.peer_max_pdu_length = pdu.user.max_length or 0
             self.state = State.AWAITING_LOCAL_RESPONSE
