@@ -144,8 +144,9 @@ class _Session:
         self.calling = printable(rq.calling_ae)
         s = self.listener.settings
         if self.over_limit:
-            log.warning("association from %s refused: %d associations open (dicom.max_associations)",
-                        self.address, s.max_associations)
+            self.listener.warn_once_a_minute(
+                ("limit", self.address), "association from %s refused: %d associations open "
+                "(dicom.max_associations)", self.address, s.max_associations)
             return P.AssociateRJ(REJECTED_TRANSIENT, SOURCE_PRESENTATION, LOCAL_LIMIT_EXCEEDED)
         try:
             ok, reason = self.listener.peers.check(rq.calling_ae, self.address)
@@ -153,10 +154,13 @@ class _Session:
             log.exception("peer check failed; refusing association")
             ok, reason = False, "peer check failed"
         if not ok:
-            log.warning("association refused: %s", printable(reason))
+            self.listener.warn_once_a_minute(("peer", self.address), "association refused: %s",
+                                             printable(reason))
             return P.AssociateRJ(REJECTED_PERMANENT, SOURCE_USER, CALLING_AE_NOT_RECOGNIZED)
         if s.check_called_ae and rq.called_ae.strip() != s.ae_title:
-            log.warning("association from %s refused: called AE title is not ours", self.calling)
+            self.listener.warn_once_a_minute(
+                ("called", self.address), "association from %s refused: called AE title is not "
+                "ours", self.calling)
             return P.AssociateRJ(REJECTED_PERMANENT, SOURCE_USER, CALLED_AE_NOT_RECOGNIZED)
         ac = answer(rq, self.listener.offer)
         if isinstance(ac, P.AssociateAC):
@@ -270,7 +274,7 @@ class EngineListener:
         self.sock.bind((settings.bind, port))
         self.sock.listen(128)
         self._stop = threading.Event()
-        self._warned: dict[str, float] = {}
+        self._warned: dict[object, tuple[float, int]] = {}   # key -> (last logged, since)
         self.thread = threading.Thread(target=self._accept_loop, daemon=True,
                                        name="dicom-tls-listener" if ssl_context else "dicom-listener")
         self.thread.start()
@@ -328,12 +332,25 @@ class EngineListener:
                              name="dicom-association").start()
 
     def _refused_source(self, address: str) -> None:
+        self.warn_once_a_minute(("pending", address), "connections from %s refused: %d from "
+                                "there have not associated (dicom.max_pending_per_source)",
+                                address, self.settings.max_pending_per_source)
+
+    def warn_once_a_minute(self, key: object, message: str, *args: object) -> None:
+        """A refusal logged at most once a minute per kind and source, with how many
+        were not logged since: a flood from outside must not fill the disk."""
         now = time.monotonic()
-        if now - self._warned.get(address, -1e9) >= 60:    # a flood logs once a minute
-            self._warned[address] = now
-            log.warning("connections from %s refused: %d from there have not associated "
-                        "(dicom.max_pending_per_source)", address,
-                        self.settings.max_pending_per_source)
+        with self.lock:
+            last, since = self._warned.get(key, (-1e9, 0))
+            if now - last < 60:
+                self._warned[key] = (last, since + 1)
+                return
+            self._warned[key] = (now, 0)
+            if len(self._warned) > 10_000:      # many sources: forget the oldest half
+                for k in sorted(self._warned, key=lambda k: self._warned[k][0])[:5_000]:
+                    del self._warned[k]
+        log.warning(message + (f" ({since} more like it in the last minute)" if since else ""),
+                    *args)
 
     def _run(self, conn: socket.socket, session: _Session) -> None:
         try:

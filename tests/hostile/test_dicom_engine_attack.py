@@ -258,11 +258,6 @@ def test_a_flood_of_requests_from_an_ae_not_allowed_is_refused_while_a_modality_
     _all_acknowledged_are_intact(pv)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "archive/daemon/engine_scp.py logs one WARNING per refused A-ASSOCIATE-RQ ('association "
-    "refused: ...'): one flooding source writes ~2,000 lines a second (a disk filled from "
-    "outside), where the refusals over max_pending_per_source are logged once a minute per "
-    "source"))
 def test_a_flood_of_refused_requests_does_not_flood_the_log(pv):
     refused = []
 

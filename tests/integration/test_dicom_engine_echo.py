@@ -84,7 +84,6 @@ def test_pynetdicom_echoes_with_async_window_roles_and_odd_pdu_sizes(server, max
 
     port, _ = server
     ae = AE(ae_title="PYNET")
-    ae.maximum_pdu_size = max_pdu
     ae.add_requested_context(VERIFICATION)
     ae.add_requested_context(CT, [IMPLICIT])
     ae.add_requested_context("1.2.3.999.unsupported")
@@ -93,7 +92,9 @@ def test_pynetdicom_echoes_with_async_window_roles_and_odd_pdu_sizes(server, max
     window = AsynchronousOperationsWindowNegotiation()
     window.maximum_number_operations_invoked = 4
     window.maximum_number_operations_performed = 4
-    assoc = ae.associate("127.0.0.1", port, ae_title="PACSVAULT",
+    # As a requestor pynetdicom announces the max_pdu given here (maximum_pdu_size is
+    # what it announces as an acceptor).
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSVAULT", max_pdu=max_pdu,
                          ext_neg=[build_role(CT, scp_role=True), window])
     assert assoc.is_established
     accepted = {c.abstract_syntax: c.transfer_syntax[0] for c in assoc.accepted_contexts}
