@@ -2,7 +2,13 @@
 
 Indexes follow the lookups that must stay fast at 10 million instances:
 ingest (instance by SOP UID, study/series by UID), repair (copies by site and
-state, oldest first), tiering and restore (instances by study).
+state, oldest first), tiering and restore (instances by study), and C-FIND
+(archive/catalog/query.py: patient name prefix, study date range, accession,
+modality).
+
+The query attributes added in 0010 are NULL until filled (at ingest, or by
+archive/catalog/backfill_query.py for objects stored before): NULL means "not
+read yet", an empty string "the object does not have it".
 """
 from __future__ import annotations
 
@@ -25,6 +31,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets BIGINT.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+# A folded person name (archive/dicom/pn.py), matched by prefix: byte order on
+# PostgreSQL too (collation "C"), so LIKE 'PREFIX%' can use its index there as
+# GLOB does on SQLite.
+FoldedName = String(324).with_variant(String(324, collation="C"), "postgresql")
 
 
 class Base(DeclarativeBase):
@@ -39,7 +49,9 @@ class Patient(Base):
     name: Mapped[str] = mapped_column(String(324), default="")   # PHI: catalog only
     birth_date: Mapped[str] = mapped_column(String(8), default="")
     sex: Mapped[str] = mapped_column(String(16), default="")
-    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patient"),)
+    name_fold: Mapped[str | None] = mapped_column(FoldedName)  # PHI: for matching
+    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patient"),
+                      Index("ix_patients_name_fold", "name_fold"))
 
 
 class Study(Base):
@@ -56,6 +68,9 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_access_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     recalled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    study_id: Mapped[str | None] = mapped_column(String(16))
+    referring_physician: Mapped[str | None] = mapped_column(String(324))     # PHI
+    referring_physician_fold: Mapped[str | None] = mapped_column(FoldedName)
 
 
 class Series(Base):
@@ -71,7 +86,12 @@ class Series(Base):
     modality: Mapped[str] = mapped_column(String(16), default="")
     series_number: Mapped[str] = mapped_column(String(12), default="")
     uid_reused: Mapped[bool] = mapped_column(Boolean, default=False)
-    __table_args__ = (UniqueConstraint("study_fk", "series_uid", name="uq_series_study"),)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    series_date: Mapped[str | None] = mapped_column(String(8))
+    series_time: Mapped[str | None] = mapped_column(String(16))
+    __table_args__ = (UniqueConstraint("study_fk", "series_uid", name="uq_series_study"),
+                      # ModalitiesInStudy: the studies holding a modality, from the index.
+                      Index("ix_series_modality_study", "modality", "study_fk"))
 
 
 class Instance(Base):
@@ -91,6 +111,7 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     calling_ae: Mapped[str] = mapped_column(String(16))
     conflict: Mapped[bool] = mapped_column(Boolean, default=False)
+    instance_number: Mapped[str | None] = mapped_column(String(12))
     __table_args__ = (
         UniqueConstraint("sop_uid", "version", name="uq_instance_version"),
         Index("ix_instances_study", "study_fk"),
