@@ -14,6 +14,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
+from archive.dicom import pn
 from archive.errors import InvalidInput
 from archive.uids import InvalidUID, validate_uid
 
@@ -26,6 +27,11 @@ _TAGS = [
     Tag(0x0010, 0x0010), Tag(0x0010, 0x0020), Tag(0x0010, 0x0021),  # name, ID, issuer
     Tag(0x0010, 0x0030), Tag(0x0010, 0x0040),  # birth date, sex
     Tag(0x0020, 0x000D), Tag(0x0020, 0x000E), Tag(0x0020, 0x0011),  # study, series, number
+    # For C-FIND (archive/catalog/query.py):
+    Tag(0x0008, 0x0021), Tag(0x0008, 0x0031),  # SeriesDate / SeriesTime
+    Tag(0x0008, 0x0090),  # ReferringPhysicianName
+    Tag(0x0008, 0x103E),  # SeriesDescription
+    Tag(0x0020, 0x0010), Tag(0x0020, 0x0013),  # StudyID / InstanceNumber
 ]
 
 
@@ -46,6 +52,23 @@ class ReceivedAttributes:
     study_description: str
     modality: str
     series_number: str
+    # For C-FIND; defaults keep constructors from before them working.
+    study_id: str = ""
+    referring_physician: str = ""
+    series_description: str = ""
+    series_date: str = ""
+    series_time: str = ""
+    instance_number: str = ""
+
+    @property
+    def patient_name_fold(self) -> str:
+        """patients.name_fold: the name as C-FIND matches it case-insensitively."""
+        return pn.fold(self.patient_name)
+
+    @property
+    def referring_physician_fold(self) -> str:
+        """studies.referring_physician_fold."""
+        return pn.fold(self.referring_physician)
 
 
 CATALOG_TAGS = frozenset(int(t) for t in _TAGS)
@@ -55,10 +78,12 @@ _KEYWORDS = {
     0x00081030: "StudyDescription", 0x00100010: "PatientName", 0x00100020: "PatientID",
     0x00100021: "IssuerOfPatientID", 0x00100030: "PatientBirthDate", 0x00100040: "PatientSex",
     0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID", 0x00200011: "SeriesNumber",
+    0x00080021: "SeriesDate", 0x00080031: "SeriesTime", 0x00080090: "ReferringPhysicianName",
+    0x0008103E: "SeriesDescription", 0x00200010: "StudyID", 0x00200013: "InstanceNumber",
 }
 # Text VRs whose bytes depend on the Specific Character Set (PS3.5 6.1.2.3).
 _CHARSET_DEPENDENT = {"PatientName", "PatientID", "IssuerOfPatientID", "StudyDescription",
-                      "AccessionNumber"}
+                      "AccessionNumber", "ReferringPhysicianName", "SeriesDescription", "StudyID"}
 
 
 def attributes_from_raw(raw: dict[int, bytes]) -> ReceivedAttributes:
@@ -104,6 +129,9 @@ def attributes_from_raw(raw: dict[int, bytes]) -> ReceivedAttributes:
         study_time=text("StudyTime", 16), accession=text("AccessionNumber", 16),
         study_description=text("StudyDescription", 64), modality=text("Modality", 16),
         series_number=text("SeriesNumber", 12),
+        study_id=text("StudyID", 16), referring_physician=text("ReferringPhysicianName", 324),
+        series_description=text("SeriesDescription", 64), series_date=text("SeriesDate", 8),
+        series_time=text("SeriesTime", 16), instance_number=text("InstanceNumber", 12),
     )
 
 
@@ -156,4 +184,10 @@ def read_attributes(source: Path | BinaryIO) -> ReceivedAttributes:
         study_description=_text(ds, "StudyDescription", 64),
         modality=_text(ds, "Modality", 16),
         series_number=_text(ds, "SeriesNumber", 12),
+        study_id=_text(ds, "StudyID", 16),
+        referring_physician=_text(ds, "ReferringPhysicianName", 324),
+        series_description=_text(ds, "SeriesDescription", 64),
+        series_date=_text(ds, "SeriesDate", 8),
+        series_time=_text(ds, "SeriesTime", 16),
+        instance_number=_text(ds, "InstanceNumber", 12),
     )
