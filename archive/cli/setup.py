@@ -7,6 +7,7 @@ import click
 
 from archive import spool
 from archive.app.compose import open_catalog, open_object_tier, open_sites
+from archive.app.query_backfill import backfill_from_sites
 from archive.cli.common import handle_errors
 from archive.config.load import DEFAULT_NAME, default_config_text, load_settings
 from archive.errors import ConfigError
@@ -55,6 +56,10 @@ def init(directory: Path, config: str | None, admin: str | None) -> None:
     spool.ensure(settings.ingest.spool_dir)
     catalog = open_catalog(settings, migrate=True)
     try:
+        # Objects stored before the query columns existed: read them once (resumable).
+        filled = backfill_from_sites(settings, catalog)
+        if filled.instances or filled.series or filled.studies or filled.unreadable:
+            click.echo(f"query attributes filled: {filled}")
         from archive import audit
         audit.configure(settings.data_dir)
         if admin is not None:
