@@ -113,7 +113,6 @@ KEYS: dict[str, _Key] = {
 }
 UNIQUE = {0: "PatientID", 1: "StudyInstanceUID", 2: "SeriesInstanceUID", 3: "SOPInstanceUID"}
 _DATE_TIME_PAIRS = (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"))
-_WILDCARD_VRS = {"PN", "LO", "SH", "CS"}
 _RANGE_LEN = {"DA": 17, "TM": 27}          # a-b at full precision
 
 
