@@ -89,32 +89,53 @@ class MirrorWriter:
         return sum(not self.breaker.is_open(s.name) for s in self.sites)
 
     def write(self, key: str, payload: Payload) -> list[CopyOutcome]:
-        outcomes: dict[str, CopyOutcome] = {}
+        return self.start(key, payload).wait()
+
+    def start(self, key: str, payload: Payload) -> "PendingWrite":
+        """Begin writing to every site not skipped; ``wait()`` gives the outcomes.
+        The caller may do other work meanwhile (ingest commits the catalog row)."""
+        skipped: dict[str, CopyOutcome] = {}
         futures: dict[Future, str] = {}
         for site in self.sites:
             if self.breaker.is_open(site.name):
-                outcomes[site.name] = CopyOutcome(site.name, False,
-                                                  "skipped: " + self.breaker.reason(site.name))
+                skipped[site.name] = CopyOutcome(site.name, False,
+                                                 "skipped: " + self.breaker.reason(site.name))
             else:
                 futures[self._pool.submit(self._put, site, key, payload)] = site.name
-        deadline = time.monotonic() + self.timeout_s
-        pending = set(futures)
+        return PendingWrite(self, skipped, futures)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+
+class PendingWrite:
+    """Copies being written: which sites were attempted, and their outcomes."""
+
+    def __init__(self, mirror: MirrorWriter, skipped: dict[str, CopyOutcome],
+                 futures: dict[Future, str]) -> None:
+        self.mirror, self.skipped, self.futures = mirror, skipped, futures
+        self.deadline = time.monotonic() + mirror.timeout_s
+
+    @property
+    def attempted(self) -> list[str]:
+        return list(self.futures.values())
+
+    def wait(self) -> list[CopyOutcome]:
+        outcomes = dict(self.skipped)
+        pending = set(self.futures)
         first = True
         while pending:
-            done, pending = wait(pending, timeout=max(0.0, deadline - time.monotonic()),
+            done, pending = wait(pending, timeout=max(0.0, self.deadline - time.monotonic()),
                                  return_when=FIRST_COMPLETED)
             if not done:
                 break
             for fut in done:
-                outcomes[futures[fut]] = fut.result()
+                outcomes[self.futures[fut]] = fut.result()
             if first and pending:
                 failpoints.hit("mirror.after_first_site")
                 first = False
         for fut in pending:  # timed out: counted as failed; the thread finishes on its own
-            name = futures[fut]
-            self.breaker.trip(name, f"write took longer than {self.timeout_s:.0f}s")
+            name = self.futures[fut]
+            self.mirror.breaker.trip(name, f"write took longer than {self.mirror.timeout_s:.0f}s")
             outcomes[name] = CopyOutcome(name, False, "timeout")
-        return [outcomes[s.name] for s in self.sites]
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        return [outcomes[s.name] for s in self.mirror.sites]

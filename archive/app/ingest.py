@@ -2,12 +2,16 @@
 
 Ordering (docs/formats/site-layout.md, "Write ordering"):
 1. validate the command and the data set (UIDs, SOP class/instance agreement)
-2. look up earlier versions: identical bytes are acknowledged without a new copy
-3. write and verify on every healthy site (replication.mirror)
-4. fewer verified copies than ingest.min_copies (1 or 2; never zero): refuse
-   (out of resources), no row
-5. commit instance + copies (a failed site's copy is 'missing': the repair queue)
-6. only then report success to the DICOM layer
+2. look up earlier versions: identical bytes not in flight are acknowledged
+   without a new copy
+3. write and verify on every healthy site (replication.mirror) and, at the same
+   time, commit instance + copies with the instance marked in flight
+4. fewer verified copies than ingest.min_copies (1 or 2; never zero): undo the
+   row and refuse (out of resources)
+5. settle: a failed site's copy becomes 'missing' (the repair queue) before the
+   answer; the in-flight mark is removed with the next batch
+6. only then report success to the DICOM layer: both the copies and the row were
+   durable before it
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,7 +45,7 @@ from archive.dicom.part10 import (
 from archive.dicom.walk import check_complete
 from archive.errors import InvalidInput
 from archive.uids import validate_uid
-from replication.mirror import CopyOutcome, MirrorWriter
+from replication.mirror import MirrorWriter
 from tiers.layout import instance_key
 
 log = logging.getLogger("pacsvault.ingest")
@@ -145,13 +150,13 @@ class IngestService:
             obj.compute_sha256(f)
         return attrs, obj
 
-    def _versions_of(self, sop_uid: str) -> list[tuple[int, str]]:
+    def _versions_of(self, sop_uid: str) -> list[tuple[int, str, int, bool]]:
         # The hot path's one read before the copies, on a bare pooled DBAPI connection
         # (catalog/fastpath.py): through SQLAlchemy Core it cost 0.5-1 ms per object.
         raw = self.catalog.engine.raw_connection()
         try:
-            return RawTx(raw.driver_connection, self.catalog.engine.dialect.name).versions_of(
-                sop_uid)
+            return RawTx(raw.driver_connection,
+                         self.catalog.engine.dialect.name).versions_settled(sop_uid)
         finally:
             raw.close()
 
@@ -169,10 +174,11 @@ class IngestService:
             return StoreResult(Outcome.INVALID, str(e))
 
         versions = self._versions_of(attrs.sop_uid)
-        if any(sha == obj.sha256 for _, sha in versions):
+        same = [(instance_id, settled) for _, sha, instance_id, settled in versions
+                if sha == obj.sha256]
+        if any(settled for _, settled in same):
             log.info("duplicate of stored object %s from %s acknowledged", tok, req.calling_ae)
-            return StoreResult(Outcome.DUPLICATE, study_uid=attrs.study_uid,
-                               patient_id=attrs.patient_id)
+            return self._described(StoreResult(Outcome.DUPLICATE), attrs)
 
         if self.mirror.writable_sites() < self.min_copies:
             # Known short of sites (a failed site is skipped for a while): refuse before
@@ -182,49 +188,145 @@ class IngestService:
                       self.min_copies,
                       self.mirror.writable_sites())
             return StoreResult(Outcome.NO_COPY, "too few writable sites")
+        if same:
+            # These bytes have a row whose copies are not confirmed yet (being written by
+            # another association, or left by a crash): confirm them by writing again.
+            return self._store_again(req, attrs, obj, tok, same[0][0])
         conflict = bool(versions)
         key = instance_key(attrs.study_uid, attrs.sop_uid, obj.sha256 if conflict else None)
-        outcomes = self.mirror.write(key, obj)
-        if any(o.exists_different for o in outcomes) and not conflict:
+        return self._store_new(req, attrs, obj, tok, key, conflict)
+
+    def _store_new(self, req: StoreRequest, attrs: ReceivedAttributes,
+                   obj: SpooledObject | InMemoryObject, tok: str, key: str,
+                   conflict: bool, content_addressed: bool = False) -> StoreResult:
+        """Copies and catalog row at the same time, both finished before the answer.
+
+        The row is committed while the copies are still being written, marked in
+        flight (ingest_in_flight); once every copy has its outcome the mark goes
+        (and a failed copy becomes 'missing'), or the row is undone if too few were
+        verified. A crash in between leaves the mark, and replication/in_flight.py
+        resolves it by checking the sites."""
+        pending = self.mirror.start(key, obj)
+        failpoints.hit("ingest.before_commit")
+        now = self.clock()
+        copies = [(site, "ok", now) if site in pending.attempted else (site, "missing", None)
+                  for site in (s.name for s in self.mirror.sites)]
+        try:
+            result: StoreResult | None = self._commit(req, attrs, obj, key, copies,
+                                                      in_flight=True)
+        except DATABASE_ERRORS as e:
+            result = None
+            failure = type(e).__name__
+        failpoints.hit("ingest.after_row")
+        outcomes = pending.wait()
+        if result is None:
+            log.error("C-STORE from %s refused (object %s): catalog commit failed: %s",
+                      req.calling_ae, tok, failure)
+            return StoreResult(Outcome.CATALOG_DOWN, "catalog commit failed")
+        verified = [o.site for o in outcomes if o.ok]
+        if result.outcome is Outcome.DUPLICATE:
+            # Another association committed these very bytes first: ours confirm them.
+            return self._confirmed(req, attrs, tok, result.instance_id, verified)
+        if any(o.exists_different for o in outcomes) and not (conflict or content_addressed):
             # Another file sits at the first-version key (a crash before commit, or a
             # concurrent different object): never replace it; use a content-addressed key.
-            key = instance_key(attrs.study_uid, attrs.sop_uid, obj.sha256)
-            outcomes = self.mirror.write(key, obj)
-        verified = [o for o in outcomes if o.ok]
+            self._undo(result.instance_id)
+            return self._store_new(req, attrs, obj, tok,
+                                   instance_key(attrs.study_uid, attrs.sop_uid, obj.sha256),
+                                   conflict, content_addressed=True)
         if len(verified) < self.min_copies:
+            self._undo(result.instance_id)
             reasons = "; ".join(f"{o.site}: {o.error}" for o in outcomes if not o.ok)
             log.error("C-STORE from %s refused (object %s): %s (%s)", req.calling_ae, tok,
                       f"{len(verified)} verified copies, ingest.min_copies = {self.min_copies}"
                       if verified else "no verified copy", reasons)
             return StoreResult(Outcome.NO_COPY, reasons)
+        failed = [o.site for o in outcomes if not o.ok and o.site in pending.attempted]
+        instance_id = result.instance_id
 
-        failpoints.hit("ingest.before_commit")
-        try:
-            result = self._commit(req, attrs, obj, key, outcomes)
-        except DATABASE_ERRORS as e:
-            log.error("C-STORE from %s refused (object %s): catalog commit failed: %s",
-                      req.calling_ae, tok, type(e).__name__)
-            return StoreResult(Outcome.CATALOG_DOWN, "catalog commit failed")
+        def settle(tx) -> None:  # noqa: ANN001 - inside the group commit
+            tx.settle(instance_id, verified=[], failed=failed, now=now)
+
+        if failed:
+            # Exact at the answer: the missing copy is in the repair queue before it.
+            self._settle(settle)
+        else:
+            # The rows already say what is true; only the in-flight mark is left to
+            # remove, and that rides the next batch's flush.
+            self.committer.submit(settle)
         failpoints.hit("ingest.after_commit")
-        result.study_uid, result.patient_id = attrs.study_uid, attrs.patient_id
+        result.missing_sites = [o.site for o in outcomes if not o.ok]
         if result.missing_sites:
             log.warning("object %s stored under-replicated: missing on %s",
                         tok, ",".join(result.missing_sites))
         if result.conflict:
             log.warning("object %s received again with different content from %s: "
                         "kept both versions (conflict flagged)", tok, req.calling_ae)
+        return self._described(result, attrs)
+
+    def _store_again(self, req: StoreRequest, attrs: ReceivedAttributes,
+                     obj: SpooledObject | InMemoryObject, tok: str,
+                     instance_id: int) -> StoreResult:
+        """The same bytes as an unsettled row: write them where that row says (a site
+        that already holds them verifies and keeps its file) and confirm the row."""
+        raw = self.catalog.engine.raw_connection()
+        try:
+            key = RawTx(raw.driver_connection, self.catalog.engine.dialect.name).copy_key(
+                instance_id)
+        finally:
+            raw.close()
+        if key is None:
+            key = instance_key(attrs.study_uid, attrs.sop_uid, obj.sha256)
+        outcomes = self.mirror.write(key, obj)
+        return self._confirmed(req, attrs, tok, instance_id, [o.site for o in outcomes if o.ok])
+
+    def _confirmed(self, req: StoreRequest, attrs: ReceivedAttributes, tok: str,
+                   instance_id: int | None, verified: list[str]) -> StoreResult:
+        if instance_id is None or len(verified) < self.min_copies:
+            log.error("C-STORE from %s refused (object %s): %d verified copies of a re-sent "
+                      "object, ingest.min_copies = %d", req.calling_ae, tok, len(verified),
+                      self.min_copies)
+            return StoreResult(Outcome.NO_COPY, "too few verified copies")
+        now = self.clock()
+        self._settle(lambda tx: tx.settle(instance_id, verified=verified, failed=[], now=now))
+        log.info("duplicate of stored object %s from %s acknowledged", tok, req.calling_ae)
+        return self._described(StoreResult(Outcome.DUPLICATE, instance_id=instance_id), attrs)
+
+    def _settle(self, work) -> None:  # noqa: ANN001
+        try:
+            self.committer.run(work)
+        except DATABASE_ERRORS as e:
+            # The copies are verified; their rows are settled later by the repair loop.
+            log.warning("settling copies failed (%s); the repair loop will", type(e).__name__)
+
+    def _undo(self, instance_id: int | None) -> None:
+        if instance_id is None:
+            return
+        try:
+            self.committer.run(lambda tx: tx.delete_instance(instance_id))
+        except DATABASE_ERRORS as e:
+            # Left unsettled: replication/in_flight.py removes it (no copy exists).
+            log.warning("undoing a refused object's row failed (%s)", type(e).__name__)
+
+    @staticmethod
+    def _described(result: StoreResult, attrs: ReceivedAttributes) -> StoreResult:
+        result.study_uid, result.patient_id = attrs.study_uid, attrs.patient_id
         return result
 
     def _commit(self, req: StoreRequest, attrs: ReceivedAttributes,
-                obj: SpooledObject | InMemoryObject,
-                key: str, outcomes: list[CopyOutcome]) -> StoreResult:
+                obj: SpooledObject | InMemoryObject, key: str,
+                copies: list[tuple[str, str, datetime | None]], *,
+                in_flight: bool = False) -> StoreResult:
+        """Insert the instance and its copies ((site, state, verified_at) each),
+        marked in flight when its copies are still being written."""
         now = self.clock()
         ts = validate_uid(req.transfer_syntax, "Transfer Syntax")
 
         def work(tx) -> tuple[StoreResult, list]:  # noqa: ANN001 - inside the group commit
             versions = tx.versions_of(attrs.sop_uid)
             if any(sha == obj.sha256 for _, sha in versions):
-                return StoreResult(Outcome.DUPLICATE), []
+                return StoreResult(Outcome.DUPLICATE,
+                                   instance_id=tx.instance_id(attrs.sop_uid, obj.sha256)), []
             learned: list = []
             study_fk, series_fk = self._ensure_parents(tx, attrs, req.calling_ae, now, learned)
             instance_id = tx.insert_instance(
@@ -232,10 +334,11 @@ class IngestService:
                 series_fk=series_fk, study_fk=study_fk, sop_class=attrs.sop_class,
                 transfer_syntax=ts, size=obj.size, sha256=obj.sha256, received_at=now,
                 calling_ae=req.calling_ae[:16], conflict=bool(versions))
-            tx.insert_copies([(instance_id, o.site, key, "ok" if o.ok else "missing",
-                               now if o.ok else None) for o in outcomes])
-            return StoreResult(Outcome.STORED, instance_id=instance_id, conflict=bool(versions),
-                               missing_sites=[o.site for o in outcomes if not o.ok]), learned
+            tx.insert_copies([(instance_id, site, key, state, at) for site, state, at in copies])
+            if in_flight:
+                tx.mark_in_flight(instance_id, now)
+            return StoreResult(Outcome.STORED, instance_id=instance_id,
+                               conflict=bool(versions)), learned
 
         for attempt in range(3):
             try:

@@ -58,6 +58,59 @@ class RawTx:
         self.conn.commit()
 
     # -- statements ------------------------------------------------------------
+    def versions_settled(self, sop_uid: str) -> list[tuple[int, str, int, bool]]:
+        """(version, sha256, instance id, settled) of each stored version. Not settled:
+        committed while its copies were being written (ingest_in_flight) and not
+        confirmed since, so the row alone does not prove the bytes are kept."""
+        self.cur.execute(self._sql(
+            "SELECT i.version, i.sha256, i.id, NOT EXISTS (SELECT 1 FROM ingest_in_flight f "
+            "WHERE f.instance_fk = i.id) FROM instances i WHERE i.sop_uid = ?"), (sop_uid,))
+        return [(int(v), s, int(i), bool(settled)) for v, s, i, settled in self.cur.fetchall()]
+
+    def instance_id(self, sop_uid: str, sha256: str) -> int | None:
+        found = self.one("SELECT id FROM instances WHERE sop_uid = ? AND sha256 = ?",
+                         (sop_uid, sha256))
+        return None if found is None else int(found)
+
+    def copy_key(self, instance_fk: int) -> str | None:
+        return self.one("SELECT key FROM copies WHERE instance_fk = ? AND bundle_fk IS NULL "
+                        "ORDER BY id", (instance_fk,))
+
+    def mark_in_flight(self, instance_fk: int, now: datetime) -> None:
+        self.cur.execute(self._sql(
+            "INSERT INTO ingest_in_flight (instance_fk, started_at) VALUES (?, ?)"),
+            (instance_fk, self._ts(now)))
+
+    def settle(self, instance_fk: int, *, verified: list[str], failed: list[str],
+               now: datetime) -> None:
+        """The copies' outcome once they are written: failed ones go to the repair
+        queue, ones verified by a re-send become 'ok'; the instance is no longer in
+        flight."""
+        if verified:
+            self.cur.executemany(self._sql(
+                "UPDATE copies SET state = 'ok', verified_at = ? "
+                "WHERE instance_fk = ? AND location = ? AND bundle_fk IS NULL"),
+                [(self._ts(now), instance_fk, loc) for loc in verified])
+        if failed:
+            self.cur.executemany(self._sql(
+                "UPDATE copies SET state = 'missing', verified_at = NULL "
+                "WHERE instance_fk = ? AND location = ? AND bundle_fk IS NULL"),
+                [(instance_fk, loc) for loc in failed])
+        self.cur.execute(self._sql("DELETE FROM ingest_in_flight WHERE instance_fk = ?"),
+                         (instance_fk,))
+
+    def delete_instance(self, instance_fk: int) -> bool:
+        """Undo a row whose copies failed: it was never acknowledged. Only while it is
+        still in flight: a re-send that confirmed it meanwhile was answered on it."""
+        if self.one("SELECT 1 FROM ingest_in_flight WHERE instance_fk = ?",
+                    (instance_fk,)) is None:
+            return False
+        for table, column in (("ingest_in_flight", "instance_fk"), ("copies", "instance_fk"),
+                              ("instances", "id")):
+            self.cur.execute(self._sql(f"DELETE FROM {table} WHERE {column} = ?"),
+                             (instance_fk,))
+        return True
+
     def versions_of(self, sop_uid: str) -> list[tuple[int, str]]:
         self.cur.execute(self._sql("SELECT version, sha256 FROM instances WHERE sop_uid = ?"),
                          (sop_uid,))

@@ -10,6 +10,7 @@ row never fails the others.
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from typing import Any, Callable
@@ -18,13 +19,15 @@ from archive.catalog.fastpath import RawTx
 from archive.catalog.uow import Catalog
 
 Work = Callable[[RawTx], Any]
+log = logging.getLogger("pacsvault.catalog")
 
 
 class _Item:
-    __slots__ = ("work", "result", "error", "done")
+    __slots__ = ("work", "result", "error", "done", "detached")
 
-    def __init__(self, work: Work) -> None:
+    def __init__(self, work: Work, detached: bool = False) -> None:
         self.work = work
+        self.detached = detached
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -46,6 +49,15 @@ class GroupCommitter:
         if item.error is not None:
             raise item.error
         return item.result
+
+    def submit(self, work: Work) -> None:
+        """Run ``work(tx)`` in a coming batch without waiting for it (it shares that
+        batch's flush). A failure is logged; the caller must not depend on it."""
+        self._queue.put(_Item(work, detached=True))
+
+    def drain(self) -> None:
+        """Return once everything submitted before has been committed (or failed)."""
+        self.run(lambda tx: None)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -86,6 +98,9 @@ class GroupCommitter:
         except BaseException as e:  # noqa: BLE001 - handed to the caller, never swallowed
             if len(batch) == 1:
                 batch[0].error = e
+                if batch[0].detached:
+                    log.warning("a deferred catalog update failed (%s); the repair loop "
+                                "settles it later", type(e).__name__)
             else:
                 for it in batch:
                     self._commit([it])

@@ -152,6 +152,17 @@ class Copy(Base):
     )
 
 
+class IngestInFlight(Base):
+    """An instance whose row ingest committed while its copies were still being
+    written (the two run at the same time): its copies are not confirmed until
+    this row is gone. Ingest deletes it once they are; after a crash,
+    replication/in_flight.py checks the sites and resolves what is left."""
+
+    __tablename__ = "ingest_in_flight"
+    instance_fk: Mapped[int] = mapped_column(ForeignKey("instances.id"), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class Peer(Base):
     """A DICOM peer allowed to associate: AE title + source address (+ port)."""
 

@@ -36,6 +36,7 @@ from archive.errors import ConfigError
 from archive.peers import PeerRegistry
 from replication.mirror import MirrorWriter
 from replication.repair import repair_missing
+from replication.in_flight import settle_in_flight
 
 log = logging.getLogger("pacsvault.serve")
 
@@ -182,8 +183,11 @@ class Supervisor:
     def _repair_loop(self, catalog, sites) -> None:  # noqa: ANN001
 
         scratch = self.settings.ingest.spool_dir / "repair"
+        # In-flight marks this old belong to no ingest still running (a worker that died).
+        settled_after = max(60.0, 2 * self.settings.ingest.site_timeout_s)
         while not self.stop.wait(self.settings.ingest.repair_interval_s):
             try:
+                settle_in_flight(catalog, sites, older_than_s=settled_after)
                 repair_missing(catalog, sites, scratch)
             except Exception:
                 log.exception("repair pass failed; will retry")
@@ -212,6 +216,10 @@ class Supervisor:
         swept = spool_area.sweep(s.ingest.spool_dir)
         if swept:
             log.info("spool: removed %d temp files left by a crash", swept)
+        # Objects a crash left in flight, before any association is accepted. On SQLite the
+        # instance lock means nobody else is writing; PostgreSQL may have other daemons.
+        settle_in_flight(catalog, sites, older_than_s=0 if catalog.engine.dialect.name ==
+                          "sqlite" else 2 * s.ingest.site_timeout_s)
 
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())

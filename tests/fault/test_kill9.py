@@ -27,6 +27,8 @@ CASES = [
     "mirror.after_first_site=kill@7",
     "ingest.before_commit=kill@5",
     "ingest.after_commit=kill@4",
+    # The row is committed while the copies are still being written.
+    "ingest.after_row=kill@6",
 ]
 
 
