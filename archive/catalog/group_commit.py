@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 from archive.catalog.fastpath import RawTx
@@ -34,10 +35,14 @@ class _Item:
 
 
 class GroupCommitter:
-    def __init__(self, catalog: Catalog, max_batch: int = 64) -> None:
+    def __init__(self, catalog: Catalog, max_batch: int = 64, defer_s: float = 0.1) -> None:
         self.catalog = catalog
         self.max_batch = max_batch
+        self.defer_s = defer_s
         self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._deferred: list[_Item] = []
+        self._deferred_since = 0.0
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
 
@@ -51,9 +56,13 @@ class GroupCommitter:
         return item.result
 
     def submit(self, work: Work) -> None:
-        """Run ``work(tx)`` in a coming batch without waiting for it (it shares that
-        batch's flush). A failure is logged; the caller must not depend on it."""
-        self._queue.put(_Item(work, detached=True))
+        """Run ``work(tx)`` with the next batch, or within ``defer_s`` if none comes,
+        without waiting for it: it shares that batch's flush instead of costing one
+        of its own. A failure is logged; the caller must not depend on it."""
+        with self._lock:
+            if not self._deferred:
+                self._deferred_since = time.monotonic()
+            self._deferred.append(_Item(work, detached=True))
 
     def drain(self) -> None:
         """Return once everything submitted before has been committed (or failed)."""
@@ -63,10 +72,33 @@ class GroupCommitter:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
+    def _take_deferred(self) -> list[_Item]:
+        with self._lock:
+            taken, self._deferred = self._deferred, []
+        return taken
+
+    def _next(self) -> _Item | None | bool:
+        """The next queued item; False when deferred work has waited long enough."""
+        while True:
+            with self._lock:
+                due = self._deferred_since + self.defer_s if self._deferred else None
+            try:
+                if due is None:
+                    return self._queue.get(timeout=self.defer_s)
+                return self._queue.get(timeout=max(0.0, due - time.monotonic()))
+            except queue.Empty:
+                if due is not None:
+                    return False
+
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
+            first = self._next()
+            if first is False:
+                self._commit(self._take_deferred())
+                continue
             if first is None:
+                if rest := self._take_deferred():
+                    self._commit(rest)
                 return
             batch = [first]
             while len(batch) < self.max_batch:
@@ -78,7 +110,7 @@ class GroupCommitter:
                     self._queue.put(None)  # finish this batch, then stop
                     break
                 batch.append(nxt)
-            self._commit(batch)
+            self._commit(self._take_deferred() + batch)
 
     def _commit(self, batch: list[_Item]) -> None:
         try:

@@ -176,3 +176,43 @@ def test_a_data_set_in_memory_is_stored_exactly_as_one_from_a_spool_file(env):
     bad = StoreRequest(None, m.sop_class, m.sop_uid, m.transfer_syntax, "T",
                        data=image[:-100])    # cut inside the pixel data
     assert ingest.store(bad).outcome is Outcome.INVALID
+
+
+def test_deferred_work_rides_the_next_batch_or_is_committed_on_its_own_soon(tmp_path: Path):
+    """Ingest's settle step costs no flush of its own when objects keep coming, and is
+    still committed within defer_s when none comes."""
+    import time
+
+    from sqlalchemy import text
+
+    from archive.catalog.group_commit import GroupCommitter
+
+    engine = make_engine(f"sqlite:///{tmp_path}/g.db")
+    upgrade(engine)
+    gc = GroupCommitter(Catalog(engine), defer_s=0.3)
+    commits = []
+    real = gc._commit
+    gc._commit = lambda batch: (commits.append(len(batch)), real(batch))[1]
+
+    def peer(name):
+        return lambda tx: tx.cur.execute(
+            "INSERT INTO peers (ae_title, host, port, created_at) VALUES (?, 'h', NULL, "
+            "'2024-01-01')", (name,))
+
+    def count():
+        with engine.connect() as c:
+            return c.execute(text("SELECT count(*) FROM peers")).scalar()
+
+    gc.submit(peer("DEFERRED1"))
+    gc.run(peer("NEXT"))                 # one commit holds both
+    assert commits == [2] and count() == 2
+    gc.submit(peer("ALONE"))
+    time.sleep(0.1)
+    assert count() == 2                  # still waiting for company
+    deadline = time.monotonic() + 3
+    while count() < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert count() == 3 and commits == [2, 1]
+    gc.submit(peer("AT-CLOSE"))
+    gc.close()                           # nothing submitted is dropped at shutdown
+    assert count() == 4
