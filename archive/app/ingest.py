@@ -333,7 +333,8 @@ class IngestService:
                 sop_uid=attrs.sop_uid, version=max((v for v, _ in versions), default=0) + 1,
                 series_fk=series_fk, study_fk=study_fk, sop_class=attrs.sop_class,
                 transfer_syntax=ts, size=obj.size, sha256=obj.sha256, received_at=now,
-                calling_ae=req.calling_ae[:16], conflict=bool(versions))
+                calling_ae=req.calling_ae[:16], conflict=bool(versions),
+                instance_number=attrs.instance_number)
             tx.insert_copies([(instance_id, site, key, state, at) for site, state, at in copies])
             if in_flight:
                 tx.mark_in_flight(instance_id, now)
@@ -364,19 +365,25 @@ class IngestService:
         study_fk = self._studies.get(attrs.study_uid)
         if study_fk is None:
             patient_fk = tx.ensure_patient(attrs.patient_id, attrs.issuer, attrs.patient_name,
-                                           attrs.birth_date, attrs.sex)
+                                           attrs.birth_date, attrs.sex, attrs.patient_name_fold)
             study_fk = tx.ensure_study(
                 attrs.study_uid, patient_fk, now, attrs.study_date, attrs.study_time,
-                attrs.accession, attrs.study_description, calling_ae[:16])
+                attrs.accession, attrs.study_description, calling_ae[:16],
+                study_id=attrs.study_id, referring_physician=attrs.referring_physician,
+                referring_physician_fold=attrs.referring_physician_fold)
             learned.append((self._studies, attrs.study_uid, study_fk))
         # Keyed by study too: a series UID reused by another study is another row.
         series_fk = self._series.get((study_fk, attrs.series_uid))
         if series_fk is None:
-            series_fk, reused = tx.ensure_series(attrs.series_uid, study_fk, attrs.modality,
-                                                 attrs.series_number)
+            series_fk, reused = tx.ensure_series(
+                attrs.series_uid, study_fk, attrs.modality, attrs.series_number,
+                description=attrs.series_description, series_date=attrs.series_date,
+                series_time=attrs.series_time)
             if reused:
+                # UIDs stay out of logs (they identify a patient's study): tokens instead.
                 log.warning("series %s is also used by another study: filed under study %s "
-                            "as sent, flagged (uid_reused)", attrs.series_uid, attrs.study_uid)
+                            "as sent, flagged (uid_reused)", phi.token(attrs.series_uid),
+                            phi.token(attrs.study_uid))
             learned.append((self._series, (study_fk, attrs.series_uid), series_fk))
             tx.touch_study(study_fk, now)
         return study_fk, series_fk

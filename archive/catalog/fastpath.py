@@ -141,28 +141,34 @@ class RawTx:
         return [(int(v), s) for v, s in self.cur.fetchall()]
 
     def ensure_patient(self, patient_id: str, issuer: str, name: str, birth_date: str,
-                       sex: str) -> int:
+                       sex: str, name_fold: str = "") -> int:
         q = "SELECT id FROM patients WHERE patient_id = ? AND issuer = ?"
         found = self.one(q, (patient_id, issuer))
         if found is None:
             self.cur.execute(self._sql(
-                "INSERT INTO patients (patient_id, issuer, name, birth_date, sex) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
-                (patient_id, issuer, name, birth_date, sex))
+                "INSERT INTO patients (patient_id, issuer, name, birth_date, sex, name_fold) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                (patient_id, issuer, name, birth_date, sex, name_fold))
             found = self.one(q, (patient_id, issuer))
         return int(found)
 
     def ensure_study(self, study_uid: str, patient_fk: int, now: datetime, study_date: str,
-                     study_time: str, accession: str, description: str, calling_ae: str) -> int:
+                     study_time: str, accession: str, description: str, calling_ae: str, *,
+                     study_id: str = "", referring_physician: str = "",
+                     referring_physician_fold: str = "") -> int:
+        # The query attributes are written as "" when absent, never NULL: NULL means
+        # "not read yet" to archive/catalog/backfill_query.py.
         q = "SELECT id FROM studies WHERE study_uid = ?"
         found = self.one(q, (study_uid,))
         if found is None:
             self.cur.execute(self._sql(
                 "INSERT INTO studies (study_uid, patient_fk, study_date, study_time, accession, "
-                "description, calling_ae, first_received_at, last_received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                "description, calling_ae, first_received_at, last_received_at, study_id, "
+                "referring_physician, referring_physician_fold) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
                 (study_uid, patient_fk, study_date, study_time, accession, description,
-                 calling_ae, self._ts(now), self._ts(now)))
+                 calling_ae, self._ts(now), self._ts(now), study_id, referring_physician,
+                 referring_physician_fold))
             found = self.one(q, (study_uid,))
         return int(found)
 
@@ -171,7 +177,8 @@ class RawTx:
                          (self._ts(now), study_fk))
 
     def ensure_series(self, series_uid: str, study_fk: int, modality: str,
-                      series_number: str) -> tuple[int, bool]:
+                      series_number: str, *, description: str = "", series_date: str = "",
+                      series_time: str = "") -> tuple[int, bool]:
         """The study's row for this series UID, and whether the UID is also used by
         another study (then both rows are flagged uid_reused)."""
         q = "SELECT id, uid_reused FROM series WHERE study_fk = ? AND series_uid = ?"
@@ -180,9 +187,11 @@ class RawTx:
             elsewhere = self.one("SELECT id FROM series WHERE series_uid = ? AND study_fk <> ? "
                                  "LIMIT 1", (series_uid, study_fk)) is not None
             self.cur.execute(self._sql(
-                "INSERT INTO series (series_uid, study_fk, modality, series_number, uid_reused) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
-                (series_uid, study_fk, modality, series_number, elsewhere))
+                "INSERT INTO series (series_uid, study_fk, modality, series_number, uid_reused, "
+                "series_description, series_date, series_time) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                (series_uid, study_fk, modality, series_number, elsewhere, description,
+                 series_date, series_time))
             if elsewhere:
                 self.cur.execute(self._sql("UPDATE series SET uid_reused = ? WHERE series_uid = ?"),
                                  (True, series_uid))
@@ -191,13 +200,14 @@ class RawTx:
 
     def insert_instance(self, *, sop_uid: str, version: int, series_fk: int, study_fk: int,
                         sop_class: str, transfer_syntax: str, size: int, sha256: str,
-                        received_at: datetime, calling_ae: str, conflict: bool) -> int:
+                        received_at: datetime, calling_ae: str, conflict: bool,
+                        instance_number: str = "") -> int:
         return int(self.one(
             "INSERT INTO instances (sop_uid, version, series_fk, study_fk, sop_class, "
-            "transfer_syntax, size, sha256, received_at, calling_ae, conflict) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "transfer_syntax, size, sha256, received_at, calling_ae, conflict, instance_number) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (sop_uid, version, series_fk, study_fk, sop_class, transfer_syntax, size, sha256,
-             self._ts(received_at), calling_ae, conflict)))
+             self._ts(received_at), calling_ae, conflict, instance_number)))
 
     def insert_copies(self, rows: list[tuple[int, str, str, str, datetime | None]]) -> None:
         self.cur.executemany(self._sql(

@@ -216,3 +216,37 @@ def test_deferred_work_rides_the_next_batch_or_is_committed_on_its_own_soon(tmp_
     gc.submit(peer("AT-CLOSE"))
     gc.close()                           # nothing submitted is dropped at shutdown
     assert count() == 4
+
+
+def test_ingest_writes_what_c_find_matches(env):
+    """The query attributes are filled at ingest ('' when absent, never NULL, which
+    means 'not read yet' to the backfill)."""
+    from sqlalchemy import text
+
+    url, catalog, a, b, ingest, tmp = env
+    m = make_instance(tmp / "q.dcm", size=2000, raw_overrides={
+        "PatientName": "Müller^Hans", "StudyID": "S-17", "ReferringPhysicianName": "Smith^Anne",
+        "SeriesDescription": "AX T1", "SeriesDate": "20240102", "SeriesTime": "101500",
+        "InstanceNumber": "7", "SpecificCharacterSet": "ISO_IR 100"})
+    bare = make_instance(tmp / "bare.dcm", size=2000)
+    for x in (m, bare):
+        assert ingest.store(req(x)).outcome is Outcome.STORED
+    with catalog.engine.connect() as c:
+        row = c.execute(text(
+            "SELECT p.name_fold, st.study_id, st.referring_physician, "
+            "st.referring_physician_fold, se.series_description, se.series_date, "
+            "se.series_time, i.instance_number FROM instances i "
+            "JOIN series se ON se.id = i.series_fk JOIN studies st ON st.id = i.study_fk "
+            "JOIN patients p ON p.id = st.patient_fk WHERE i.sop_uid = :u"),
+            {"u": m.sop_uid}).one()
+        empty = c.execute(text(
+            "SELECT st.study_id, st.referring_physician_fold, se.series_description, "
+            "i.instance_number FROM instances i JOIN series se ON se.id = i.series_fk "
+            "JOIN studies st ON st.id = i.study_fk WHERE i.sop_uid = :u"),
+            {"u": bare.sop_uid}).one()
+    from archive.dicom.pn import fold
+
+    assert tuple(row) == (fold("Müller^Hans"), "S-17", "Smith^Anne", fold("Smith^Anne"),
+                          "AX T1", "20240102", "101500", "7")
+    assert fold("Müller^Hans") == fold("MÜLLER^HANS") != "Müller^Hans"
+    assert tuple(empty) == ("", "", "", "1")      # make_instance always sets InstanceNumber 1
