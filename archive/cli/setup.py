@@ -1,6 +1,7 @@
 """`pacsvault init [DIR]`: write a default config and create what it names."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -11,6 +12,19 @@ from archive.app.query_backfill import backfill_from_sites
 from archive.cli.common import handle_errors
 from archive.config.load import DEFAULT_NAME, default_config_text, load_settings
 from archive.errors import ConfigError
+
+
+def _backfill_progress():  # noqa: ANN202
+    """A line on stderr every 10 s while an upgrade reads stored objects (an archive
+    of millions takes hours), saying that an interruption loses nothing."""
+    last = [time.monotonic()]
+
+    def show(report) -> None:  # noqa: ANN001
+        if time.monotonic() - last[0] >= 10:
+            last[0] = time.monotonic()
+            click.echo(f"query attributes: {report.instances} instances read so far "
+                       "(interrupt at any time: 'pacsvault init' again resumes)", err=True)
+    return show
 
 
 @click.command()
@@ -57,7 +71,7 @@ def init(directory: Path, config: str | None, admin: str | None) -> None:
     catalog = open_catalog(settings, migrate=True)
     try:
         # Objects stored before the query columns existed: read them once (resumable).
-        filled = backfill_from_sites(settings, catalog)
+        filled = backfill_from_sites(settings, catalog, progress=_backfill_progress())
         if filled.instances or filled.series or filled.studies or filled.unreadable:
             click.echo(f"query attributes filled: {filled}")
         from archive import audit
