@@ -61,6 +61,7 @@ from archive.spool import RECEIVE_PREFIX
 log = logging.getLogger("pacsvault.dicom")
 
 VERIFICATION = "1.2.840.10008.1.1"
+WARNINGS_PER_SOURCE = 20          # refusal lines a minute per kind and source address
 UNRECOGNIZED_OPERATION = 0x0211
 # For a command whose UIDs cannot go into a meta group (the ingest path refuses it
 # anyway): a Part 10 header with an empty meta group.
@@ -154,13 +155,13 @@ class _Session:
             log.exception("peer check failed; refusing association")
             ok, reason = False, "peer check failed"
         if not ok:
-            self.listener.warn_once_a_minute(("peer", self.address), "association refused: %s",
-                                             printable(reason))
+            self.listener.warn_once_a_minute(("peer", self.address, printable(reason)),
+                                             "association refused: %s", printable(reason))
             return P.AssociateRJ(REJECTED_PERMANENT, SOURCE_USER, CALLING_AE_NOT_RECOGNIZED)
         if s.check_called_ae and rq.called_ae.strip() != s.ae_title:
             self.listener.warn_once_a_minute(
-                ("called", self.address), "association from %s refused: called AE title is not "
-                "ours", self.calling)
+                ("called", self.address, self.calling), "association from %s refused: called AE "
+                "title is not ours", self.calling)
             return P.AssociateRJ(REJECTED_PERMANENT, SOURCE_USER, CALLED_AE_NOT_RECOGNIZED)
         ac = answer(rq, self.listener.offer)
         if isinstance(ac, P.AssociateAC):
@@ -274,7 +275,8 @@ class EngineListener:
         self.sock.bind((settings.bind, port))
         self.sock.listen(128)
         self._stop = threading.Event()
-        self._warned: dict[object, tuple[float, int]] = {}   # key -> (last logged, since)
+        self._warned: dict[tuple, tuple[float, int]] = {}   # key -> (last logged, since)
+        self._per_source: dict[tuple, tuple[float, int]] = {}   # (kind, address) -> lines
         self.thread = threading.Thread(target=self._accept_loop, daemon=True,
                                        name="dicom-tls-listener" if ssl_context else "dicom-listener")
         self.thread.start()
@@ -336,16 +338,24 @@ class EngineListener:
                                 "there have not associated (dicom.max_pending_per_source)",
                                 address, self.settings.max_pending_per_source)
 
-    def warn_once_a_minute(self, key: object, message: str, *args: object) -> None:
-        """A refusal logged at most once a minute per kind and source, with how many
-        were not logged since: a flood from outside must not fill the disk."""
+    def warn_once_a_minute(self, key: tuple, message: str, *args: object) -> None:
+        """A refusal logged at most once a minute per key ((kind, source address, what
+        was refused)), with how many were not logged since, and at most
+        ``WARNINGS_PER_SOURCE`` lines a minute per kind and source: a flood from outside
+        (varying its AE titles or not) must not fill the disk."""
         now = time.monotonic()
         with self.lock:
             last, since = self._warned.get(key, (-1e9, 0))
-            if now - last < 60:
+            start, lines = self._per_source.get(key[:2], (now, 0))
+            if now - start >= 60:
+                start, lines = now, 0
+            if now - last < 60 or lines >= WARNINGS_PER_SOURCE:
                 self._warned[key] = (last, since + 1)
                 return
+            self._per_source[key[:2]] = (start, lines + 1)
             self._warned[key] = (now, 0)
+            if len(self._per_source) > 10_000:
+                self._per_source.clear()
             if len(self._warned) > 10_000:      # many sources: forget the oldest half
                 for k in sorted(self._warned, key=lambda k: self._warned[k][0])[:5_000]:
                     del self._warned[k]
