@@ -55,7 +55,12 @@ def test_pdu_headers_announcing_2_gb_cost_nothing_and_the_daemon_serves_on(daemo
     before = _worker_rss_kb(daemon)
     socks = []
     for kind in (0x01, 0x04, 0x01):
-        s = socket.create_connection(("127.0.0.1", daemon.dicom_port))
+        # From a source of its own: the aborted sockets stay open (the peer should close
+        # them and does not) and count against 127.0.0.2's pending limit until ARTIM, which
+        # must not touch the modality on 127.0.0.1 pushing meanwhile.
+        s = socket.socket()
+        s.bind(("127.0.0.2", 0))
+        s.connect(("127.0.0.1", daemon.dicom_port))
         s.sendall(struct.pack(">BBI", kind, 0, 2_000_000_000) + b"\x00" * 64)
         socks.append(s)
     for s in socks:
