@@ -55,6 +55,9 @@ class DicomSettings(_Strict):
     reactor_sleep_s: float = Field(0.001, gt=0, le=0.01)
     # On SIGTERM, open associations get this long to finish before they are aborted.
     shutdown_grace_s: float = Field(30, ge=0)
+    # C-FIND: a query with more matches is refused whole (0xA700), never cut short
+    max_query_matches: int = Field(1000, ge=1, le=100_000)
+    query_case_insensitive_pn: bool = True   # PS3.4 lets the SCP choose; most archives do
     # DICOM TLS (PS3.15 Annex B, TLS 1.2+) on a second port; None = off.
     tls_port: int | None = Field(None, ge=1, le=65535)
     tls_only: bool = False              # true: no plain listener on `port`

@@ -1,5 +1,6 @@
-"""The DICOM listener on pacsvault's own engine (archive/dicom/net): C-ECHO and
-C-STORE for every storage SOP class, one thread per association.
+"""The DICOM listener on pacsvault's own engine (archive/dicom/net): C-ECHO,
+C-STORE for every storage SOP class and C-FIND (Patient and Study Root), one
+thread per association.
 
 * The calling AE and source address are checked on the A-ASSOCIATE-RQ, before
   anything else is read; the request itself is bounded (64 KiB).
@@ -14,6 +15,9 @@ C-STORE for every storage SOP class, one thread per association.
   ``max_pending_per_source`` connections that have not associated yet has
   further connections closed at once. ARTIM closes connections that never send a request, and a PDU must
   arrive whole within the network timeout of its first byte.
+* A C-FIND identifier is kept in memory up to MAX_IDENTIFIER_BYTES (a larger one
+  is refused, 0xC000); its matches are sent one pending response per driver step,
+  so a C-CANCEL that arrives meanwhile stops them (0xFE00).
 * Peer strings are made printable before they reach a log or the ingest path.
 """
 from __future__ import annotations
@@ -27,14 +31,17 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 from pydicom.uid import AllTransferSyntaxes
 
+from archive.app import find as F
 from archive.app.ingest import IngestService, StoreRequest
 from archive.config.schema import DicomSettings
 from archive.daemon.dimse_status import DATASET_MISMATCH, OUT_OF_RESOURCES, store_status
 from archive.daemon.received import Received
 from archive.daemon.tls import HANDSHAKE_TIMEOUT_S
+from archive.dicom.identifier import COMMAND_TRANSFER_SYNTAXES, MAX_IDENTIFIER_BYTES
 from archive.dicom.net import association as A
 from archive.dicom.net import dimse, driver
 from archive.dicom.net import pdu as P
@@ -139,6 +146,9 @@ class _Session:
         # A request refused before its data set arrived: (context, command, status),
         # answered once the data set is in (and dropped).
         self.refused: tuple[int, dimse.Command, int] | None = None
+        self.query: tuple[int, dimse.Command, bytearray] | None = None   # C-FIND arriving
+        self.running: dimse.Command | None = None     # the C-FIND whose matches are going out
+        self.cancelled = False
 
     def on_request(self, rq: P.AssociateRQ) -> P.AssociateAC | P.AssociateRJ:
         self.associating = True
@@ -190,8 +200,18 @@ class _Session:
                 self.store = _Store(event.context_id, cmd, self.contexts[event.context_id],
                                     self.listener.spool_dir,
                                     self.listener.settings.in_memory_max_bytes)
+            elif cmd.command_field == dimse.C_FIND_RQ and cmd.has_data_set:
+                if self.listener.finder is None or \
+                        self.abstract.get(event.context_id) not in F.MODELS:
+                    self.refused = (event.context_id, cmd, UNRECOGNIZED_OPERATION)
+                elif cmd.affected_sop_class != self.abstract.get(event.context_id):
+                    self.refused = (event.context_id, cmd, F.IDENTIFIER_DOES_NOT_MATCH)
+                else:
+                    self.query = (event.context_id, cmd, bytearray())
             elif cmd.command_field == dimse.C_CANCEL_RQ:
-                pass                            # nothing of ours runs long enough to cancel
+                if self.running is not None and \
+                        cmd.message_id_responded_to == self.running.message_id:
+                    self.cancelled = True       # seen by the running job at its next step
             elif not cmd.is_request:
                 assoc.abort(P.UNEXPECTED_PDU_PARAMETER, source=P.ABORT_SOURCE_PROVIDER)
             elif cmd.has_data_set:
@@ -199,6 +219,8 @@ class _Session:
             else:
                 self._answer(assoc, event.context_id, cmd, UNRECOGNIZED_OPERATION)
             return
+        if self.query is not None:
+            return self._query_fragment(assoc, event)
         st = self.store
         if st is None:
             # The data set of a refused request: dropped, then answered.
@@ -220,14 +242,60 @@ class _Session:
                 affected_sop_class=cmd.affected_sop_class,
                 affected_sop_instance=cmd.affected_sop_instance, status=status))
 
+    def _query_fragment(self, assoc: A.Association, event: dimse.DataFragment
+                        ) -> Iterator[None] | None:
+        context_id, cmd, data = self.query  # type: ignore[misc]
+        if len(data) <= MAX_IDENTIFIER_BYTES:
+            data += event.data[:MAX_IDENTIFIER_BYTES + 1 - len(data)]   # the rest is dropped
+        if not event.is_last:
+            return None
+        self.query = None
+        if len(data) > MAX_IDENTIFIER_BYTES:
+            self._answer(assoc, context_id, cmd, F.UNABLE_TO_PROCESS,
+                         f"identifier longer than {MAX_IDENTIFIER_BYTES} bytes")
+            return None
+        return self._find(assoc, context_id, cmd, bytes(data))
+
+    def _find(self, assoc: A.Association, context_id: int, cmd: dimse.Command, data: bytes
+              ) -> Iterator[None]:
+        """The C-FIND as a driver job: one pending response per step."""
+        self.running, self.cancelled = cmd, False
+        try:
+            answer = self.listener.finder.find(  # type: ignore[union-attr]
+                cmd.affected_sop_class or "", self.contexts[context_id], data,
+                calling_ae=self.calling, source=f"{self.calling}@{self.address}")
+            status, comment = answer.status, answer.comment
+            pending = dimse.Command(dimse.C_FIND_RSP, message_id_responded_to=cmd.message_id,
+                                    affected_sop_class=cmd.affected_sop_class,
+                                    data_set_type=dimse.DATA_SET_PRESENT, status=F.PENDING)
+            try:
+                for encoded in answer.matches:
+                    if self.cancelled:
+                        status, comment = F.CANCELLED, ""
+                        break
+                    assoc.send_message(context_id, pending, encoded)
+                    yield
+                if self.cancelled:
+                    status, comment = F.CANCELLED, ""
+            except Exception:
+                log.exception("C-FIND from %s failed while answering", self.calling)
+                status, comment = F.UNABLE_TO_PROCESS, "the matches could not be read"
+            if not assoc.closed:
+                self._answer(assoc, context_id, cmd, status, comment)
+        finally:
+            self.running, self.cancelled = None, False
+
     @staticmethod
-    def _answer(assoc: A.Association, context_id: int, cmd: dimse.Command, status: int) -> None:
-        """A failure response: a service this listener does not offer (C-FIND, C-MOVE,
-        C-GET here: 0x0211, unrecognized operation) or a refused C-STORE."""
+    def _answer(assoc: A.Association, context_id: int, cmd: dimse.Command, status: int,
+                comment: str = "") -> None:
+        """A final response without a data set: a service this listener does not offer
+        (C-MOVE, C-GET here: 0x0211, unrecognized operation), a refused C-STORE, the
+        end of a C-FIND. The comment (LO) never carries a value from the request."""
         assoc.send_message(context_id, dimse.Command(
             cmd.command_field | 0x8000, message_id_responded_to=cmd.message_id,
             affected_sop_class=cmd.affected_sop_class,
-            affected_sop_instance=cmd.affected_sop_instance, status=status))
+            affected_sop_instance=cmd.affected_sop_instance, status=status,
+            error_comment=printable(comment).replace("\\", "/")[:64] or None))
 
     def _ingest(self, st: _Store, path: Path | None, data: bytes | None) -> int:
         cmd = st.command
@@ -258,12 +326,14 @@ class EngineListener:
 
     def __init__(self, settings: DicomSettings, port: int, ingest: IngestService,
                  peers: PeerRegistry, spool_dir: Path,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 finder: F.FindService | None = None) -> None:
         self.settings, self.ingest, self.peers = settings, ingest, peers
-        self.spool_dir, self.ssl_context = spool_dir, ssl_context
+        self.spool_dir, self.ssl_context, self.finder = spool_dir, ssl_context, finder
         self.offer = Offer(settings.ae_title, None, tuple(AllTransferSyntaxes),
                            settings.max_pdu or 262144, IMPLEMENTATION_CLASS_UID,
-                           IMPLEMENTATION_VERSION)
+                           IMPLEMENTATION_VERSION, query_classes=frozenset(F.MODELS),
+                           query_transfer_syntaxes=COMMAND_TRANSFER_SYNTAXES)
         self.timeouts = driver.Timeouts(artim_s=min(30.0, settings.network_timeout_s),
                                         idle_s=settings.network_timeout_s)
         self.received = Received()

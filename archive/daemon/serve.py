@@ -21,6 +21,7 @@ import time
 from archive import atna, audit
 from archive import spool as spool_area
 from archive.app.compose import open_catalog, open_object_tier_or_none, open_sites
+from archive.app.find import FindService
 from archive.app.ingest import IngestService
 from archive.app.status import collect
 from archive.config.paths import site_risks
@@ -34,9 +35,9 @@ from archive.daemon.scheduler import start_scheduler
 from archive.daemon.tls import server_context, warn_if_key_exposed
 from archive.errors import ConfigError
 from archive.peers import PeerRegistry
+from replication.in_flight import settle_in_flight
 from replication.mirror import MirrorWriter
 from replication.repair import repair_missing
-from replication.in_flight import settle_in_flight
 
 log = logging.getLogger("pacsvault.serve")
 
@@ -82,13 +83,16 @@ def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | No
     ingest = IngestService(catalog, mirror, min_copies=settings.ingest.min_copies)
     peers = PeerRegistry(catalog, settings.dicom.allow_any_peer)
     d = settings.dicom
+    finder = FindService(catalog, ae_title=d.ae_title, max_matches=d.max_query_matches,
+                         case_insensitive_pn=d.query_case_insensitive_pn)
     listeners = []  # the plain port, the TLS port, or both
     ctx = server_context(d.tls_cert, d.tls_key, d.tls_ca, d.tls_require_client_cert,
                          what="dicom.tls") if d.tls_port else None
     ports = ([(port, None)] if not d.tls_only else []) + ([(d.tls_port, ctx)] if d.tls_port else [])
     for p, ssl_context in ports:
         if d.engine == "pacsvault":
-            listeners.append(EngineListener(d, p, ingest, peers, spool, ssl_context=ssl_context))
+            listeners.append(EngineListener(d, p, ingest, peers, spool, ssl_context=ssl_context,
+                                            finder=finder))
         else:
             listeners.append(_PynetdicomListener(*start_listener(d, p, ingest, peers,
                                                                  ssl_context=ssl_context)))

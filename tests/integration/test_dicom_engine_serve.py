@@ -118,19 +118,20 @@ def test_one_source_holding_idle_sockets_does_not_starve_another(daemon):
 
 
 def test_a_service_not_offered_is_answered_unrecognized_and_the_association_goes_on(daemon):
-    # C-FIND carries an identifier data set: it is read, dropped and answered 0x0211.
+    # Storage Commitment's N-ACTION carries a data set: it is read, dropped and
+    # answered 0x0211 (unrecognized operation), and the association carries on.
     from pydicom.dataset import Dataset
     from pynetdicom import AE
 
     ae = AE(ae_title="STORESCU")
-    find = "1.2.840.10008.5.1.4.1.2.2.1"         # Study Root Query/Retrieve - FIND
-    ae.add_requested_context(find)
+    commitment = "1.2.840.10008.1.20.1"             # Storage Commitment Push Model
+    ae.add_requested_context(commitment)
     ae.add_requested_context("1.2.840.10008.1.1")
     assoc = ae.associate("127.0.0.1", daemon.dicom_port, ae_title="PACSVAULT")
     assert assoc.is_established
-    q = Dataset()
-    q.QueryRetrieveLevel, q.StudyInstanceUID = "STUDY", ""
-    [(status, _)] = list(assoc.send_c_find(q, find))
+    request = Dataset()
+    request.TransactionUID = "1.2.3.4.5"
+    status, _ = assoc.send_n_action(request, 1, commitment, "1.2.840.10008.1.20.1.1")
     assert status.Status == 0x0211
     assert assoc.send_c_echo().Status == 0
     assoc.release()

@@ -4,13 +4,20 @@ It owns the clock: ARTIM while a connection has not associated (or after a
 release, until the peer closes), and an idle timeout for the rest, where a PDU
 that started arriving must finish within the timeout of its first byte, so a
 peer dripping a byte at a time cannot hold a connection open.
+
+A handler may answer a request with a job: an iterator that sends one response
+(or a few) per step. Between steps the driver sends what is queued and reads
+whatever the peer has sent meanwhile without waiting, so a C-CANCEL, an abort or
+a closed connection reaches the handler while a long C-FIND or C-MOVE runs.
 """
 from __future__ import annotations
 
+import select
 import socket
+import ssl
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 from archive.dicom.net import association as A
 from archive.dicom.net import dimse
@@ -31,7 +38,7 @@ class Handler(Protocol):
     def on_request(self, rq: P.AssociateRQ) -> P.AssociateAC | P.AssociateRJ: ...
 
     def on_event(self, assoc: A.Association, event: dimse.CommandReceived | dimse.DataFragment
-                 ) -> None: ...
+                 ) -> Iterator[None] | None: ...
 
     def on_close(self, assoc: A.Association, how: A.Event | None) -> None: ...
 
@@ -66,25 +73,72 @@ def serve(sock: socket.socket, assoc: A.Association, handler: Handler, timeouts:
             assoc.receive_data(data)
             pdu_started = (pdu_started or last) if assoc.mid_pdu else None
             for event in assoc.events():
-                if isinstance(event, A.AssociationRequested):
-                    answer = handler.on_request(event.request)
-                    if isinstance(answer, P.AssociateAC):
-                        assoc.accept(answer)
-                    else:
-                        assoc.reject(answer)
-                elif isinstance(event, (dimse.CommandReceived, dimse.DataFragment)):
-                    handler.on_event(assoc, event)
-                elif isinstance(event, A.ReleaseRequested):
-                    assoc.release()
+                job = _dispatch(assoc, handler, event)
+                if isinstance(event, (A.ReleaseRequested, A.Aborted)):
                     ending = event
-                elif isinstance(event, A.Aborted):
-                    ending = event
+                if job is not None:
+                    ending = _run_job(sock, assoc, handler, job, timeouts) or ending
+                    last = clock()
             _flush(sock, assoc, timeouts)
     finally:
         try:
             sock.close()
         finally:
             handler.on_close(assoc, ending)
+
+
+def _dispatch(assoc: A.Association, handler: Handler, event: A.Event
+              ) -> Iterator[None] | None:
+    if isinstance(event, A.AssociationRequested):
+        answer = handler.on_request(event.request)
+        if isinstance(answer, P.AssociateAC):
+            assoc.accept(answer)
+        else:
+            assoc.reject(answer)
+    elif isinstance(event, (dimse.CommandReceived, dimse.DataFragment)):
+        return handler.on_event(assoc, event)
+    elif isinstance(event, A.ReleaseRequested):
+        assoc.release()
+    return None
+
+
+def _run_job(sock: socket.socket, assoc: A.Association, handler: Handler,
+             job: Iterator[None], timeouts: Timeouts) -> A.Event | None:
+    """Step ``job`` to its end, sending after each step and handing the handler
+    what the peer sent meanwhile (a C-CANCEL). Returns how the association ended,
+    if it did; the job is closed then."""
+    ending: A.Event | None = None
+    try:
+        for _ in job:
+            _flush(sock, assoc, timeouts)
+            while not assoc.closed and _readable(sock):
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except OSError:
+                    data = b""
+                assoc.receive_data(data)
+                for event in assoc.events():
+                    if isinstance(event, (A.ReleaseRequested, A.Aborted)):
+                        ending = event
+                    second = _dispatch(assoc, handler, event)
+                    if second is not None:
+                        # One operation at a time (we negotiate 1/1): a second
+                        # request while one runs is the peer's protocol error.
+                        second.close()
+                        assoc.abort(P.UNEXPECTED_PDU_PARAMETER, source=P.ABORT_SOURCE_PROVIDER)
+                if not data:
+                    break
+            if assoc.closed or ending is not None:
+                return ending
+    finally:
+        job.close()
+    return ending
+
+
+def _readable(sock: socket.socket) -> bool:
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _flush(sock: socket.socket, assoc: A.Association, timeouts: Timeouts) -> None:

@@ -32,6 +32,10 @@ class Offer:
     implementation_version_name: str
     # SOP classes for which we may act as SCU on this association (C-GET's C-STOREs).
     scu_role_classes: frozenset[str] = frozenset()
+    # Query/retrieve models: their identifiers carry no pixel data, so a context for
+    # one is accepted only in one of these (uncompressed or deflated) syntaxes.
+    query_classes: frozenset[str] = frozenset()
+    query_transfer_syntaxes: tuple[str, ...] = ()
 
 
 def valid_ae_title(title: str) -> bool:
@@ -56,7 +60,9 @@ def answer(rq: P.AssociateRQ, offer: Offer) -> P.AssociateAC | P.AssociateRJ:
             contexts.append(P.PresentationContextAC(c.id, P.ABSTRACT_SYNTAX_NOT_SUPPORTED, ""))
             continue
         # The requestor's order is its preference; any one we accept keeps the bytes as sent.
-        chosen = next((t for t in c.transfer_syntaxes if t in supported), None)
+        usable = (set(offer.query_transfer_syntaxes) if c.abstract_syntax in offer.query_classes
+                  else supported)
+        chosen = next((t for t in c.transfer_syntaxes if t in usable), None)
         contexts.append(P.PresentationContextAC(c.id, P.ACCEPTANCE, chosen) if chosen else
                         P.PresentationContextAC(c.id, P.TRANSFER_SYNTAXES_NOT_SUPPORTED, ""))
     proposed = {c.abstract_syntax for c in rq.contexts}
