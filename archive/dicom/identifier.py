@@ -22,6 +22,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 
+from archive.dicom.walk import Truncated, check_complete
 from archive.errors import InvalidInput
 
 MAX_IDENTIFIER_BYTES = 64 * 1024
@@ -75,6 +76,13 @@ def decode(data: bytes, transfer_syntax: str) -> Identifier:
         raise IdentifierUnreadable(f"longer than {MAX_IDENTIFIER_BYTES} bytes")
     if transfer_syntax == DEFLATED_LE:
         data = _inflate(data)
+    # Whole and well framed first (pydicom would quietly read a truncated one), with
+    # nesting bounded: the same walk a C-STORE's data set gets.
+    try:
+        check_complete(io.BytesIO(data), 0, len(data),
+                       EXPLICIT_LE if transfer_syntax == DEFLATED_LE else transfer_syntax)
+    except Truncated as e:
+        raise IdentifierUnreadable(e.args[0] if e.args else "malformed") from None
     implicit, little = _encoding(transfer_syntax)
     try:
         with warnings.catch_warnings():
