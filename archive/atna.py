@@ -120,8 +120,8 @@ def _b64(s: str) -> str:
 
 def _event(ev: Event) -> tuple[Code, str, tuple[Code, ...]]:
     event_id, action_code, types = EVENTS.get(ev.action, (APPLICATION_ACTIVITY, "E", ()))
-    if ev.action == "restore" and ev.detail.get("destination_ae"):
-        return INSTANCES_TRANSFERRED, "R", types       # restored by sending to an AE
+    if ev.action in ("restore", "retrieve") and ev.detail.get("destination_ae"):
+        return INSTANCES_TRANSFERRED, "R", types       # sent to an AE (restore, C-MOVE)
     if ev.action == "dr-volume-moved":
         if ev.detail.get("to_state") in _VOLUME_BACK:
             return IMPORT, "C", types

@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, select, update
 
 from archive import failpoints, phi
 from archive.catalog.models import (
     Bundle,
+    Copy,
     DrInstance,
     DrSegment,
     DrVolume,
@@ -153,7 +154,8 @@ class Restorer:
                  scratch: Path | None = None,
                  load_volume: Callable[[str, str], bool] | None = None,
                  progress: Callable[[int], None] | None = None,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None,
+                 wanted: Callable[[Any], bool] | None = None) -> None:
         self.catalog = catalog
         self.sites = {s.name: s for s in sites}
         self.tier = tier
@@ -165,6 +167,8 @@ class Restorer:
         self.load_volume = load_volume            # ask an operator to load a tape
         self.progress = progress or (lambda n: None)
         self.stop = stop or threading.Event()
+        self.wanted = wanted                      # which instances of each study (all: None)
+        self._turn = 0                            # spreads online reads over the sites
         self._t0 = 0.0
         self._member_sums: dict[tuple[str, str], tuple[int, str]] = {}
 
@@ -178,7 +182,8 @@ class Restorer:
             try:
                 with self.catalog.unit() as uow:
                     state = study_state.load(uow.session, fk)
-                items = [Item(inst, uid, fk) for inst in state.instances]
+                items = [Item(inst, uid, fk) for inst in state.instances
+                         if self.wanted is None or self.wanted(inst)]
                 there = [self.delivery.done(item) for item in items]
             except Exception as e:  # noqa: BLE001 - one bad study never stops the others
                 why = describe_failure(e)
@@ -240,15 +245,21 @@ class Restorer:
                 left.append(item)
                 continue
             done = False
-            for name, c in item.inst.copies.items():
+            copies = list(item.inst.copies.items())
+            self._turn += 1                 # both healthy sites share the reads
+            k = self._turn % len(copies) if copies else 0
+            for name, c in copies[k:] + copies[:k]:
                 site = self.sites.get(name)
                 if site is None or c.state != "ok":
                     continue
-                path = self._copy_verified(lambda: site.open(c.key), item)
+                path, mismatch = self._copy_verified(lambda: site.open(c.key), item)
                 if path is None:
-                    item.tried.append(f"online copy on {name} does not match the catalog")
-                    log.error("restore: online copy of %s on %s does not match the catalog",
-                              phi.token(item.inst.sop_uid), name)
+                    if mismatch:
+                        item.tried.append(f"online copy on {name} does not match the catalog")
+                        log.error("restore: online copy of %s on %s does not match the "
+                                  "catalog; queued for repair from its twin",
+                                  phi.token(item.inst.sop_uid), name)
+                        self._queue_repair(item.inst.id, name)
                     continue
                 self._delivered(item, "online", path, report)
                 done = True
@@ -257,15 +268,29 @@ class Restorer:
                 left.append(item)
         return left
 
-    def _copy_verified(self, opener, item: Item) -> Path | None:  # noqa: ANN001
-        """A scratch copy of the source if it matches the catalog, else None."""
+    def _copy_verified(self, opener, item: Item) -> tuple[Path | None, bool]:  # noqa: ANN001
+        """(a scratch copy of the source if it matches the catalog, whether it was read
+        and did not match)."""
         try:
             copy = copy_verified(opener, item.inst.sha256, self.scratch, size=item.inst.size,
                                  suffix=".restore.tmp")
         except (BackendError, OSError) as e:
             item.tried.append(f"unreadable: {e}")
-            return None
-        return None if copy is None else copy.path
+            return None, False
+        return (None, True) if copy is None else (copy.path, False)
+
+    def _queue_repair(self, instance_id: int, site: str) -> None:
+        """A copy that read back wrong is 'missing' from now on: the repair loop rewrites
+        it from a copy that verifies (replication/repair.py), and nothing reads it."""
+        try:
+            with self.catalog.unit(write=True) as uow:
+                uow.session.execute(update(Copy).where(
+                    Copy.instance_fk == instance_id, Copy.location == site, Copy.state == "ok"
+                ).values(state="missing", verified_at=None))
+                uow.commit()
+        except Exception as e:  # noqa: BLE001 - the retrieve goes on; the scrub finds it later
+            log.error("restore: could not queue the repair of a copy on %s (%s)", site,
+                      type(e).__name__)
 
     # -- tier 2: the object tier ----------------------------------------------------------------
     def _objects(self, todo: list[Item], report: RestoreReport) -> list[Item]:

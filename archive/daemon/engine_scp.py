@@ -1,6 +1,6 @@
 """The DICOM listener on pacsvault's own engine (archive/dicom/net): C-ECHO,
-C-STORE for every storage SOP class and C-FIND (Patient and Study Root), one
-thread per association.
+C-STORE for every storage SOP class, C-FIND and C-MOVE (Patient and Study Root),
+one thread per association.
 
 * The calling AE and source address are checked on the A-ASSOCIATE-RQ, before
   anything else is read; the request itself is bounded (64 KiB).
@@ -15,9 +15,11 @@ thread per association.
   ``max_pending_per_source`` connections that have not associated yet has
   further connections closed at once. ARTIM closes connections that never send a request, and a PDU must
   arrive whole within the network timeout of its first byte.
-* A C-FIND identifier is kept in memory up to MAX_IDENTIFIER_BYTES (a larger one
-  is refused, 0xC000); its matches are sent one pending response per driver step,
-  so a C-CANCEL that arrives meanwhile stops them (0xFE00).
+* A C-FIND or C-MOVE identifier is kept in memory up to MAX_IDENTIFIER_BYTES (a
+  larger one is refused, 0xC000). A C-FIND's matches are sent one pending response
+  per driver step; a C-MOVE's sub-operations run in a thread of their own while
+  the association's thread sends their counts; either way a C-CANCEL that arrives
+  meanwhile stops them (0xFE00).
 * Peer strings are made printable before they reach a log or the ingest path.
 """
 from __future__ import annotations
@@ -36,12 +38,14 @@ from typing import Iterator
 from pydicom.uid import AllTransferSyntaxes
 
 from archive.app import find as F
+from archive.app import retrieve as R
 from archive.app.ingest import IngestService, StoreRequest
 from archive.config.schema import DicomSettings
 from archive.daemon.dimse_status import DATASET_MISMATCH, OUT_OF_RESOURCES, store_status
 from archive.daemon.received import Received
 from archive.daemon.tls import HANDSHAKE_TIMEOUT_S
 from archive.dicom.identifier import COMMAND_TRANSFER_SYNTAXES, MAX_IDENTIFIER_BYTES
+from archive.dicom.identifier import encode as ident_encode
 from archive.dicom.net import association as A
 from archive.dicom.net import dimse, driver
 from archive.dicom.net import pdu as P
@@ -146,7 +150,7 @@ class _Session:
         # A request refused before its data set arrived: (context, command, status),
         # answered once the data set is in (and dropped).
         self.refused: tuple[int, dimse.Command, int] | None = None
-        self.query: tuple[int, dimse.Command, bytearray] | None = None   # C-FIND arriving
+        self.query: tuple[int, dimse.Command, bytearray] | None = None   # identifier arriving
         self.running: dimse.Command | None = None     # the C-FIND whose matches are going out
         self.cancelled = False
 
@@ -208,6 +212,14 @@ class _Session:
                     self.refused = (event.context_id, cmd, F.IDENTIFIER_DOES_NOT_MATCH)
                 else:
                     self.query = (event.context_id, cmd, bytearray())
+            elif cmd.command_field == dimse.C_MOVE_RQ and cmd.has_data_set:
+                if self.listener.mover is None or \
+                        self.abstract.get(event.context_id) not in R.MOVE_MODELS:
+                    self.refused = (event.context_id, cmd, UNRECOGNIZED_OPERATION)
+                elif cmd.affected_sop_class != self.abstract.get(event.context_id):
+                    self.refused = (event.context_id, cmd, R.IDENTIFIER_DOES_NOT_MATCH)
+                else:
+                    self.query = (event.context_id, cmd, bytearray())
             elif cmd.command_field == dimse.C_CANCEL_RQ:
                 if self.running is not None and \
                         cmd.message_id_responded_to == self.running.message_id:
@@ -254,6 +266,8 @@ class _Session:
             self._answer(assoc, context_id, cmd, F.UNABLE_TO_PROCESS,
                          f"identifier longer than {MAX_IDENTIFIER_BYTES} bytes")
             return None
+        if cmd.command_field == dimse.C_MOVE_RQ:
+            return self._move(assoc, context_id, cmd, bytes(data))
         return self._find(assoc, context_id, cmd, bytes(data))
 
     def _find(self, assoc: A.Association, context_id: int, cmd: dimse.Command, data: bytes
@@ -284,6 +298,75 @@ class _Session:
                 self._answer(assoc, context_id, cmd, status, comment)
         finally:
             self.running, self.cancelled = None, False
+
+    def _move(self, assoc: A.Association, context_id: int, cmd: dimse.Command, data: bytes
+              ) -> Iterator[None]:
+        """The C-MOVE as a driver job: the sub-operations in a thread, their counts sent
+        as pending responses while they change, a C-CANCEL passed on to them."""
+        mover: R.MoveService = self.listener.mover  # type: ignore[assignment]
+        destination = printable(cmd.move_destination or "")
+        self.running, self.cancelled = cmd, False
+        plan = progress = None
+        status, comment = R.UNABLE_TO_PROCESS, ""
+        try:
+            try:
+                plan = mover.plan(cmd.affected_sop_class or "", self.contexts[context_id], data,
+                                  destination)
+            except R.MoveRefused as e:
+                status, comment = e.status, e.comment
+            except Exception:
+                log.exception("C-MOVE from %s could not be planned", self.calling)
+                comment = "the catalog cannot be read now"
+            else:
+                progress = R.MoveProgress(total=len(plan.send))
+                stop = threading.Event()
+                worker = threading.Thread(target=mover.run, args=(plan, progress, stop),
+                                          daemon=True, name="c-move")
+                worker.start()
+                sent = None
+                while worker.is_alive():
+                    # A pending response per sub-operation (at most one per wait), so the
+                    # requestor sees progress and its C-CANCEL lands between two of them.
+                    progress.changed.wait(timeout=0.2)
+                    progress.changed.clear()
+                    if self.cancelled:
+                        stop.set()
+                    counts = progress.counts()
+                    if worker.is_alive() and counts != sent and not self.cancelled:
+                        remaining, completed, failed, warning = counts
+                        assoc.send_message(context_id, dimse.Command(
+                            dimse.C_MOVE_RSP, message_id_responded_to=cmd.message_id,
+                            affected_sop_class=cmd.affected_sop_class, status=R.PENDING,
+                            remaining=remaining, completed=completed, failed=failed,
+                            warning=warning))
+                        sent = counts
+                    yield
+                status, comment = R.final_status(progress, self.cancelled), progress.comment
+            if not assoc.closed:
+                self._move_final(assoc, context_id, cmd, status, comment, progress)
+        finally:
+            self.running, self.cancelled = None, False
+            mover.audit(plan, status, progress, calling_ae=self.calling,
+                        source=f"{self.calling}@{self.address}",
+                        sop_class=cmd.affected_sop_class or "", destination=destination)
+
+    def _move_final(self, assoc: A.Association, context_id: int, cmd: dimse.Command,
+                    status: int, comment: str, progress: "R.MoveProgress | None") -> None:
+        remaining, completed, failed, warning = progress.counts() if progress else (0, 0, 0, 0)
+        failed_list = None
+        if progress is not None and progress.failed_uids:
+            failed_list = ident_encode({"FailedSOPInstanceUIDList":
+                                        "\\".join(progress.failed_uids)}, "",
+                                       self.contexts[context_id])
+        assoc.send_message(context_id, dimse.Command(
+            dimse.C_MOVE_RSP, message_id_responded_to=cmd.message_id,
+            affected_sop_class=cmd.affected_sop_class, status=status,
+            remaining=remaining if status == R.CANCELLED else None,
+            completed=completed if progress else None, failed=failed if progress else None,
+            warning=warning if progress else None,
+            data_set_type=dimse.DATA_SET_PRESENT if failed_list else dimse.NO_DATA_SET,
+            error_comment=printable(comment).replace("\\", "/")[:64] or None
+            if status not in (R.SUCCESS, R.CANCELLED) else None), failed_list)
 
     @staticmethod
     def _answer(assoc: A.Association, context_id: int, cmd: dimse.Command, status: int,
@@ -327,12 +410,14 @@ class EngineListener:
     def __init__(self, settings: DicomSettings, port: int, ingest: IngestService,
                  peers: PeerRegistry, spool_dir: Path,
                  ssl_context: ssl.SSLContext | None = None,
-                 finder: F.FindService | None = None) -> None:
+                 finder: F.FindService | None = None,
+                 mover: R.MoveService | None = None) -> None:
         self.settings, self.ingest, self.peers = settings, ingest, peers
         self.spool_dir, self.ssl_context, self.finder = spool_dir, ssl_context, finder
+        self.mover = mover
         self.offer = Offer(settings.ae_title, None, tuple(AllTransferSyntaxes),
                            settings.max_pdu or 262144, IMPLEMENTATION_CLASS_UID,
-                           IMPLEMENTATION_VERSION, query_classes=frozenset(F.MODELS),
+                           IMPLEMENTATION_VERSION, query_classes=frozenset(F.MODELS) | frozenset(R.MOVE_MODELS),
                            query_transfer_syntaxes=COMMAND_TRANSFER_SYNTAXES)
         self.timeouts = driver.Timeouts(artim_s=min(30.0, settings.network_timeout_s),
                                         idle_s=settings.network_timeout_s)

@@ -23,6 +23,7 @@ from archive import spool as spool_area
 from archive.app.compose import open_catalog, open_object_tier_or_none, open_sites
 from archive.app.find import FindService
 from archive.app.ingest import IngestService
+from archive.app.retrieve import MoveService
 from archive.app.status import collect
 from archive.config.paths import site_risks
 from archive.config.schema import Settings
@@ -85,6 +86,8 @@ def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | No
     d = settings.dicom
     finder = FindService(catalog, ae_title=d.ae_title, max_matches=d.max_query_matches,
                          case_insensitive_pn=d.query_case_insensitive_pn)
+    mover = MoveService(catalog, mirror.sites, open_object_tier_or_none(settings),
+                        ae_title=d.ae_title, scratch=spool / "move")
     listeners = []  # the plain port, the TLS port, or both
     ctx = server_context(d.tls_cert, d.tls_key, d.tls_ca, d.tls_require_client_cert,
                          what="dicom.tls") if d.tls_port else None
@@ -92,7 +95,7 @@ def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | No
     for p, ssl_context in ports:
         if d.engine == "pacsvault":
             listeners.append(EngineListener(d, p, ingest, peers, spool, ssl_context=ssl_context,
-                                            finder=finder))
+                                            finder=finder, mover=mover))
         else:
             listeners.append(_PynetdicomListener(*start_listener(d, p, ingest, peers,
                                                                  ssl_context=ssl_context)))

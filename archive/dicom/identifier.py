@@ -140,7 +140,8 @@ def encode(keys: dict[str, str], level: str, transfer_syntax: str, *,
     ds = Dataset()
     if charsets:
         ds.SpecificCharacterSet = list(charsets) if len(charsets) > 1 else charsets[0]
-    ds.QueryRetrieveLevel = level
+    if level:
+        ds.QueryRetrieveLevel = level
     for keyword, value in values.items():
         tag = tag_for_keyword(keyword)
         if tag is None:
