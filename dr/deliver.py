@@ -307,7 +307,9 @@ class AeDelivery:
     TIMEOUTS = client.Timeouts(connect_s=60, network_s=60, dimse_s=60)
 
     def __init__(self, target: str, calling_ae: str, contexts: list[tuple[str, str]],
-                 journal: Path, *, resume: bool = False) -> None:
+                 journal: Path, *, resume: bool = False,
+                 move_originator: tuple[str, int] | None = None) -> None:
+        self.move_originator = move_originator     # a C-MOVE's sub-operations name it
         self.ae_title, self.host, self.port = parse_ae_target(target)
         self.name = f"{self.ae_title}@{self.host}:{self.port}"
         if not contexts:
@@ -349,7 +351,8 @@ class AeDelivery:
                                   "bytes are sent as stored, never converted)")
         try:
             code = self.assoc.store(pair[0], item.inst.sop_uid, path,
-                                    transfer_syntax=pair[1]).status
+                                    transfer_syntax=pair[1],
+                                    move_originator=self.move_originator).status
         except client.ScuError as e:
             raise BackendError("C-STORE", self.name, f"no response (association lost): {e}"
                                ) from None

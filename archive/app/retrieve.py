@@ -1,5 +1,6 @@
-"""The C-MOVE use case: send what an identifier names to a known AE, from
-whichever tier holds it.
+"""The C-MOVE and C-GET use case: send what an identifier names to a known AE
+(C-MOVE) or back to the requestor on its own association (C-GET), from whichever
+tier holds it.
 
 ``plan`` reads the identifier (unique keys only: single values or lists of
 UIDs, PS3.4 C.4.2.2.1), finds the instances (the latest version of each, as
@@ -38,6 +39,9 @@ log = logging.getLogger("pacsvault.retrieve")
 PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 MOVE_MODELS = {PATIENT_ROOT_MOVE: Q.PATIENT_ROOT, STUDY_ROOT_MOVE: Q.STUDY_ROOT}
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+GET_MODELS = {PATIENT_ROOT_GET: Q.PATIENT_ROOT, STUDY_ROOT_GET: Q.STUDY_ROOT}
 
 # C-MOVE statuses (PS3.4 C.4.2.1.5)
 SUCCESS, PENDING, CANCELLED = 0x0000, 0xFF00, 0xFE00
@@ -58,7 +62,7 @@ class MoveRefused(Exception):
 
 @dataclass
 class MovePlan:
-    destination: peers.PeerEntry
+    destination: peers.PeerEntry | None        # None: C-GET, back on the association
     studies: list[tuple[int, str]]
     send: set[int]                         # instance ids
     contexts: list[tuple[str, str]]        # (SOP class, transfer syntax) to propose
@@ -95,13 +99,13 @@ class MoveService:
         self.ae_title, self.scratch, self.max_instances = ae_title, scratch, max_instances
 
     # -- what to send, where ----------------------------------------------------------------
-    def plan(self, sop_class: str, transfer_syntax: str, data: bytes, destination: str
-             ) -> MovePlan:
-        """Raises MoveRefused with the status to answer."""
-        model = MOVE_MODELS.get(sop_class)
+    def plan(self, sop_class: str, transfer_syntax: str, data: bytes,
+             destination: str | None) -> MovePlan:
+        """Raises MoveRefused with the status to answer. ``destination`` None: a C-GET."""
+        model = (MOVE_MODELS if destination is not None else GET_MODELS).get(sop_class)
         if model is None:
-            raise MoveRefused(IDENTIFIER_DOES_NOT_MATCH, "not a C-MOVE model we offer")
-        dest = self._destination(destination)
+            raise MoveRefused(IDENTIFIER_DOES_NOT_MATCH, "not a retrieve model we offer")
+        dest = self._destination(destination) if destination is not None else None
         try:
             request = ident.decode(data, transfer_syntax)
         except ident.IdentifierUnreadable as e:
@@ -147,7 +151,7 @@ class MoveService:
         raise MoveRefused(DESTINATION_UNKNOWN, "move destination unknown: add it with "
                           "'pacsvault peer add AE HOST --port N'")
 
-    def _resolve(self, dest: peers.PeerEntry, level: str, found: list[dict[str, str]],
+    def _resolve(self, dest: peers.PeerEntry | None, level: str, found: list[dict[str, str]],
                  keys: dict[str, str]) -> MovePlan:
         study_uids = sorted({m["StudyInstanceUID"] for m in found})
         series = {m["SeriesInstanceUID"] for m in found} if level == "SERIES" else None
@@ -179,22 +183,27 @@ class MoveService:
                         study_uids[0] if len(study_uids) == 1 else None)
 
     # -- sending ---------------------------------------------------------------------------
-    def run(self, plan: MovePlan, progress: MoveProgress, stop: threading.Event) -> None:
-        """Send the plan's instances to its destination, counting into ``progress``."""
+    def run(self, plan: MovePlan, progress: MoveProgress, stop: threading.Event,
+            delivery: Any = None, originator: tuple[str, int] | None = None) -> None:
+        """Send the plan's instances to its destination (or through ``delivery``, a
+        C-GET's hand-off), counting into ``progress``."""
         if not plan.send:
             return
         self.scratch.mkdir(parents=True, exist_ok=True)
         journal = self.scratch / f"move-{secrets.token_hex(8)}.journal"
         d = plan.destination
-        try:
-            delivery = AeDelivery(f"{d.ae_title}@{d.host}:{d.port}", self.ae_title,
-                                  plan.contexts[:128], journal)
-        except Exception as e:  # noqa: BLE001 - refused, unreachable: every sub-operation fails
-            with progress.lock:
-                progress.failed = progress.total
-                progress.comment = "the move destination could not be reached or refused us"
-            log.error("C-MOVE to %s: %s", d.ae_title, type(e).__name__)
-            return
+        where = d.ae_title if d is not None else "the requestor"
+        if delivery is None:
+            assert d is not None
+            try:
+                delivery = AeDelivery(f"{d.ae_title}@{d.host}:{d.port}", self.ae_title,
+                                      plan.contexts[:128], journal, move_originator=originator)
+            except Exception as e:  # noqa: BLE001 - refused, unreachable: all sub-operations fail
+                with progress.lock:
+                    progress.failed = progress.total
+                    progress.comment = "the move destination could not be reached or refused us"
+                log.error("C-MOVE to %s: %s", d.ae_title, type(e).__name__)
+                return
 
         def counted(n: int) -> None:
             with progress.lock:
@@ -208,10 +217,10 @@ class MoveService:
         try:
             report = restorer.run(plan.studies)
         except Exception as e:  # noqa: BLE001 - the destination went away mid-move
-            log.error("C-MOVE to %s stopped: %s", d.ae_title, type(e).__name__)
+            log.error("retrieve to %s stopped: %s", where, type(e).__name__)
             with progress.lock:
                 progress.failed = progress.total - progress.completed
-                progress.comment = "the association to the move destination was lost"
+                progress.comment = "the association to the destination was lost"
             return
         finally:
             journal.unlink(missing_ok=True)
@@ -222,13 +231,20 @@ class MoveService:
             progress.failed = progress.total - progress.completed    # not sent: failed
             progress.failed_uids = failed[:1000]
         if failed:
+            refused = sum(1 for f in report.failures if f.get("sop_uid") and (
+                "presentation context" in f["reason"] or "answered 0x" in f["reason"]))
             barcodes = self._dr_barcodes(plan.send, set(failed))
-            why = (f"{len(failed)} instances are only on DR volumes: load "
-                   + ", ".join(barcodes[:8]) + (" ..." if len(barcodes) > 8 else "")
-                   + " and restore them online") if barcodes else \
-                f"{len(failed)} instances could not be read from any tier"
+            if refused:
+                why = (f"{refused} instances not taken by the destination (none of its "
+                       "presentation contexts fits their stored transfer syntax, or it refused)")
+            elif barcodes:
+                why = (f"{len(failed)} instances are only on DR volumes: load "
+                       + ", ".join(barcodes[:8]) + (" ..." if len(barcodes) > 8 else "")
+                       + " and restore them online")
+            else:
+                why = f"{len(failed)} instances could not be read from any tier"
             progress.comment = why
-            log.error("C-MOVE to %s: %s", d.ae_title, why)
+            log.error("retrieve to %s: %s", where, why)
 
     def _dr_barcodes(self, ids: set[int], failed_uids: set[str]) -> list[str]:
         with self.catalog.unit() as uow:
@@ -243,7 +259,7 @@ class MoveService:
 
     # -- audit ------------------------------------------------------------------------------
     def audit(self, plan: MovePlan | None, status: int, progress: MoveProgress | None, *,
-              calling_ae: str, source: str, sop_class: str, destination: str) -> None:
+              calling_ae: str, source: str, sop_class: str, destination: str | None) -> None:
         done = progress.counts() if progress else (0, 0, 0, 0)
         audit.record_quietly(self.catalog, audit.Event(
             "retrieve", "success" if status in (SUCCESS, SOME_FAILED) and done[2] == 0
@@ -251,8 +267,65 @@ class MoveService:
             patient_id=plan.patient_id if plan else None,
             study_uid=plan.study_uid if plan else None,
             detail={"sop_class": sop_class, "level": plan.level if plan else "",
-                    "destination_ae": destination[:16], "studies": len(plan.studies) if plan else 0,
+                    "destination_ae": (destination or calling_ae)[:16], "studies": len(plan.studies) if plan else 0,
                     "completed": done[1], "failed": done[2], "status": f"0x{status:04X}"}))
+
+
+class HandOff:
+    """A C-GET's delivery (dr/deliver.py's Delivery): the restore thread hands each
+    verified file to the association's thread, which sends it as a C-STORE on the
+    requestor's own association and hands back the outcome."""
+
+    name = "the requestor (C-GET)"
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: tuple[Any, Path] | None = None
+        self._outcome: BaseException | None | bool = False     # False: not answered yet
+        self._closed: BaseException | None = None
+
+    # the restore thread's side
+    def done(self, item: Any) -> bool:
+        return False
+
+    def deliver(self, item: Any, path: Path) -> None:
+        with self._cond:
+            if self._closed is not None:
+                path.unlink(missing_ok=True)
+                raise self._closed
+            self._item, self._outcome = (item, path), False
+            self._cond.notify_all()
+            while self._outcome is False and self._closed is None:
+                self._cond.wait()
+            outcome, self._item = self._outcome, None
+            if outcome is False:
+                raise self._closed  # type: ignore[misc]
+        path.unlink(missing_ok=True)
+        if outcome is not None:
+            raise outcome  # type: ignore[misc]
+
+    def close(self) -> None:
+        pass
+
+    # the association's side
+    def next(self, timeout: float) -> tuple[Any, Path] | None:
+        with self._cond:
+            if self._item is None or self._outcome is not False:
+                self._cond.wait(timeout)
+            return self._item if self._outcome is False else None
+
+    def answer(self, error: BaseException | None) -> None:
+        """None: sent and stored; an exception: this one failed (the run goes on if it
+        is a DeliveryRefused)."""
+        with self._cond:
+            self._outcome = error
+            self._cond.notify_all()
+
+    def shut(self, error: BaseException) -> None:
+        """The association ended: every delivery from now on raises ``error``."""
+        with self._cond:
+            self._closed = error
+            self._cond.notify_all()
 
 
 def final_status(progress: MoveProgress, cancelled: bool) -> int:

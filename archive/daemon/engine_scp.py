@@ -64,16 +64,19 @@ from archive.dicom.part10 import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
     PREAMBLE,
+    dataset_offset,
     file_meta,
 )
 from archive.peers import PeerRegistry
 from archive.spool import RECEIVE_PREFIX
+from dr.deliver import DeliveryRefused
 
 log = logging.getLogger("pacsvault.dicom")
 
 VERIFICATION = "1.2.840.10008.1.1"
 WARNINGS_PER_SOURCE = 20          # refusal lines a minute per kind and source address
 UNRECOGNIZED_OPERATION = 0x0211
+SEND_CHUNK = 1 << 20              # a C-GET sends a stored object in pieces of this size
 # For a command whose UIDs cannot go into a meta group (the ingest path refuses it
 # anyway): a Part 10 header with an empty meta group.
 _EMPTY_META = PREAMBLE + b"\x02\x00\x00\x00UL\x04\x00\x00\x00\x00\x00"
@@ -151,8 +154,13 @@ class _Session:
         # answered once the data set is in (and dropped).
         self.refused: tuple[int, dimse.Command, int] | None = None
         self.query: tuple[int, dimse.Command, bytearray] | None = None   # identifier arriving
-        self.running: dimse.Command | None = None     # the C-FIND whose matches are going out
+        self.running: dimse.Command | None = None     # the C-FIND/MOVE/GET being answered
         self.cancelled = False
+        self.awaiting: int | None = None        # a C-GET's C-STORE waiting for its answer
+        self.store_answer: dimse.Command | None = None
+        self.message_ids = 0
+        # Storage classes the requestor accepted to receive (SCP role): C-GET sends those.
+        self.receives: set[str] = set()
 
     def on_request(self, rq: P.AssociateRQ) -> P.AssociateAC | P.AssociateRJ:
         self.associating = True
@@ -181,6 +189,7 @@ class _Session:
         if isinstance(ac, P.AssociateAC):
             self.contexts = {c.id: c.transfer_syntax for c in ac.contexts if c.result == P.ACCEPTANCE}
             self.abstract = {c.id: c.abstract_syntax for c in rq.contexts}
+            self.receives = {r.sop_class for r in ac.user.roles if r.scp}
         return ac
 
     def on_event(self, assoc: A.Association, event: dimse.CommandReceived | dimse.DataFragment
@@ -220,6 +229,17 @@ class _Session:
                     self.refused = (event.context_id, cmd, R.IDENTIFIER_DOES_NOT_MATCH)
                 else:
                     self.query = (event.context_id, cmd, bytearray())
+            elif cmd.command_field == dimse.C_GET_RQ and cmd.has_data_set:
+                if self.listener.mover is None or \
+                        self.abstract.get(event.context_id) not in R.GET_MODELS:
+                    self.refused = (event.context_id, cmd, UNRECOGNIZED_OPERATION)
+                elif cmd.affected_sop_class != self.abstract.get(event.context_id):
+                    self.refused = (event.context_id, cmd, R.IDENTIFIER_DOES_NOT_MATCH)
+                else:
+                    self.query = (event.context_id, cmd, bytearray())
+            elif cmd.command_field == dimse.C_STORE_RSP and self.awaiting is not None and \
+                    cmd.message_id_responded_to == self.awaiting:
+                self.store_answer = cmd          # a C-GET sub-operation's answer
             elif cmd.command_field == dimse.C_CANCEL_RQ:
                 if self.running is not None and \
                         cmd.message_id_responded_to == self.running.message_id:
@@ -268,6 +288,8 @@ class _Session:
             return None
         if cmd.command_field == dimse.C_MOVE_RQ:
             return self._move(assoc, context_id, cmd, bytes(data))
+        if cmd.command_field == dimse.C_GET_RQ:
+            return self._get(assoc, context_id, cmd, bytes(data))
         return self._find(assoc, context_id, cmd, bytes(data))
 
     def _find(self, assoc: A.Association, context_id: int, cmd: dimse.Command, data: bytes
@@ -321,6 +343,7 @@ class _Session:
                 progress = R.MoveProgress(total=len(plan.send))
                 stop = threading.Event()
                 worker = threading.Thread(target=mover.run, args=(plan, progress, stop),
+                                          kwargs={"originator": (self.calling, cmd.message_id)},
                                           daemon=True, name="c-move")
                 worker.start()
                 sent = None
@@ -350,16 +373,107 @@ class _Session:
                         source=f"{self.calling}@{self.address}",
                         sop_class=cmd.affected_sop_class or "", destination=destination)
 
+    def _get(self, assoc: A.Association, context_id: int, cmd: dimse.Command, data: bytes
+             ) -> Iterator[float | None]:
+        """The C-GET as a driver job: the restore thread verifies each instance and
+        hands it over; this thread sends it as a C-STORE on the requestor's own
+        association, waits for its answer, and sends the counts as pending responses."""
+        mover: R.MoveService = self.listener.mover  # type: ignore[assignment]
+        self.running, self.cancelled = cmd, False
+        plan = progress = None
+        status, comment = R.UNABLE_TO_PROCESS, ""
+        handoff = R.HandOff()
+        try:
+            try:
+                plan = mover.plan(cmd.affected_sop_class or "", self.contexts[context_id], data,
+                                  None)
+            except R.MoveRefused as e:
+                status, comment = e.status, e.comment
+            except Exception:
+                log.exception("C-GET from %s could not be planned", self.calling)
+                comment = "the catalog cannot be read now"
+            else:
+                progress = R.MoveProgress(total=len(plan.send))
+                stop = threading.Event()
+                worker = threading.Thread(target=mover.run, args=(plan, progress, stop),
+                                          kwargs={"delivery": handoff}, daemon=True,
+                                          name="c-get")
+                worker.start()
+                while worker.is_alive() and not assoc.closed:
+                    if self.cancelled:
+                        stop.set()
+                    job = handoff.next(timeout=0.2)
+                    if job is None:
+                        yield None
+                        continue
+                    item, path = job
+                    error = yield from self._send_one(assoc, item, path)
+                    handoff.answer(error)
+                    yield None
+                    remaining, completed, failed, warning = progress.counts()
+                    if not self.cancelled and remaining:
+                        assoc.send_message(context_id, dimse.Command(
+                            dimse.C_GET_RSP, message_id_responded_to=cmd.message_id,
+                            affected_sop_class=cmd.affected_sop_class, status=R.PENDING,
+                            remaining=remaining, completed=completed, failed=failed,
+                            warning=warning))
+                worker.join(timeout=0 if assoc.closed else None)
+                status, comment = R.final_status(progress, self.cancelled), progress.comment
+            if not assoc.closed:
+                self._move_final(assoc, context_id, cmd, status, comment, progress)
+        finally:
+            handoff.shut(DeliveryRefused("the association ended"))
+            self.running, self.cancelled, self.awaiting = None, False, None
+            mover.audit(plan, status, progress, calling_ae=self.calling,
+                        source=f"{self.calling}@{self.address}",
+                        sop_class=cmd.affected_sop_class or "", destination=None)
+
+    def _send_one(self, assoc: A.Association, item, path: Path  # noqa: ANN001
+                  ) -> Iterator[float | None]:
+        """One C-GET sub-operation; returns None when stored, else why not."""
+        inst = item.inst
+        ctx = next((i for i, a in self.abstract.items() if a == inst.sop_class
+                    and self.contexts.get(i) == inst.transfer_syntax), None)
+        if ctx is None or inst.sop_class not in self.receives:
+            return DeliveryRefused("no presentation context with the SCP role for its SOP "
+                                   "class and transfer syntax (sent as stored, never converted)")
+        self.message_ids = self.message_ids % 0xFFFF + 1
+        self.awaiting, self.store_answer = self.message_ids, None
+        assoc.send_message(ctx, dimse.Command(
+            dimse.C_STORE_RQ, message_id=self.awaiting, affected_sop_class=inst.sop_class,
+            affected_sop_instance=inst.sop_uid, priority=0,
+            data_set_type=dimse.DATA_SET_PRESENT))
+        with open(path, "rb") as f:
+            left = f.seek(0, os.SEEK_END) - f.seek(dataset_offset(f))
+            while True:
+                chunk = f.read(min(left, SEND_CHUNK))
+                left -= len(chunk)
+                assoc.send_data(ctx, chunk, last=left <= 0)
+                yield None
+                if left <= 0 or assoc.closed:
+                    break
+        deadline = time.monotonic() + self.listener.settings.network_timeout_s
+        while self.store_answer is None and not assoc.closed and time.monotonic() < deadline:
+            yield 0.2
+        answer, self.awaiting = self.store_answer, None
+        if answer is None:
+            return DeliveryRefused("no answer to the C-STORE")
+        if answer.status not in (0x0000, 0xB000, 0xB006, 0xB007):
+            return DeliveryRefused(f"the requestor answered 0x{answer.status or 0:04X}")
+        return None
+
     def _move_final(self, assoc: A.Association, context_id: int, cmd: dimse.Command,
                     status: int, comment: str, progress: "R.MoveProgress | None") -> None:
         remaining, completed, failed, warning = progress.counts() if progress else (0, 0, 0, 0)
         failed_list = None
-        if progress is not None and progress.failed_uids:
+        # The Failed SOP Instance UID List goes with a C-MOVE's final response only:
+        # dcmtk's getscu leaves a C-GET's unread and then fails its release on it.
+        if progress is not None and progress.failed_uids and cmd.command_field == dimse.C_MOVE_RQ:
             failed_list = ident_encode({"FailedSOPInstanceUIDList":
                                         "\\".join(progress.failed_uids)}, "",
                                        self.contexts[context_id])
         assoc.send_message(context_id, dimse.Command(
-            dimse.C_MOVE_RSP, message_id_responded_to=cmd.message_id,
+            cmd.command_field | 0x8000, message_id_responded_to=cmd.message_id,
             affected_sop_class=cmd.affected_sop_class, status=status,
             remaining=remaining if status == R.CANCELLED else None,
             completed=completed if progress else None, failed=failed if progress else None,
@@ -417,7 +531,8 @@ class EngineListener:
         self.mover = mover
         self.offer = Offer(settings.ae_title, None, tuple(AllTransferSyntaxes),
                            settings.max_pdu or 262144, IMPLEMENTATION_CLASS_UID,
-                           IMPLEMENTATION_VERSION, query_classes=frozenset(F.MODELS) | frozenset(R.MOVE_MODELS),
+                           IMPLEMENTATION_VERSION, query_classes=frozenset(F.MODELS) | frozenset(R.MOVE_MODELS)
+                           | frozenset(R.GET_MODELS), scu_role_classes=None,
                            query_transfer_syntaxes=COMMAND_TRANSFER_SYNTAXES)
         self.timeouts = driver.Timeouts(artim_s=min(30.0, settings.network_timeout_s),
                                         idle_s=settings.network_timeout_s)

@@ -239,9 +239,9 @@ def test_pynetdicom_async_window_is_answered_1_1_and_c_stores_work(pv, tmp_path)
 
 
 def test_pynetdicom_role_selection_is_answered_as_negotiation_says(pv, tmp_path):
-    # negotiation.answer: the SCU role is granted for a proposed class, the SCP role
-    # never (no C-STOREs from us on an association we accepted); a role item for a class
-    # not proposed gets no answer.
+    # negotiation.answer: each role is granted as proposed for a proposed class (the
+    # SCP role lets a C-GET send its C-STOREs back on this association); a role item for
+    # a class not proposed gets no answer.
     from pynetdicom import build_role
     from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 
@@ -254,9 +254,9 @@ def test_pynetdicom_role_selection_is_answered_as_negotiation_says(pv, tmp_path)
     assert assoc.is_established
     answered = {i.sop_class_uid: (i.scu_role, i.scp_role)
                 for i in _ac_items(assoc, SCP_SCU_RoleSelectionNegotiation)}
-    assert answered == {CT: (True, False), MR: (False, False)}
+    assert answered == {CT: (True, True), MR: (False, True)}
     ct = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CT)
-    assert (ct.as_scu, ct.as_scp) == (True, False)
+    assert (ct.as_scu, ct.as_scp) == (True, True)
     m = make_instance(tmp_path / "ct.dcm", size=10_000)
     assert assoc.send_c_store(m.path).Status == 0
     assoc.release()

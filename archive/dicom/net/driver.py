@@ -7,8 +7,10 @@ peer dripping a byte at a time cannot hold a connection open.
 
 A handler may answer a request with a job: an iterator that sends one response
 (or a few) per step. Between steps the driver sends what is queued and reads
-whatever the peer has sent meanwhile without waiting, so a C-CANCEL, an abort or
-a closed connection reaches the handler while a long C-FIND or C-MOVE runs.
+whatever the peer has sent meanwhile, so a C-CANCEL, an abort or a closed
+connection reaches the handler while a long C-FIND, C-MOVE or C-GET runs. A step
+that yields a number of seconds waits up to that long for the peer (a C-GET
+waiting for the response to its C-STORE); one that yields None does not wait.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ class Handler(Protocol):
     def on_request(self, rq: P.AssociateRQ) -> P.AssociateAC | P.AssociateRJ: ...
 
     def on_event(self, assoc: A.Association, event: dimse.CommandReceived | dimse.DataFragment
-                 ) -> Iterator[None] | None: ...
+                 ) -> Iterator[float | None] | None: ...
 
     def on_close(self, assoc: A.Association, how: A.Event | None) -> None: ...
 
@@ -88,7 +90,7 @@ def serve(sock: socket.socket, assoc: A.Association, handler: Handler, timeouts:
 
 
 def _dispatch(assoc: A.Association, handler: Handler, event: A.Event
-              ) -> Iterator[None] | None:
+              ) -> Iterator[float | None] | None:
     if isinstance(event, A.AssociationRequested):
         answer = handler.on_request(event.request)
         if isinstance(answer, P.AssociateAC):
@@ -103,15 +105,17 @@ def _dispatch(assoc: A.Association, handler: Handler, event: A.Event
 
 
 def _run_job(sock: socket.socket, assoc: A.Association, handler: Handler,
-             job: Iterator[None], timeouts: Timeouts) -> A.Event | None:
+             job: Iterator[float | None], timeouts: Timeouts) -> A.Event | None:
     """Step ``job`` to its end, sending after each step and handing the handler
     what the peer sent meanwhile (a C-CANCEL). Returns how the association ended,
     if it did; the job is closed then."""
     ending: A.Event | None = None
     try:
-        for _ in job:
+        for wait in job:
             _flush(sock, assoc, timeouts)
-            while not assoc.closed and _readable(sock):
+            timeout = wait or 0.0
+            while not assoc.closed and _readable(sock, timeout):
+                timeout = 0.0
                 try:
                     data = sock.recv(RECV_SIZE)
                 except OSError:
@@ -135,10 +139,10 @@ def _run_job(sock: socket.socket, assoc: A.Association, handler: Handler,
     return ending
 
 
-def _readable(sock: socket.socket) -> bool:
+def _readable(sock: socket.socket, timeout: float) -> bool:
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
-    return bool(select.select([sock], [], [], 0)[0])
+    return bool(select.select([sock], [], [], timeout)[0])
 
 
 def _flush(sock: socket.socket, assoc: A.Association, timeouts: Timeouts) -> None:

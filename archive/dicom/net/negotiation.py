@@ -30,8 +30,9 @@ class Offer:
     max_pdu_length: int
     implementation_class_uid: str
     implementation_version_name: str
-    # SOP classes for which we may act as SCU on this association (C-GET's C-STOREs).
-    scu_role_classes: frozenset[str] = frozenset()
+    # SOP classes for which we may act as SCU on this association (C-GET's C-STOREs);
+    # None: any the requestor offers to receive.
+    scu_role_classes: frozenset[str] | None = frozenset()
     # Query/retrieve models: their identifiers carry no pixel data, so a context for
     # one is accepted only in one of these (uncompressed or deflated) syntaxes.
     query_classes: frozenset[str] = frozenset()
@@ -69,7 +70,8 @@ def answer(rq: P.AssociateRQ, offer: Offer) -> P.AssociateAC | P.AssociateRJ:
     roles = tuple(
         # SCU role: the requestor may always use the services it proposes; SCP role
         # (it receives C-STOREs from us) only where we may be SCU.
-        P.RoleSelection(r.sop_class, r.scu, r.scp and r.sop_class in offer.scu_role_classes)
+        P.RoleSelection(r.sop_class, r.scu, r.scp and (offer.scu_role_classes is None
+                                                       or r.sop_class in offer.scu_role_classes))
         for r in rq.user.roles if r.sop_class in proposed)
     user = P.UserInformation(
         max_length=offer.max_pdu_length,
