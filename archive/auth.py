@@ -41,16 +41,17 @@ from archive.errors import PacsvaultError
 ROLES: dict[str, frozenset[str]] = {
     # least privilege: what each role may do (permissions named by the verbs below)
     "viewer": frozenset({"read"}),
-    "operator": frozenset({"read", "operate"}),
-    "key-custodian": frozenset({"read", "keys", "restore"}),
+    "operator": frozenset({"read", "operate", "find"}),
+    "key-custodian": frozenset({"read", "keys", "restore", "find"}),
     "auditor": frozenset({"read", "audit"}),
-    "admin": frozenset({"read", "operate", "keys", "restore", "audit", "admin"}),
+    "admin": frozenset({"read", "operate", "keys", "restore", "audit", "admin", "find"}),
 }
 PERMISSIONS = {
     "read": "status, jobs, dr volumes/rotation, drill --history, peer list",
     "operate": "scrub, migrate, recall, replicate, dr write/custody/manifest",
     "keys": "dr verify, dr rebuild-catalog (use of a DR identity)",
     "restore": "restore, drill",
+    "find": "find (names patients and where their studies are)",
     "audit": "audit",
     "admin": "user add/passwd/disable/enable/role, peer add/remove",
 }

@@ -8,6 +8,7 @@ from archive.cli import (
     audit,
     dr,
     drill,
+    find,
     jobs,
     peers,
     replicate,
@@ -44,6 +45,7 @@ cli.add_command(jobs.jobs)
 cli.add_command(replicate.replicate)
 cli.add_command(dr.dr)
 cli.add_command(restore.restore)
+cli.add_command(find.find)
 cli.add_command(drill.drill)
 cli.add_command(users.user)
 cli.add_command(users.login)

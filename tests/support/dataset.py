@@ -153,12 +153,13 @@ def make_varied_study(directory: Path, per_kind: int = 1, size: int = 4096,
 
 
 def make_ct_series(directory: Path, count: int, size: int = 512 * 1024, seed: int = 2,
-                   study_uid: str | None = None) -> list[Made]:
+                   study_uid: str | None = None, patient_id: str = "TEST-0001") -> list[Made]:
     rng = random.Random(seed)
     study = study_uid or generate_uid()
     series = generate_uid()
     return [make_instance(directory / f"ct{i:05d}.dcm", kind="CT", size=size, study_uid=study,
-                          series_uid=series, rng=rng) for i in range(count)]
+                          series_uid=series, patient_id=patient_id, rng=rng)
+            for i in range(count)]
 
 
 def write_raw_part10(path: Path, sop_class: str, sop_uid: str, ts: str, dataset_bytes: bytes) -> Path:
