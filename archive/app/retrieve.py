@@ -20,11 +20,12 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import select
 
 from archive import audit, peers
+from archive.alerts import Alert
 from archive.catalog import query as Q
 from archive.catalog.models import DrInstance, DrSegment, DrVolume, Instance, Study
 from archive.catalog.uow import Catalog
@@ -94,9 +95,11 @@ class MoveProgress:
 
 class MoveService:
     def __init__(self, catalog: Catalog, sites: list[Backend], tier: Backend | None, *,
-                 ae_title: str, scratch: Path, max_instances: int = 100_000) -> None:
+                 ae_title: str, scratch: Path, max_instances: int = 100_000,
+                 alert: Callable[[Alert], object] | None = None) -> None:
         self.catalog, self.sites, self.tier = catalog, sites, tier
         self.ae_title, self.scratch, self.max_instances = ae_title, scratch, max_instances
+        self.alert = alert or (lambda a: None)      # the [alerts] hooks, in the daemon
 
     # -- what to send, where ----------------------------------------------------------------
     def plan(self, sop_class: str, transfer_syntax: str, data: bytes,
@@ -241,6 +244,12 @@ class MoveService:
                 why = (f"{len(failed)} instances are only on DR volumes: load "
                        + ", ".join(barcodes[:8]) + (" ..." if len(barcodes) > 8 else "")
                        + " and restore them online")
+                # Barcodes and counts only: which patient asked for stays in the audit trail.
+                self.alert(Alert("retrieve", "warning", "a DICOM retrieve needs DR volumes "
+                                 + ", ".join(barcodes[:32]) + ": load them and run "
+                                 "'pacsvault restore --online' for the studies the audit trail "
+                                 "names", counts={"instances": len(failed),
+                                                  "volumes": len(barcodes)}))
             else:
                 why = f"{len(failed)} instances could not be read from any tier"
             progress.comment = why

@@ -20,6 +20,7 @@ import time
 
 from archive import atna, audit
 from archive import spool as spool_area
+from archive.alerts import send_alert
 from archive.app.compose import open_catalog, open_object_tier_or_none, open_sites
 from archive.app.find import FindService
 from archive.app.ingest import IngestService
@@ -87,7 +88,8 @@ def worker_main(settings: Settings, port: int, index: int, ready: "mp.Queue | No
     finder = FindService(catalog, ae_title=d.ae_title, max_matches=d.max_query_matches,
                          case_insensitive_pn=d.query_case_insensitive_pn)
     mover = MoveService(catalog, mirror.sites, open_object_tier_or_none(settings),
-                        ae_title=d.ae_title, scratch=spool / "move")
+                        ae_title=d.ae_title, scratch=spool / "move",
+                        alert=lambda a: send_alert(settings.alerts, a))
     listeners = []  # the plain port, the TLS port, or both
     ctx = server_context(d.tls_cert, d.tls_key, d.tls_ca, d.tls_require_client_cert,
                          what="dicom.tls") if d.tls_port else None

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from contextlib import contextmanager
 
 import pydicom
@@ -15,6 +16,7 @@ import pytest
 
 from archive.dicom.part10 import dataset_offset
 from tests.integration.test_dr import configure, db
+from tests.integration.test_scrub_alerts import HOOK
 from tests.support.daemon import Daemon, dcmtk_env, free_port, run_cli
 from tests.support.dataset import make_ct_series, make_varied_study
 from tests.support.storescp import start_storescp
@@ -179,6 +181,10 @@ def test_a_migrated_study_is_sent_straight_from_the_object_tier(pv):
 
 
 def test_a_study_only_on_dr_volumes_fails_naming_the_volumes(pv, tmp_path):
+    hook, alerts = tmp_path / "hook.py", tmp_path / "alerts.jsonl"
+    hook.write_text(HOOK)
+    with open(pv.config, "a") as f:
+        f.write("\n[alerts]\n" f"command = {json.dumps([sys.executable, str(hook), str(alerts)])}\n")
     key = tmp_path / "dr-key.txt"
     configure(pv, run_cli(pv.config, "dr", "keygen", "--out", str(key)).stdout.strip())
     assert json.loads(run_cli(pv.config, "dr", "write", "--json").stdout)["complete"]
@@ -197,6 +203,9 @@ def test_a_study_only_on_dr_volumes_fails_naming_the_volumes(pv, tmp_path):
     assert any(b in comment.group(1) for b in barcodes)
     assert any(b in log for b in barcodes) and "only on DR volumes" in log
     assert received(pv) == {}
+    [alert] = [json.loads(x) for x in alerts.read_text().splitlines()]
+    assert alert["source"] == "retrieve" and all(b in alert["summary"] for b in barcodes)
+    assert alert["counts"]["instances"] == len(pv.ct) and study not in json.dumps(alert)
 
 
 def test_c_cancel_stops_a_move_between_sub_operations(tmp_path):
