@@ -77,6 +77,9 @@ VERIFICATION = "1.2.840.10008.1.1"
 WARNINGS_PER_SOURCE = 20          # refusal lines a minute per kind and source address
 UNRECOGNIZED_OPERATION = 0x0211
 SEND_CHUNK = 1 << 20              # a C-GET sends a stored object in pieces of this size
+# The query/retrieve requests and the models each is offered for.
+_QR_MODELS = {dimse.C_FIND_RQ: F.MODELS, dimse.C_MOVE_RQ: R.MOVE_MODELS,
+              dimse.C_GET_RQ: R.GET_MODELS}
 # For a command whose UIDs cannot go into a meta group (the ingest path refuses it
 # anyway): a Part 10 header with an empty meta group.
 _EMPTY_META = PREAMBLE + b"\x02\x00\x00\x00UL\x04\x00\x00\x00\x00\x00"
@@ -213,30 +216,8 @@ class _Session:
                 self.store = _Store(event.context_id, cmd, self.contexts[event.context_id],
                                     self.listener.spool_dir,
                                     self.listener.settings.in_memory_max_bytes)
-            elif cmd.command_field == dimse.C_FIND_RQ and cmd.has_data_set:
-                if self.listener.finder is None or \
-                        self.abstract.get(event.context_id) not in F.MODELS:
-                    self.refused = (event.context_id, cmd, UNRECOGNIZED_OPERATION)
-                elif cmd.affected_sop_class != self.abstract.get(event.context_id):
-                    self.refused = (event.context_id, cmd, F.IDENTIFIER_DOES_NOT_MATCH)
-                else:
-                    self.query = (event.context_id, cmd, bytearray())
-            elif cmd.command_field == dimse.C_MOVE_RQ and cmd.has_data_set:
-                if self.listener.mover is None or \
-                        self.abstract.get(event.context_id) not in R.MOVE_MODELS:
-                    self.refused = (event.context_id, cmd, UNRECOGNIZED_OPERATION)
-                elif cmd.affected_sop_class != self.abstract.get(event.context_id):
-                    self.refused = (event.context_id, cmd, R.IDENTIFIER_DOES_NOT_MATCH)
-                else:
-                    self.query = (event.context_id, cmd, bytearray())
-            elif cmd.command_field == dimse.C_GET_RQ and cmd.has_data_set:
-                if self.listener.mover is None or \
-                        self.abstract.get(event.context_id) not in R.GET_MODELS:
-                    self.refused = (event.context_id, cmd, UNRECOGNIZED_OPERATION)
-                elif cmd.affected_sop_class != self.abstract.get(event.context_id):
-                    self.refused = (event.context_id, cmd, R.IDENTIFIER_DOES_NOT_MATCH)
-                else:
-                    self.query = (event.context_id, cmd, bytearray())
+            elif cmd.command_field in _QR_MODELS and cmd.has_data_set:
+                self._qr_request(event.context_id, cmd)
             elif cmd.command_field == dimse.C_STORE_RSP and self.awaiting is not None and \
                     cmd.message_id_responded_to == self.awaiting:
                 self.store_answer = cmd          # a C-GET sub-operation's answer
@@ -273,6 +254,19 @@ class _Session:
                 dimse.C_STORE_RSP, message_id_responded_to=cmd.message_id,
                 affected_sop_class=cmd.affected_sop_class,
                 affected_sop_instance=cmd.affected_sop_instance, status=status))
+
+    def _qr_request(self, context_id: int, cmd: dimse.Command) -> None:
+        """A C-FIND, C-MOVE or C-GET: its identifier is collected, or it is refused
+        once its data set has arrived."""
+        service = self.listener.finder if cmd.command_field == dimse.C_FIND_RQ \
+            else self.listener.mover
+        abstract = self.abstract.get(context_id)
+        if service is None or abstract not in _QR_MODELS[cmd.command_field]:
+            self.refused = (context_id, cmd, UNRECOGNIZED_OPERATION)
+        elif cmd.affected_sop_class != abstract:
+            self.refused = (context_id, cmd, F.IDENTIFIER_DOES_NOT_MATCH)
+        else:
+            self.query = (context_id, cmd, bytearray())
 
     def _query_fragment(self, assoc: A.Association, event: dimse.DataFragment
                         ) -> Iterator[None] | None:

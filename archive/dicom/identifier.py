@@ -79,8 +79,10 @@ def decode(data: bytes, transfer_syntax: str) -> Identifier:
     # Whole and well framed first (pydicom would quietly read a truncated one), with
     # nesting bounded: the same walk a C-STORE's data set gets.
     try:
+        # Orthanc puts (0002,0002/0003) beside SOP Class/Instance UID keys: set aside below.
         check_complete(io.BytesIO(data), 0, len(data),
-                       EXPLICIT_LE if transfer_syntax == DEFLATED_LE else transfer_syntax)
+                       EXPLICIT_LE if transfer_syntax == DEFLATED_LE else transfer_syntax,
+                       meta_allowed=True)
     except Truncated as e:
         raise IdentifierUnreadable(e.args[0] if e.args else "malformed") from None
     implicit, little = _encoding(transfer_syntax)

@@ -40,8 +40,10 @@ class Truncated(InvalidInput):
 class _Walker:
     """Walks element headers over a buffer (an mmap of the spool file, or bytes)."""
 
-    def __init__(self, buf, start: int, end: int, wanted: frozenset[int]) -> None:  # noqa: ANN001
+    def __init__(self, buf, start: int, end: int, wanted: frozenset[int],  # noqa: ANN001
+                 meta_allowed: bool = False) -> None:
         self.buf = buf
+        self.meta_allowed = meta_allowed
         self.pos = start
         self.end = end
         self.wanted = wanted
@@ -94,7 +96,7 @@ class _Walker:
                 # Readers disagree on which value counts (dcmtk takes the first): refused.
                 raise Truncated(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) appears twice")
             seen.add(tag)
-            if depth == 0 and tag >> 16 in (0x0000, 0x0002):
+            if depth == 0 and tag >> 16 in (0x0000, 0x0002) and not self.meta_allowed:
                 raise Truncated("command or file meta elements inside the data set")
             if length != _UNDEFINED:
                 if _is_sequence(tag, vr):
@@ -163,11 +165,13 @@ class _Walker:
 
 
 def check_complete(f: BinaryIO, offset: int, length: int, transfer_syntax: str,
-                   wanted: frozenset[int] = frozenset()) -> dict[int, bytes] | None:
+                   wanted: frozenset[int] = frozenset(), *, meta_allowed: bool = False
+                   ) -> dict[int, bytes] | None:
     """Raise Truncated unless the data set at ``offset`` is whole and well framed.
 
     Returns the raw values of the ``wanted`` top-level tags met on the way (tag as
-    ``group << 16 | element``). A deflated data set is inflated to a scratch file as it
+    ``group << 16 | element``). ``meta_allowed``: group 0000 and 0002 elements are
+    framing like any other (a query identifier, where some SCUs put them), not refused. A deflated data set is inflated to a scratch file as it
     is read (at most ``MAX_INFLATED`` bytes) and walked there.
     """
     if transfer_syntax in DEFLATED:
@@ -175,7 +179,7 @@ def check_complete(f: BinaryIO, offset: int, length: int, transfer_syntax: str,
     explicit = transfer_syntax != IMPLICIT_LE
     little = transfer_syntax != EXPLICIT_BE
     try:
-        return _walk(f, offset, length, explicit, little, wanted)
+        return _walk(f, offset, length, explicit, little, wanted, meta_allowed)
     except Truncated as as_negotiated:
         if not explicit:
             raise
@@ -184,7 +188,7 @@ def check_complete(f: BinaryIO, offset: int, length: int, transfer_syntax: str,
         # exactly as implicit VR. Truncation still fails both ways, with the reason
         # found under the negotiated syntax.
         try:
-            return _walk(f, offset, length, False, little, wanted)
+            return _walk(f, offset, length, False, little, wanted, meta_allowed)
         except Truncated:
             raise as_negotiated from None
 
@@ -229,7 +233,7 @@ def _check_deflated(f: BinaryIO, offset: int, length: int, wanted: frozenset[int
 
 
 def _walk(f: BinaryIO, offset: int, length: int, explicit: bool, little: bool,
-          wanted: frozenset[int]) -> dict[int, bytes]:
+          wanted: frozenset[int], meta_allowed: bool = False) -> dict[int, bytes]:
     # mmap: headers are parsed in place, values are skipped without being read,
     # so a 2 GiB object costs a few page faults, and a small one no read() calls.
     try:
@@ -240,10 +244,10 @@ def _walk(f: BinaryIO, offset: int, length: int, explicit: bool, little: bool,
         with mmap.mmap(fileno, 0, access=mmap.ACCESS_READ) as buf:
             if len(buf) < offset + length:
                 raise Truncated("the data set is shorter than announced")
-            return _walk_buffer(buf, offset, length, explicit, little, wanted)
+            return _walk_buffer(buf, offset, length, explicit, little, wanted, meta_allowed)
     f.seek(offset)
     data = f.read(length)
-    return _walk_buffer(data, 0, len(data), explicit, little, wanted)
+    return _walk_buffer(data, 0, len(data), explicit, little, wanted, meta_allowed)
 
 
 def _is_sequence(tag: int, vr: bytes | None) -> bool:
@@ -258,8 +262,8 @@ def _is_sequence(tag: int, vr: bytes | None) -> bool:
 
 
 def _walk_buffer(buf, offset: int, length: int, explicit: bool, little: bool,  # noqa: ANN001
-                 wanted: frozenset[int]) -> dict[int, bytes]:
-    w = _Walker(buf, offset, offset + length, wanted)
+                 wanted: frozenset[int], meta_allowed: bool = False) -> dict[int, bytes]:
+    w = _Walker(buf, offset, offset + length, wanted, meta_allowed)
     w.elements(explicit, little, 0, until_item_end=False)
     if w.pos != offset + length:
         raise Truncated("trailing bytes after the last element")

@@ -104,3 +104,14 @@ def test_a_valid_start_with_any_tail_gives_keys_or_a_clear_refusal(prefix, tail)
         I.decode(prefix + tail, I.EXPLICIT_LE)
     except I.IdentifierUnreadable:
         pass
+
+
+def test_file_meta_elements_some_scus_add_are_set_aside():
+    # Orthanc 1.10 sends (0002,0003) beside SOPInstanceUID in an IMAGE identifier.
+    import struct
+
+    uid = b"1.2.5\x00"
+    meta = struct.pack("<HH2sH", 0x0002, 0x0003, b"UI", len(uid)) + uid
+    got = I.decode(meta + I.encode({"SOPInstanceUID": "1.2.5"}, "IMAGE", I.EXPLICIT_LE),
+                   I.EXPLICIT_LE)
+    assert got.keys == {"SOPInstanceUID": "1.2.5"} and got.level == "IMAGE"
