@@ -74,6 +74,9 @@ class FindService:
         else:
             answer = FindAnswer(SUCCESS, count=len(matches),
                                 matches=self._encoded(matches, request, transfer_syntax))
+        if answer.status != SUCCESS:
+            log.warning("C-FIND from %s refused, status 0x%04X: %s", source, answer.status,
+                        answer.comment)
         self._audit(sop_class, request, answer, calling_ae, source)
         return answer
 

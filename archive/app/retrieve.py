@@ -268,8 +268,15 @@ class MoveService:
 
     # -- audit ------------------------------------------------------------------------------
     def audit(self, plan: MovePlan | None, status: int, progress: MoveProgress | None, *,
-              calling_ae: str, source: str, sop_class: str, destination: str | None) -> None:
+              calling_ae: str, source: str, sop_class: str, destination: str | None,
+              comment: str = "") -> None:
         done = progress.counts() if progress else (0, 0, 0, 0)
+        # The operator's view in the log (no patient data: AE titles, counts, status).
+        what = "C-MOVE" if destination is not None else "C-GET"
+        line = f"{what} from %s to %s: %d sent, %d failed, status 0x%04X" \
+            + (f" ({comment})" if comment else "")
+        log.log(logging.INFO if status == SUCCESS else logging.WARNING, line, source,
+                destination or calling_ae, done[1], done[2], status)
         audit.record_quietly(self.catalog, audit.Event(
             "retrieve", "success" if status in (SUCCESS, SOME_FAILED) and done[2] == 0
             else "failure", calling_ae, source,

@@ -365,7 +365,8 @@ class _Session:
             self.running, self.cancelled = None, False
             mover.audit(plan, status, progress, calling_ae=self.calling,
                         source=f"{self.calling}@{self.address}",
-                        sop_class=cmd.affected_sop_class or "", destination=destination)
+                        sop_class=cmd.affected_sop_class or "", destination=destination,
+                        comment=comment)
 
     def _get(self, assoc: A.Association, context_id: int, cmd: dimse.Command, data: bytes
              ) -> Iterator[float | None]:
@@ -420,7 +421,8 @@ class _Session:
             self.running, self.cancelled, self.awaiting = None, False, None
             mover.audit(plan, status, progress, calling_ae=self.calling,
                         source=f"{self.calling}@{self.address}",
-                        sop_class=cmd.affected_sop_class or "", destination=None)
+                        sop_class=cmd.affected_sop_class or "", destination=None,
+                        comment=comment)
 
     def _send_one(self, assoc: A.Association, item, path: Path  # noqa: ANN001
                   ) -> Iterator[float | None]:

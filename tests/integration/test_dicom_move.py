@@ -234,6 +234,11 @@ def test_each_move_is_audited_with_its_destination(pv):
         movescu(d.dicom_port, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}",
                 dest="NOWHERE")
         log = d.log()
+    # The operator sees both in the log too, by AE title and counts only.
+    assert f"C-MOVE from MOVESCU@127.0.0.1 to DEST: {len(pv.ct)} sent, 0 failed, status " \
+        "0x0000" in log
+    assert "C-MOVE from MOVESCU@127.0.0.1 to NOWHERE: 0 sent, 0 failed, status 0xA801 " \
+        "(move destination unknown" in log
     out = json.loads(run_cli(pv.config, "audit", "--study", study, "--json").stdout)
     moves = [r for r in out["records"] if r["action"] == "retrieve"]
     assert len(moves) == 1, moves                   # the refused one named no study
