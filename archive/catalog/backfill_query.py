@@ -2,12 +2,13 @@
 
 Only rows whose columns are still NULL are touched, so a run that stops (a
 crash, Ctrl-C) is resumed by running it again, and a second run finds nothing
-to do. Each object is read from an online copy, only the tags the catalog keeps
-(pydicom skips the rest, pixel data included), one batch at a time: memory
-stays the same at 10 million instances, and the catalog's write lock is taken
-only for each batch's updates, never while files are read. Objects with no
-readable online copy (only on the object tier or on DR volumes, or every copy
-damaged) are left NULL and counted; a later run tries them again.
+to do. Each object is read from a copy the caller can open (an online copy
+first, else its frame in the study's bundle on the object tier), only the tags
+the catalog keeps (pydicom skips the rest, pixel data included), one batch at a
+time: memory stays the same at 10 million instances, and the catalog's write
+lock is taken only for each batch's updates, never while files are read.
+Objects with no readable copy (only on DR volumes, or every copy damaged) are
+left NULL and counted; a later run tries them again.
 
 Logs carry counts only: no names, IDs, UIDs or object keys.
 """
@@ -27,8 +28,21 @@ from archive.errors import PacsvaultError
 
 log = logging.getLogger(__name__)
 
-# location (site name) -> open(key): a readable binary file of the stored object.
-Sources = Mapping[str, Callable[[str], BinaryIO]]
+@dataclass(frozen=True)
+class StoredCopy:
+    """One good copy of an instance, as the catalog records it."""
+    location: str
+    key: str
+    bundle_fk: int | None          # object tier: the bundle and the frame in it
+    frame_offset: int | None
+    frame_length: int | None
+    size: int
+    sha256: str
+
+
+# location (site or tier name) -> open(copy): a readable binary file of the stored
+# object. Tried in the mapping's order (put the cheap ones first).
+Sources = Mapping[str, Callable[[StoredCopy], BinaryIO]]
 
 
 @dataclass
@@ -37,13 +51,13 @@ class BackfillReport:
     instances: int = 0      # instances given their instance number
     series: int = 0
     studies: int = 0
-    unreadable: int = 0     # instances left NULL: no online copy could be read
+    unreadable: int = 0     # instances left NULL: no copy could be read
     unread_parents: int = 0  # series and studies left NULL for the same reason
 
     def __str__(self) -> str:
         return (f"{self.instances} instances, {self.series} series, {self.studies} studies, "
                 f"{self.names} patient names; {self.unreadable} instances and "
-                f"{self.unread_parents} series/studies without a readable online copy")
+                f"{self.unread_parents} series/studies without a readable copy")
 
 
 def backfill_query_attributes(catalog: Catalog, sources: Sources, *, batch: int = 500,
@@ -84,31 +98,38 @@ def _fold_names(catalog: Catalog, report: BackfillReport, batch: int) -> None:
                 report.names += len(rows)
 
 
-def _read(sources: Sources, copies: list[tuple[str, str]]) -> ReceivedAttributes | None:
-    for location, key in copies:
-        opener = sources.get(location)
+def _read(sources: Sources, copies: list[StoredCopy]) -> ReceivedAttributes | None:
+    for copy in copies:
+        opener = sources.get(copy.location)
         if opener is None:
             continue
         try:
-            with opener(key) as f:
+            with opener(copy) as f:
                 return read_attributes(f)
-        except (PacsvaultError, OSError):
-            continue                    # that copy is gone, damaged or offline: try the next
+        except (PacsvaultError, OSError, ValueError):
+            continue                    # gone, damaged (a bad frame too) or offline: the next
     return None
 
 
 def _online_copies(catalog: Catalog, sources: Sources, instance_ids: list[int]
-                   ) -> dict[int, list[tuple[str, str]]]:
-    out: dict[int, list[tuple[str, str]]] = {}
+                   ) -> dict[int, list[StoredCopy]]:
+    """Each instance's good copies in ``sources``, in the order the mapping gives."""
+    out: dict[int, list[StoredCopy]] = {}
     if not instance_ids:
         return out
+    rank = {name: i for i, name in enumerate(sources)}
     with catalog.unit() as uow:
-        for inst, location, key in uow.session.execute(
-                select(Copy.instance_fk, Copy.location, Copy.key)
+        for r in uow.session.execute(
+                select(Copy.instance_fk, Copy.location, Copy.key, Copy.bundle_fk,
+                       Copy.frame_offset, Copy.frame_length, Instance.size, Instance.sha256)
+                .join(Instance, Instance.id == Copy.instance_fk)
                 .where(Copy.instance_fk.in_(instance_ids), Copy.state == "ok",
                        Copy.location.in_(sorted(sources)))
                 .order_by(Copy.instance_fk, Copy.location)):
-            out.setdefault(inst, []).append((location, key))
+            out.setdefault(r.instance_fk, []).append(StoredCopy(
+                r.location, r.key, r.bundle_fk, r.frame_offset, r.frame_length, r.size, r.sha256))
+    for copies in out.values():
+        copies.sort(key=lambda c: rank[c.location])
     return out
 
 

@@ -62,7 +62,7 @@ class Env:
 
     @property
     def sources(self) -> dict:
-        return {s.name: s.open for s in self.sites}
+        return {s.name: (lambda c, s=s: s.open(c.key)) for s in self.sites}
 
     def forget(self) -> None:
         """The new columns as a catalog from before 0010 has them: NULL."""
@@ -258,3 +258,25 @@ def test_init_on_an_existing_install_fills_the_query_columns(tmp_path: Path):
     for m in made:
         assert m.sop_uid not in p.stdout + p.stderr
     assert pn.fold("Müller") not in p.stdout + p.stderr
+
+
+def test_init_fills_migrated_objects_from_their_bundle_frames(tmp_path: Path):
+    # Migrated with the online copies purged: only the object tier holds the objects.
+    inst = Install.create(tmp_path / "pv")
+    made = made_objects(tmp_path / "in")
+    inst.ingest(made)
+    studies = sorted({m.study_uid for m in made})
+    for study in studies:
+        run_cli(inst.config, "migrate", "--study", study)
+    assert not inst.site_files()
+    env = Env("", inst.catalog(), [], made)
+    try:
+        env.forget()
+        p = run_cli(inst.config, "init", "--config", str(inst.config))
+        assert "query attributes filled: 5 instances, 3 series, 2 studies" in p.stdout
+        assert "0 instances and 0 series/studies without a readable copy" in p.stdout
+        got = env.values()
+        assert all(got[m.sop_uid] == expected(m) for m in made)
+    finally:
+        env.catalog.close()
+    assert not list((inst.settings.ingest.spool_dir / "backfill").glob("*"))  # no scratch left

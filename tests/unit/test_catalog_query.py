@@ -99,7 +99,8 @@ def archive(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         uow.session.execute(delete(Copy).where(Copy.instance_fk == e_id))
         uow.commit()
     # Ingest wrote the query attributes already: nothing is left for the backfill.
-    report = backfill_query_attributes(catalog, {s.name: s.open for s in sites})
+    report = backfill_query_attributes(catalog, {s.name: (lambda c, s=s: s.open(c.key))
+                                                 for s in sites})
     assert report.instances == 0 and report.unreadable == 0
     mirror.close()
     yield Archive(catalog, uids)
