@@ -5,15 +5,16 @@ bytes; this decodes them (archive/dicom/identifier.py), matches them against the
 catalog (archive/catalog/query.py) and returns either a refusal status or the
 matches, each already encoded for the presentation context. Every query, answered
 or refused, is one audit record (action "query", sent on as an ATNA Query
-message): who asked, from where, the model, level and keys asked (never their
+message; the caller writes it with ``FindAnswer.record`` after the answer is sent): who asked, from where, the model, level and keys asked (never their
 values, except the Patient ID, which the audit trail is the place for), how many
 matched.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from archive import audit
 from archive.catalog import query as Q
@@ -40,6 +41,9 @@ class FindAnswer:
     comment: str = ""                           # Error Comment for a failure: no values
     matches: Iterator[bytes] = iter(())         # response identifiers, encoded
     count: int = 0
+    # The audit record, written by ``record`` once the answer is out (a committed row
+    # is a disk flush: the requestor need not wait for it).
+    record: Callable[[], None] = lambda: None
 
 
 class FindService:
@@ -77,7 +81,8 @@ class FindService:
         if answer.status != SUCCESS:
             log.warning("C-FIND from %s refused, status 0x%04X: %s", source, answer.status,
                         answer.comment)
-        self._audit(sop_class, request, answer, calling_ae, source)
+        answer.record = functools.partial(self._audit, sop_class, request, answer, calling_ae,
+                                          source)
         return answer
 
     def _encoded(self, matches: Q.Matches, request: ident.Identifier, transfer_syntax: str

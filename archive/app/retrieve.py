@@ -83,6 +83,7 @@ class MoveProgress:
     comment: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
     changed: threading.Event = field(default_factory=threading.Event)   # a count moved
+    done: threading.Event = field(default_factory=threading.Event)      # counts are final
 
     @property
     def remaining(self) -> int:
@@ -189,7 +190,16 @@ class MoveService:
     def run(self, plan: MovePlan, progress: MoveProgress, stop: threading.Event,
             delivery: Any = None, originator: tuple[str, int] | None = None) -> None:
         """Send the plan's instances to its destination (or through ``delivery``, a
-        C-GET's hand-off), counting into ``progress``."""
+        C-GET's hand-off), counting into ``progress``; ``progress.done`` is set when the
+        counts are final, so the listener answers at once."""
+        try:
+            self._run(plan, progress, stop, delivery, originator)
+        finally:
+            progress.done.set()
+            progress.changed.set()
+
+    def _run(self, plan: MovePlan, progress: MoveProgress, stop: threading.Event,
+             delivery: Any, originator: tuple[str, int] | None) -> None:
         if not plan.send:
             return
         self.scratch.mkdir(parents=True, exist_ok=True)
@@ -299,6 +309,7 @@ class HandOff:
         self._item: tuple[Any, Path] | None = None
         self._outcome: BaseException | None | bool = False     # False: not answered yet
         self._closed: BaseException | None = None
+        self.finished = False                   # the restore has handed over its last
 
     # the restore thread's side
     def done(self, item: Any) -> bool:
@@ -321,12 +332,14 @@ class HandOff:
             raise outcome  # type: ignore[misc]
 
     def close(self) -> None:
-        pass
+        with self._cond:
+            self.finished = True
+            self._cond.notify_all()
 
     # the association's side
     def next(self, timeout: float) -> tuple[Any, Path] | None:
         with self._cond:
-            if self._item is None or self._outcome is not False:
+            if (self._item is None or self._outcome is not False) and not self.finished:
                 self._cond.wait(timeout)
             return self._item if self._outcome is False else None
 

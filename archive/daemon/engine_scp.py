@@ -290,6 +290,7 @@ class _Session:
               ) -> Iterator[None]:
         """The C-FIND as a driver job: one pending response per step."""
         self.running, self.cancelled = cmd, False
+        answer, status = None, F.SUCCESS
         try:
             answer = self.listener.finder.find(  # type: ignore[union-attr]
                 cmd.affected_sop_class or "", self.contexts[context_id], data,
@@ -312,8 +313,12 @@ class _Session:
                 status, comment = F.UNABLE_TO_PROCESS, "the matches could not be read"
             if not assoc.closed:
                 self._answer(assoc, context_id, cmd, status, comment)
+                yield                           # sent: the audit record does not delay it
         finally:
             self.running, self.cancelled = None, False
+            if answer is not None:
+                answer.status = status if answer.status == F.SUCCESS else answer.status
+                answer.record()
 
     def _move(self, assoc: A.Association, context_id: int, cmd: dimse.Command, data: bytes
               ) -> Iterator[None]:
@@ -341,7 +346,7 @@ class _Session:
                                           daemon=True, name="c-move")
                 worker.start()
                 sent = None
-                while worker.is_alive():
+                while not progress.done.is_set():
                     # A pending response per sub-operation (at most one per wait), so the
                     # requestor sees progress and its C-CANCEL lands between two of them.
                     progress.changed.wait(timeout=0.2)
@@ -349,7 +354,7 @@ class _Session:
                     if self.cancelled:
                         stop.set()
                     counts = progress.counts()
-                    if worker.is_alive() and counts != sent and not self.cancelled:
+                    if not progress.done.is_set() and counts != sent and not self.cancelled:
                         remaining, completed, failed, warning = counts
                         assoc.send_message(context_id, dimse.Command(
                             dimse.C_MOVE_RSP, message_id_responded_to=cmd.message_id,
@@ -358,6 +363,7 @@ class _Session:
                             warning=warning))
                         sent = counts
                     yield
+                worker.join()
                 status, comment = R.final_status(progress, self.cancelled), progress.comment
             if not assoc.closed:
                 self._move_final(assoc, context_id, cmd, status, comment, progress)
@@ -394,11 +400,13 @@ class _Session:
                                           kwargs={"delivery": handoff}, daemon=True,
                                           name="c-get")
                 worker.start()
-                while worker.is_alive() and not assoc.closed:
+                while not progress.done.is_set() and not assoc.closed:
                     if self.cancelled:
                         stop.set()
                     job = handoff.next(timeout=0.2)
                     if job is None:
+                        if handoff.finished:
+                            progress.done.wait(timeout=0.2)   # the counts, a moment later
                         yield None
                         continue
                     item, path = job

@@ -107,35 +107,44 @@ def _dispatch(assoc: A.Association, handler: Handler, event: A.Event
 def _run_job(sock: socket.socket, assoc: A.Association, handler: Handler,
              job: Iterator[float | None], timeouts: Timeouts) -> A.Event | None:
     """Step ``job`` to its end, sending after each step and handing the handler
-    what the peer sent meanwhile (a C-CANCEL). Returns how the association ended,
-    if it did; the job is closed then."""
+    what the peer sent meanwhile (a C-CANCEL). A request that arrives once the job
+    has sent its final response (the job may still be finishing, e.g. writing its
+    audit record) runs next; a further one while that waits is the peer's protocol
+    error (we negotiate one operation at a time) and aborts. Returns how the
+    association ended, if it did; every job is closed then."""
     ending: A.Event | None = None
+    queue = [job]
     try:
-        for wait in job:
-            _flush(sock, assoc, timeouts)
-            timeout = wait or 0.0
-            while not assoc.closed and _readable(sock, timeout):
-                timeout = 0.0
-                try:
-                    data = sock.recv(RECV_SIZE)
-                except OSError:
-                    data = b""
-                assoc.receive_data(data)
-                for event in assoc.events():
-                    if isinstance(event, (A.ReleaseRequested, A.Aborted)):
-                        ending = event
-                    second = _dispatch(assoc, handler, event)
-                    if second is not None:
-                        # One operation at a time (we negotiate 1/1): a second
-                        # request while one runs is the peer's protocol error.
-                        second.close()
-                        assoc.abort(P.UNEXPECTED_PDU_PARAMETER, source=P.ABORT_SOURCE_PROVIDER)
-                if not data:
+        while queue and not assoc.closed and ending is None:
+            for wait in queue[0]:
+                _flush(sock, assoc, timeouts)
+                timeout = wait or 0.0
+                while not assoc.closed and _readable(sock, timeout):
+                    timeout = 0.0
+                    try:
+                        data = sock.recv(RECV_SIZE)
+                    except OSError:
+                        data = b""
+                    assoc.receive_data(data)
+                    for event in assoc.events():
+                        if isinstance(event, (A.ReleaseRequested, A.Aborted)):
+                            ending = event
+                        nxt = _dispatch(assoc, handler, event)
+                        if nxt is not None and len(queue) == 1:
+                            queue.append(nxt)
+                        elif nxt is not None:
+                            nxt.close()
+                            assoc.abort(P.UNEXPECTED_PDU_PARAMETER,
+                                        source=P.ABORT_SOURCE_PROVIDER)
+                    if not data:
+                        break
+                if assoc.closed or ending is not None:
                     break
-            if assoc.closed or ending is not None:
-                return ending
+            queue.pop(0).close()
+            _flush(sock, assoc, timeouts)
     finally:
-        job.close()
+        for j in queue:
+            j.close()
     return ending
 
 
