@@ -330,15 +330,8 @@ class _Session:
         plan = progress = None
         status, comment = R.UNABLE_TO_PROCESS, ""
         try:
-            try:
-                plan = mover.plan(cmd.affected_sop_class or "", self.contexts[context_id], data,
-                                  destination)
-            except R.MoveRefused as e:
-                status, comment = e.status, e.comment
-            except Exception:
-                log.exception("C-MOVE from %s could not be planned", self.calling)
-                comment = "the catalog cannot be read now"
-            else:
+            plan, status, comment = self._plan(mover, context_id, cmd, data, destination)
+            if plan is not None:
                 progress = R.MoveProgress(total=len(plan.send))
                 stop = threading.Event()
                 worker = threading.Thread(target=mover.run, args=(plan, progress, stop),
@@ -385,15 +378,8 @@ class _Session:
         status, comment = R.UNABLE_TO_PROCESS, ""
         handoff = R.HandOff()
         try:
-            try:
-                plan = mover.plan(cmd.affected_sop_class or "", self.contexts[context_id], data,
-                                  None)
-            except R.MoveRefused as e:
-                status, comment = e.status, e.comment
-            except Exception:
-                log.exception("C-GET from %s could not be planned", self.calling)
-                comment = "the catalog cannot be read now"
-            else:
+            plan, status, comment = self._plan(mover, context_id, cmd, data, None)
+            if plan is not None:
                 progress = R.MoveProgress(total=len(plan.send))
                 stop = threading.Event()
                 worker = threading.Thread(target=mover.run, args=(plan, progress, stop),
@@ -431,6 +417,18 @@ class _Session:
                         source=f"{self.calling}@{self.address}",
                         sop_class=cmd.affected_sop_class or "", destination=None,
                         comment=comment)
+
+    def _plan(self, mover: R.MoveService, context_id: int, cmd: dimse.Command, data: bytes,
+              destination: str | None) -> tuple["R.MovePlan | None", int, str]:
+        """(the plan, or None with the status and comment to refuse with)."""
+        try:
+            return mover.plan(cmd.affected_sop_class or "", self.contexts[context_id], data,
+                              destination), R.UNABLE_TO_PROCESS, ""
+        except R.MoveRefused as e:
+            return None, e.status, e.comment
+        except Exception:
+            log.exception("a retrieve from %s could not be planned", self.calling)
+            return None, R.UNABLE_TO_PROCESS, "the catalog cannot be read now"
 
     def _send_one(self, assoc: A.Association, item, path: Path  # noqa: ANN001
                   ) -> Iterator[float | None]:
