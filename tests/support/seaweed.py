@@ -161,6 +161,11 @@ class SeaweedServer:
         data.mkdir()
         args = [str(self.weed), "mini", f"-dir={data}",
                 "-ip=127.0.0.1", "-ip.bind=127.0.0.1",  # else it advertises another address
+                # Every bucket is a collection that grows its own volumes; the
+                # default cap (free disk / 128 MB) ran out after ~80 buckets and
+                # failed later tests' writes with InternalError. Unwritten
+                # volumes are sparse, so a high cap costs no disk.
+                "-volume.max=4000",
                 f"-s3.config={self.root / 's3.json'}",
                 "-admin.ui=false", "-webdav=false", "-master.telemetry=false",
                 "-s3.port.iceberg=0", "-s3.port.lance=0",
