@@ -41,10 +41,11 @@ from archive.errors import PacsvaultError
 ROLES: dict[str, frozenset[str]] = {
     # least privilege: what each role may do (permissions named by the verbs below)
     "viewer": frozenset({"read"}),
-    "operator": frozenset({"read", "operate", "find"}),
-    "key-custodian": frozenset({"read", "keys", "restore", "find"}),
+    "operator": frozenset({"read", "operate", "find", "view", "store"}),
+    "key-custodian": frozenset({"read", "keys", "restore", "find", "view"}),
     "auditor": frozenset({"read", "audit"}),
-    "admin": frozenset({"read", "operate", "keys", "restore", "audit", "admin", "find"}),
+    "admin": frozenset({"read", "operate", "keys", "restore", "audit", "admin", "find", "view",
+                        "store"}),
 }
 PERMISSIONS = {
     "read": "status, jobs, dr volumes/rotation, drill --history, peer list",
@@ -52,6 +53,8 @@ PERMISSIONS = {
     "keys": "dr verify, dr rebuild-catalog (use of a DR identity)",
     "restore": "restore, drill",
     "find": "find (names patients and where their studies are)",
+    "view": "DICOMweb QIDO-RS and WADO-RS (search and read images over HTTP)",
+    "store": "DICOMweb STOW-RS (store images over HTTP)",
     "audit": "audit",
     "admin": "user add/passwd/disable/enable/role, peer add/remove",
 }

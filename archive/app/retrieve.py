@@ -70,6 +70,7 @@ class MovePlan:
     level: str
     patient_id: str | None
     study_uid: str | None
+    offline: set[int] = field(default_factory=set)   # no verified copy online or in the object tier
 
 
 @dataclass
@@ -114,12 +115,16 @@ class MoveService:
             request = ident.decode(data, transfer_syntax)
         except ident.IdentifierUnreadable as e:
             raise MoveRefused(UNABLE_TO_PROCESS, str(e)) from None
-        keys = {k: v for k, v in request.keys.items() if k in _UNIQUE}
+        return self.plan_keys(model, request.level, request.keys, dest)
+
+    def plan_keys(self, model: str, level: str, unique: dict[str, str],
+                  dest: peers.PeerEntry | None = None) -> MovePlan:
+        """The plan for unique keys already read (a C-MOVE's identifier, a WADO-RS path)."""
+        keys = {k: v for k, v in unique.items() if k in _UNIQUE}
         for k, v in keys.items():
             if any(c in v for c in "*?") or ("\\" in v and k == "PatientID"):
                 raise MoveRefused(IDENTIFIER_DOES_NOT_MATCH,
                                   f"{k}: a retrieve takes single values or UID lists")
-        level = request.level
         # The entities at the level, found as C-FIND finds them (same checks, same
         # latest-version rule), with the UIDs below asked back.
         lower = {"PATIENT": ["StudyInstanceUID"], "STUDY": [], "SERIES": [],
@@ -165,6 +170,7 @@ class MoveService:
                 select(Study.id, Study.study_uid).where(Study.study_uid.in_(study_uids))
                 .order_by(Study.study_uid))]
             send: set[int] = set()
+            offline: set[int] = set()
             contexts: set[tuple[str, str]] = set()
             for fk, _ in studies:
                 latest: dict[tuple[str, str], Any] = {}
@@ -179,12 +185,33 @@ class MoveService:
                 for inst in latest.values():
                     send.add(inst.id)
                     contexts.add((inst.sop_class, inst.transfer_syntax))
+                    if not any(c.state == "ok" for c in inst.copies.values()):
+                        offline.add(inst.id)
                 if len(send) > self.max_instances:
                     raise MoveRefused(SUBOPERATIONS_FAILED,
                                       f"more than {self.max_instances} instances: move less")
         return MovePlan(dest, studies, send, sorted(contexts), level,
                         _single(keys.get("PatientID")),
-                        study_uids[0] if len(study_uids) == 1 else None)
+                        study_uids[0] if len(study_uids) == 1 else None, offline)
+
+    def needs_dr(self, plan: MovePlan) -> str:
+        """For a plan with ``offline`` instances: alert the operator with the barcodes
+        to load and return the message for the requestor (no patient data)."""
+        with self.catalog.unit() as uow:
+            barcodes = sorted(r[0] for r in uow.session.execute(
+                select(DrVolume.barcode).distinct()
+                .join(DrSegment, DrSegment.volume_fk == DrVolume.id)
+                .join(DrInstance, DrInstance.segment_fk == DrSegment.id)
+                .where(DrInstance.instance_fk.in_(list(plan.offline)[:10_000]))))
+        if not barcodes:
+            return f"{len(plan.offline)} instances have no readable copy on any tier"
+        self.alert(Alert("retrieve", "warning", "a retrieve needs DR volumes "
+                         + ", ".join(barcodes[:32]) + ": load them and run 'pacsvault "
+                         "restore --online' for the studies the audit trail names",
+                         counts={"instances": len(plan.offline), "volumes": len(barcodes)}))
+        return (f"{len(plan.offline)} instances are only on DR volumes: load "
+                + ", ".join(barcodes[:8]) + (" ..." if len(barcodes) > 8 else "")
+                + " and restore them online")
 
     # -- sending ---------------------------------------------------------------------------
     def run(self, plan: MovePlan, progress: MoveProgress, stop: threading.Event,

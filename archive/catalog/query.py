@@ -149,7 +149,8 @@ def _unique_above(model: str, level: int) -> list[int]:
 
 
 def _parse(level_name: str, model: str, identifier: Mapping[str, Any], *,
-           case_insensitive_pn: bool, combined_datetime: bool, sqlite: bool) -> _Query:
+           case_insensitive_pn: bool, combined_datetime: bool, sqlite: bool,
+           relational: bool = False) -> _Query:
     level = _check_model(level_name, model)
     if len(identifier) > MAX_KEYS:
         raise ValueInvalid(f"more than {MAX_KEYS} keys")
@@ -172,7 +173,7 @@ def _parse(level_name: str, model: str, identifier: Mapping[str, Any], *,
                                     f"below the query level {level_name}")
         values[keyword] = raw.replace("\x00", "").strip()
         q.returned.append(keyword)
-    for above in _unique_above(model, level):
+    for above in ([] if relational else _unique_above(model, level)):
         keyword = UNIQUE[above]
         value = values.get(keyword, "")
         if not value or any(c in value for c in "*?\\"):
@@ -515,20 +516,22 @@ def _count_sql(keyword: str, ids: list[int]) -> Select:
 
 def find(catalog: Catalog, level: str, model: str, identifier: Mapping[str, Any], *,
          max_matches: int, case_insensitive_pn: bool = True,
-         combined_datetime: bool = False) -> Matches:
+         combined_datetime: bool = False, relational: bool = False) -> Matches:
     """Match ``identifier`` at ``level`` of ``model`` (PATIENT_ROOT or STUDY_ROOT).
 
     Raises IdentifierInvalid, ValueInvalid or TooManyMatches before returning.
     ``case_insensitive_pn``: person names match regardless of case (PS3.4 lets
     the SCP choose; most archives do). ``combined_datetime``: a date and a time
     key of the same level match as one date-time range (the C-FIND extended
-    negotiation flag), otherwise each on its own.
+    negotiation flag), otherwise each on its own. ``relational``: the unique keys
+    of the levels above may be left out or matched like any other key (QIDO-RS
+    searches every series or instance; a hierarchical C-FIND names its parents).
     """
     if max_matches < 1:
         raise ValueError("max_matches must be at least 1")
     sqlite = catalog.engine.dialect.name == "sqlite"
     q = _parse(level, model, identifier, case_insensitive_pn=case_insensitive_pn,
-               combined_datetime=combined_datetime, sqlite=sqlite)
+               combined_datetime=combined_datetime, sqlite=sqlite, relational=relational)
     with catalog.engine.connect() as conn:
         rows = conn.execute(_select(q).limit(max_matches + 1)).all()
     if len(rows) > max_matches:

@@ -109,6 +109,11 @@ class HttpSettings(_Strict):
     tls_key: Path | None = None
     # Plain HTTP is refused off loopback unless this says the network is trusted.
     allow_plain_off_loopback: bool = False
+    # STOW-RS: the largest request body taken (each part is spooled to disk as it
+    # arrives; a bigger body is refused with 413 before it is stored).
+    stow_max_bytes: int = Field(4 * 1024**3, ge=1024 * 1024)
+    # Requests served at once; more wait in the kernel's queue or get 503.
+    max_concurrency: int = Field(64, ge=4, le=4096)
 
     @model_validator(mode="after")
     def _tls(self) -> "HttpSettings":

@@ -1,37 +1,29 @@
-"""A small read-only HTTP endpoint: /healthz, /status (JSON), /metrics (Prometheus).
-
-Only GET is served; every other method, path or malformed request gets a plain
-error. It binds to loopback by default (see [http] in the config); off loopback
-it serves HTTPS (ssl_context), plain HTTP only if the config explicitly allows it.
+"""Who may use the HTTP side, and the status as Prometheus metrics (the routes
+are in archive/daemon/web.py).
 
 Once the install has operator accounts (looked up on every request, so the first
-account made on a running daemon closes the endpoint at once) /status and
-/metrics want HTTP Basic credentials of an account allowed to read. Wrong ones
-are throttled per source (429 with Retry-After) and never count towards the
-account's lock.
+account made on a running daemon closes the endpoint at once) every path but
+/healthz wants HTTP Basic credentials of an account whose role allows what is
+asked. Wrong ones are throttled per source (429 with Retry-After) and never
+count towards the account's lock.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import math
-import ssl
 import threading
 import time
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from archive import auth
 from archive.catalog.uow import Catalog
 from archive.config.schema import AccountSettings
 from archive.daemon.throttle import SourceThrottle
-from archive.daemon.tls import DeferredHandshake
 
 log = logging.getLogger("pacsvault.http")
 
@@ -116,10 +108,6 @@ def _scrub_and_jobs(st: dict[str, Any]):  # noqa: ANN202
     yield age
 
 
-class _Server(DeferredHandshake, ThreadingHTTPServer):
-    daemon_threads = True
-
-
 class AccountGate:
     """Who may read /status and /metrics: anyone while the install has no accounts;
     then an account allowed to read (a Prometheus scraper gets a viewer account).
@@ -133,7 +121,7 @@ class AccountGate:
                  throttle: SourceThrottle | None = None) -> None:
         self.catalog, self.policy = catalog, policy
         self.throttle = throttle or SourceThrottle()
-        self._good: dict[str, float] = {}
+        self._good: dict[str, tuple[float, str, str]] = {}   # header hash -> (until, name, role)
         self._accounts = False        # accounts are disabled, never removed: once on, on
         self._checked_at = -math.inf
         self._lock = threading.Lock()
@@ -147,81 +135,36 @@ class AccountGate:
             return self._accounts
 
     def decide(self, header: str | None, source: str) -> tuple[int, float]:
+        code, wait, _ = self.authorize(header, source, "read")
+        return (401 if code == 403 else code), wait
+
+    def authorize(self, header: str | None, source: str, permission: str
+                  ) -> tuple[int, float, str]:
+        """(200, 0, account name) or (401 | 403 | 429, seconds to wait, ""); on an
+        install without accounts everyone is "-" and may do anything."""
         if not self._has_accounts():
-            return 200, 0.0
+            return 200, 0.0, "-"
         wait = self.throttle.retry_after(source)
         if wait > 0:
-            return 429, wait
+            return 429, wait, ""
         if not header or not header.startswith("Basic "):
-            return 401, 0.0              # no credentials yet: not a guess
+            return 401, 0.0, ""              # no credentials yet: not a guess
         key = hashlib.sha256(header.encode()).hexdigest()
-        if self._good.get(key, 0) > time.monotonic():
-            return 200, 0.0
-        try:
-            name, _, pw = base64.b64decode(header[6:], validate=True).decode().partition(":")
-            u = auth.check_password(self.catalog, name, pw, self.policy, source=f"http {source}",
-                                    count_failures=False)
-        except (ValueError, UnicodeDecodeError, auth.AuthError):
-            self.throttle.failed(source)
-            return 401, 0.0
-        if u.must_change or "read" not in auth.ROLES[u.role]:
-            return 401, 0.0
-        if len(self._good) > 1024:      # bounded: forget the remembered answers
-            self._good.clear()
-        self._good[key] = time.monotonic() + 60
-        return 200, 0.0
-
-
-def start_http(bind: str, port: int, status: Callable[[], dict[str, Any]],
-               ssl_context: ssl.SSLContext | None = None,
-               gate: AccountGate | None = None) -> ThreadingHTTPServer:
-    """``gate`` decides whether a request for /status or /metrics may be answered
-    (see AccountGate); None: no check. /healthz is always open."""
-    registry = CollectorRegistry()
-    registry.register(_StatusCollector(status))
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "pacsvault"
-        sys_version = ""
-
-        def log_message(self, fmt: str, *args: Any) -> None:  # requests carry no PHI, but stay quiet
-            log.debug("http %s", fmt % args)
-
-        def _send(self, code: int, body: bytes, ctype: str, **headers: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            for name, value in headers.items():
-                self.send_header(name.replace("_", "-"), value)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:  # noqa: N802
-            path = self.path.split("?", 1)[0]
+        known = self._good.get(key)
+        if known is None or known[0] <= time.monotonic():
             try:
-                code, wait = 200, 0.0
-                if path in ("/status", "/metrics") and gate is not None:
-                    code, wait = gate.decide(self.headers.get("Authorization"),
-                                             self.client_address[0])
-                if path == "/healthz":
-                    self._send(200, b"ok\n", "text/plain")
-                elif code == 429:
-                    self._send(429, b"too many failed log-ins from this address; retry later\n",
-                               "text/plain", Retry_After=str(max(1, math.ceil(wait))))
-                elif code == 401:
-                    self._send(401, b"credentials of an account allowed to read are needed\n",
-                               "text/plain", WWW_Authenticate='Basic realm="pacsvault"')
-                elif path == "/status":
-                    self._send(200, json.dumps(status()).encode(), "application/json")
-                elif path == "/metrics":
-                    self._send(200, generate_latest(registry), "text/plain; version=0.0.4")
-                else:
-                    self._send(404, b"not found\n", "text/plain")
-            except Exception:
-                log.exception("http handler failed")
-                self._send(500, b"internal error\n", "text/plain")
-
-    server = _Server((bind, port), Handler)
-    server.ssl_context = ssl_context
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-    return server
+                name, _, pw = base64.b64decode(header[6:], validate=True).decode().partition(":")
+                u = auth.check_password(self.catalog, name, pw, self.policy,
+                                        source=f"http {source}", count_failures=False)
+            except (ValueError, UnicodeDecodeError, auth.AuthError):
+                self.throttle.failed(source)
+                return 401, 0.0, ""
+            if u.must_change:
+                return 401, 0.0, ""
+            if len(self._good) > 1024:      # bounded: forget the remembered answers
+                self._good.clear()
+            known = self._good[key] = (time.monotonic() + 60, u.name, u.role)
+        _, name, role = known
+        if permission not in auth.ROLES.get(role, ()):
+            return 403, 0.0, name
+        return 200, 0.0, name

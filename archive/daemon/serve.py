@@ -22,6 +22,7 @@ from archive import atna, audit
 from archive import spool as spool_area
 from archive.alerts import send_alert
 from archive.app.compose import open_catalog, open_object_tier_or_none, open_sites
+from archive.app.dicomweb import DicomWebService
 from archive.app.find import FindService
 from archive.app.ingest import IngestService
 from archive.app.retrieve import MoveService
@@ -30,7 +31,7 @@ from archive.config.paths import site_risks
 from archive.config.schema import Settings
 from archive.daemon.dicom_scp import configure_pynetdicom, start_listener
 from archive.daemon.engine_scp import EngineListener
-from archive.daemon.http import AccountGate, start_http
+from archive.daemon.http import AccountGate
 from archive.daemon.instance_lock import hold_instance_lock
 from archive.daemon.ports import check_free
 from archive.daemon.scheduler import start_scheduler
@@ -233,12 +234,9 @@ class Supervisor:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
 
-        http = None
+        http = web_ingest = None
         if self.http_port:
-            tier = open_object_tier_or_none(s)
-            snapshot = _StatusSnapshot(lambda: collect(s, catalog, sites, tier=tier), self.stop)
-            http = start_http(s.http.bind, self.http_port, snapshot.get, ssl_context=http_tls,
-                              gate=AccountGate(catalog, s.accounts))
+            http, web_ingest = self._start_web(catalog, sites, http_tls)
         ready = self._ctx.Queue()
         for i in range(self.workers):
             self._spawn(i, ready)
@@ -275,10 +273,36 @@ class Supervisor:
         self._terminate()
         if http is not None:
             http.shutdown()
+        if web_ingest is not None:
+            web_ingest.close()
+            web_ingest.mirror.close()
         repair.join(timeout=10)
         catalog.close()
         log.info("pacsvault stopped")
         return 0
+
+    def _start_web(self, catalog, sites, http_tls):  # noqa: ANN001, ANN202
+        """The HTTP side: status, metrics and DICOMweb, whose STOW-RS stores through
+        an ingest service of its own (the same rules as a DICOM worker's)."""
+        from archive.daemon.web import WebApp, WebServer  # uvicorn only where served
+
+        s = self.settings
+        tier = open_object_tier_or_none(s)
+        snapshot = _StatusSnapshot(lambda: collect(s, catalog, sites, tier=tier), self.stop)
+        spool = s.ingest.spool_dir / "http"
+        spool.mkdir(mode=0o750, exist_ok=True)
+        mirror = MirrorWriter(open_sites(s), timeout_s=s.ingest.site_timeout_s,
+                              retry_after_s=s.ingest.site_retry_after_s)
+        ingest = IngestService(catalog, mirror, min_copies=s.ingest.min_copies)
+        mover = MoveService(catalog, mirror.sites, tier, ae_title=s.dicom.ae_title,
+                            scratch=spool / "wado", alert=lambda a: send_alert(s.alerts, a))
+        service = DicomWebService(catalog, mover, ingest, max_matches=s.dicom.max_query_matches,
+                                  case_insensitive_pn=s.dicom.query_case_insensitive_pn)
+        app = WebApp(snapshot.get, AccountGate(catalog, s.accounts), service, spool=spool,
+                     stow_max_bytes=s.http.stow_max_bytes)
+        server = WebServer(app, s.http.bind, self.http_port, http_tls,
+                           max_concurrency=s.http.max_concurrency)
+        return server, ingest
 
     def _check_ports(self) -> None:
         d = self.settings.dicom

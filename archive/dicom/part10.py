@@ -52,6 +52,74 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
     return PREAMBLE + group_length + body
 
 
+MAX_META_BYTES = 16 * 1024
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+             b"UT", b"UV"}
+
+
+@dataclass(frozen=True)
+class SentMeta:
+    """What a Part 10 file sent by a client (STOW-RS) says about itself."""
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    dataset_offset: int
+
+
+def read_sent_meta(head: bytes, final: bool = False) -> SentMeta | None:
+    """Read the File Meta group at the start of ``head`` (explicit VR little endian,
+    with or without a group length: clients differ). None: more bytes are needed
+    (``final``: there are none, so the file is cut short). Raises InvalidInput for
+    anything else; the message names the element, never a value."""
+    if len(head) < 132:
+        if final:
+            raise InvalidInput("not a DICOM Part 10 file (too short)")
+        return None
+    if head[128:132] != b"DICM":
+        raise InvalidInput("not a DICOM Part 10 file (no DICM prefix)")
+    pos, values = 132, {}
+    while True:
+        if pos > MAX_META_BYTES:
+            raise InvalidInput(f"file meta longer than {MAX_META_BYTES} bytes")
+        if len(head) < pos + 8:
+            if final and len(head) > pos:
+                raise InvalidInput("file meta cut short")
+            if final:
+                break
+            return None
+        group, elem, vr = struct.unpack_from("<HH2s", head, pos)
+        if group != 0x0002:
+            break
+        if vr in _LONG_VRS:
+            if len(head) < pos + 12:
+                return None if not final else _cut()
+            (length,) = struct.unpack_from("<I", head, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, pos + 6)
+            start = pos + 8
+        if length > MAX_META_BYTES:
+            raise InvalidInput(f"file meta element (0002,{elem:04X}) too long")
+        if len(head) < start + length:
+            return None if not final else _cut()
+        if elem in (0x0002, 0x0003, 0x0010):
+            try:
+                values[elem] = head[start:start + length].rstrip(b"\x00 ").decode("ascii")
+            except UnicodeDecodeError:
+                raise InvalidInput(f"file meta element (0002,{elem:04X}) is not text") from None
+        pos = start + length
+    missing = [name for e, name in ((0x0002, "MediaStorageSOPClassUID"),
+                                     (0x0003, "MediaStorageSOPInstanceUID"),
+                                     (0x0010, "TransferSyntaxUID")) if not values.get(e)]
+    if missing:
+        raise InvalidInput("file meta lacks " + ", ".join(missing))
+    return SentMeta(values[0x0002], values[0x0003], values[0x0010], pos)
+
+
+def _cut() -> None:
+    raise InvalidInput("file meta cut short")
+
+
 def dataset_offset(f: BinaryIO) -> int:
     """Offset of the data set in a Part 10 file whose meta carries a group length."""
     f.seek(0)

@@ -11,9 +11,9 @@ from archive import jobs
 from archive.app.status import collect
 from archive.catalog import lease
 from archive.catalog.models import JobRun
-from archive.daemon.http import start_http
 from archive.config.cron import cron_trigger
 from archive.daemon.scheduler import start_scheduler
+from archive.daemon.web import WebApp, WebServer
 from tests.support.daemon import run_cli
 from tests.support.dataset import make_ct_series
 from tests.support.tiering import Install
@@ -151,9 +151,10 @@ def test_manual_runs_show_in_jobs_status_and_metrics(inst):
 
     settings = inst.settings
     catalog = inst.catalog()
-    server = start_http("127.0.0.1", 0, lambda: collect(settings, catalog, inst.sites()))
+    server = WebServer(WebApp(lambda: collect(settings, catalog, inst.sites()), None),
+                       "127.0.0.1", 0)
     try:
-        port = server.server_address[1]
+        port = server.port
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
         server.shutdown()
