@@ -182,14 +182,32 @@ class Retrieval:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._items: Iterator[tuple[object, Path]] | None = None
+        self._first: tuple[object, Path] | None = None
 
     @property
     def count(self) -> int:
         return len(self.plan.send)
 
+    def start(self) -> bool:
+        """Read the first instance: True when it is ready; False when none could be
+        read (``progress.comment`` says why: the DR volumes to load, say), so the
+        request can still be answered with an error rather than an empty stream."""
+        self._items = self._read()
+        self._first = next(self._items, None)
+        return self._first is not None
+
     def __iter__(self) -> Iterator[tuple[object, Path]]:
         """(the instance's catalog row, a verified Part 10 file) for each; the file is
         removed once the next one is asked for."""
+        if self._items is None:
+            self.start()
+        if self._first is None:
+            return
+        yield self._first
+        yield from self._items
+
+    def _read(self) -> Iterator[tuple[object, Path]]:
         self._thread = threading.Thread(target=self.mover.run,
                                         args=(self.plan, self.progress, self._stop),
                                         kwargs={"delivery": self._handoff}, daemon=True,
@@ -250,6 +268,7 @@ def store_part(ingest: IngestService, meta: SentMeta, *, data: bytes | None = No
 FAILURE_REASON = {Outcome.INVALID: 0xC000, Outcome.MISMATCH: 0xA900,
                   Outcome.NO_COPY: 0xA700, Outcome.CATALOG_DOWN: 0xA700}
 PROCESSING_FAILURE = 0x0110
+NOT_THIS_STUDY = 0xA900    # POST /studies/{study} with an instance of another study
 
 
 def store_response(parts: list[StoredPart], refused: list[tuple[str, str, int]],

@@ -49,6 +49,8 @@ def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # pydicom's warnings quote the values they complain about: patient data.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 
 
 def _die_with_parent() -> None:

@@ -16,6 +16,7 @@ request.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import math
@@ -162,10 +163,14 @@ class WebApp:
             return who
         p = request.path_params
         try:
-            return await anyio.to_thread.run_sync(lambda: self.dicomweb.retrieve(
+            retrieval = await anyio.to_thread.run_sync(lambda: self.dicomweb.retrieve(
                 p["study"], p.get("series"), p.get("instance"), who=who))
         except W.WebRefused as e:
             return _text(e.status, e.message)
+        if not await anyio.to_thread.run_sync(retrieval.start):
+            await anyio.to_thread.run_sync(retrieval.close)
+            return _text(503, retrieval.progress.comment or "no instance could be read")
+        return retrieval
 
     async def wado(self, request: Request) -> Response:
         refused = _acceptable(request.headers.get("accept", ""))
@@ -349,6 +354,9 @@ class _Stow:
             return
         meta = self.meta
         part = await anyio.to_thread.run_sync(self._store, meta)
+        if part is None:
+            self.refused.append((meta.sop_class, meta.sop_instance, W.NOT_THIS_STUDY))
+            return
         self.parts.append(part)
         r = part.result
         if r.study_uid is not None:
@@ -356,12 +364,17 @@ class _Stow:
                                                        "stored": 0, "refused": 0})
             st["stored" if r.acknowledged else "refused"] += 1
 
-    def _store(self, meta: SentMeta) -> W.StoredPart:
+    def _store(self, meta: SentMeta) -> W.StoredPart | None:
         try:
             if self.file is not None:
                 self._spill()
                 self.file.close()
                 self.file = None
+            source = self.path if self.path is not None else io.BytesIO(self.buffer or b"")
+            if self.study is not None and _study_of(source) != self.study:
+                # POST /studies/{study}: an instance of another study is refused unstored
+                return None
+            if self.path is not None:
                 return W.store_part(self.service.ingest, meta, spool=self.path)
             return W.store_part(self.service.ingest, meta, data=bytes(self.buffer or b""))
         finally:
@@ -407,6 +420,16 @@ def _acceptable(accept: str) -> str:
             return ""      # any transfer-syntax asked for gets the stored one (conformance.md)
     return ("this server sends instances as multipart/related; type=\"application/dicom\" "
             "in their stored transfer syntax")
+
+
+def _study_of(source) -> str | None:  # noqa: ANN001 - a path or a file object
+    import pydicom
+    try:
+        ds = pydicom.dcmread(source, stop_before_pixels=True, force=True,
+                             specific_tags=["StudyInstanceUID"])
+        return str(ds.get("StudyInstanceUID", "")) or None
+    except Exception:  # noqa: BLE001 - unreadable: ingest refuses it with its reason
+        return None
 
 
 def _read_header(path: Path):  # noqa: ANN202

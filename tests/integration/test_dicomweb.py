@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import email.parser
 import json
+import shutil
 import sqlite3
+import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -214,6 +216,30 @@ def test_wado_of_a_migrated_study_reads_the_object_tier_and_a_rotten_copy_its_tw
     assert ("site-a", "missing") in states and ("site-b", "missing") not in states  # repair queued
 
 
+def test_wado_of_a_study_only_on_dr_volumes_is_refused_naming_the_volumes(pv, tmp_path):
+    from tests.integration.test_dr import configure
+    from tests.integration.test_scrub_alerts import HOOK
+    hook, alerts = tmp_path / "hook.py", tmp_path / "alerts.jsonl"
+    hook.write_text(HOOK)
+    with open(pv.config, "a") as f:
+        f.write("\n[alerts]\n" f"command = {json.dumps([sys.executable, str(hook), str(alerts)])}\n")
+    key = tmp_path / "dr-key.txt"
+    configure(pv, run_cli(pv.config, "dr", "keygen", "--out", str(key)).stdout.strip())
+    assert json.loads(run_cli(pv.config, "dr", "write", "--json").stdout)["complete"]
+    barcodes = {r[0] for r in db(pv, "select barcode from dr_volumes")}
+    for s in pv.settings.sites:                                 # both sites lose everything
+        shutil.rmtree(s.path / "objects")
+        (s.path / "objects").mkdir()
+    ct = pv.ct[0]
+    with serving(pv) as d:
+        r = requests.get(f"{d.base}/studies/{ct.study_uid}", timeout=60)
+    assert r.status_code == 503 and "DR volumes" in r.text
+    assert any(b in r.text for b in barcodes) and "PID-CT-7" not in r.text
+    [alert] = [json.loads(x) for x in alerts.read_text().splitlines()]
+    assert alert["source"] == "retrieve" and all(b in alert["summary"] for b in barcodes)
+    assert ct.study_uid not in json.dumps(alert)
+
+
 # -- STOW-RS ------------------------------------------------------------------------------
 def related_body(files: list[bytes], boundary: str = "pv-test-boundary") -> tuple[bytes, str]:
     body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
@@ -235,6 +261,13 @@ def test_stow_stores_through_the_ingest_path_on_both_sites(tmp_path):
         again = requests.post(f"{d.base}/studies", data=body, headers={"Content-Type": ctype},
                               timeout=300)
         assert again.status_code == 200                      # duplicates: acknowledged
+        # POST to one study: an instance of another study is refused, the rest stored
+        ct = made[-1]
+        r = requests.post(f"{d.base}/studies/{ct.study_uid}", data=body,
+                          headers={"Content-Type": ctype}, timeout=300)
+        assert r.status_code == 202
+        assert len(r.json()["00081199"]["Value"]) == 3
+        assert {f["00081197"]["Value"][0] for f in r.json()["00081198"]["Value"]} == {0xA900}
 
         # what dicomweb-client sends (pydicom-encoded) is stored too, and comes back
         c = DICOMwebClient(d.base)
