@@ -1,5 +1,6 @@
 """Retrieve benchmark: the same studies moved by C-MOVE from pacsvault and from Orthanc
-to the same dcmtk storescp, and the C-FIND latency of both, in one run.
+to the same dcmtk storescp, retrieved whole over WADO-RS from both, and the C-FIND
+latency of both, in one run.
 
     .venv/bin/python -m bench.retrieve [--quick] [--json FILE] [--repeat N]
 
@@ -19,6 +20,23 @@ each, so the index holds more than the studies asked for.
   study from the disk. The order of the systems alternates between rounds; the
   median round is reported. Each round is checked: final status Success and the
   destination holding exactly the study's objects.
+* **WADO-RS**: the same studies retrieved whole (``GET .../studies/{uid}``) over
+  HTTP from pacsvault (``serve --http-port``, ``/dicomweb/``) and from Orthanc's
+  DICOMweb plugin (Debian package orthanc-dicomweb, loaded only here, its
+  defaults; ``/dicom-web/``). One client for both: ``http.client`` in this
+  process, a new connection per retrieval, ``Accept: multipart/related;
+  type="application/dicom"; transfer-syntax=*`` (every instance as stored, so
+  Orthanc does not transcode) and no Accept-Encoding (so Orthanc does not gzip).
+  The clock runs from connecting to the last body byte read; the body is checked
+  after it stops: HTTP 200, a whole multipart/related (closing delimiter
+  included) of exactly the study's instance count, each part application/dicom
+  with the DICM prefix. One warm-up retrieval from each (the small study), then
+  rounds as for C-MOVE: the page cache dropped before each, the order
+  alternating, the median reported; MB/s counts the body's bytes. Dropping the
+  page cache does not empty Orthanc's own in-memory storage cache
+  (MaximumStorageCacheSize, 128 MB by default, kept: the peer at its best), so a
+  study smaller than it, read or written recently, may come from its memory.
+  Without the plugin file the leg is skipped with a printed message.
 * **C-FIND**: a study-level query by PatientID (Study Root) and a patient-level
   query by PatientID (Patient Root), with the keys a PACS asks for priors. The
   client is pacsvault's own SCU (archive/dicom/net/client.py) in this process, one
@@ -28,13 +46,16 @@ each, so the index holds more than the studies asked for.
   noise lands on both; the page cache is warm, as for a PACS asking again and
   again. Both systems must return the same studies.
 
-Printed: objects/s and MB/s of each move, the CPU the server and the destination
-used, the cores anything else used (a noisy round shows there), p50/p99 query
-latency, and the ratios pacsvault/Orthanc. ``--json FILE`` writes everything.
+Printed: objects/s and MB/s of each move and each WADO-RS retrieval, the CPU the
+server and the destination (for WADO-RS, this process reading the body) used, the
+cores anything else used (a noisy round shows there), p50/p99 query latency, and
+the ratios pacsvault/Orthanc. ``--json FILE`` writes everything.
 """
 from __future__ import annotations
 
 import argparse
+import email.message
+import http.client
 import io
 import json
 import os
@@ -49,7 +70,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -61,7 +82,7 @@ from archive.dicom.net import dimse
 from bench.ingest import CpuMeter, _log_lines, _machine_cpu, machine
 from tests.support.daemon import Daemon, dcmtk_env, free_port, init_instance, run_cli
 from tests.support.dataset import make_ct_series, make_instance
-from tests.support.orthanc import Orthanc, orthanc_binary
+from tests.support.orthanc import DICOMWEB_PLUGIN, Orthanc, orthanc_binary
 from tests.support.storescp import StoreSCP
 
 SYSTEMS = ("pacsvault", "orthanc")
@@ -72,6 +93,11 @@ EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 PENDING = (0xFF00, 0xFF01)
+# WADO-RS: every instance as stored ("transfer-syntax=*": Orthanc must not transcode);
+# no Accept-Encoding, so Orthanc (HttpCompressionEnabled) does not gzip the body either.
+WADO_HEADERS = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*',
+                "Accept-Encoding": "identity"}
+WADO_READ = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -144,6 +170,8 @@ class System:
     aet: str
     port: int
     pgid: int
+    http_port: int = 0
+    wado_root: str | None = None     # None: this system does not serve WADO-RS here
 
     def count(self) -> int: ...
     def storage(self) -> list[Path]: ...     # where its stored files are (for the cache)
@@ -163,6 +191,7 @@ class Pacsvault(System):
         self.root = cfg.parent
         self.daemon = Daemon(cfg, free_port(), free_port(), workers=workers).start()
         self.port, self.pgid = self.daemon.dicom_port, self.daemon.proc.pid
+        self.http_port, self.wado_root = self.daemon.http_port, "/dicomweb"
         self._db = sqlite3.connect(self.root / "catalog" / "catalog.db")
 
     def count(self) -> int:
@@ -177,8 +206,10 @@ class Pacsvault(System):
 
     def describe(self) -> dict:
         return {"command": f"pacsvault init DIR; peer add {SCU_AET} 127.0.0.1; peer add "
-                           f"{DEST_AET} 127.0.0.1 --port N; serve --workers {self.workers}",
+                           f"{DEST_AET} 127.0.0.1 --port N; serve --dicom-port N "
+                           f"--http-port N --workers {self.workers}",
                 "reads": "online copies, each checked against its SHA-256 before sending",
+                "wado_rs": f"GET {self.wado_root}/studies/UID (no accounts: no credentials)",
                 "serve_exit_code": getattr(self, "exit_code", None)}
 
     def log_summary(self) -> dict:
@@ -188,14 +219,28 @@ class Pacsvault(System):
 class OrthancSystem(System):
     name, aet = "orthanc", "ORTHANC"
 
-    def __init__(self, workdir: Path, dest_port: int) -> None:
+    def __init__(self, workdir: Path, dest_port: int, dicomweb: bool) -> None:
         # The SCU is a known modality (Orthanc answers C-FIND/C-MOVE only to those);
-        # its port is never called.
+        # its port is never called. With ``dicomweb`` the DICOMweb plugin is loaded
+        # (its defaults, root spelled out); without it Orthanc runs with no plugin.
         self.orthanc = Orthanc(workdir, aet="ORTHANC", modalities={
             "dest": (DEST_AET, "127.0.0.1", dest_port),
-            "benchscu": (SCU_AET, "127.0.0.1", free_port())}).start()
+            "benchscu": (SCU_AET, "127.0.0.1", free_port())},
+            plugins=[DICOMWEB_PLUGIN] if dicomweb else [],
+            extra_config={"DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+            if dicomweb else {}).start()
         self.port, self.pgid = self.orthanc.dicom_port, self.orthanc.proc.pid
-        self.version = self.orthanc.system().get("Version", "?")
+        self.http_port = self.orthanc.http_port
+        try:
+            self.version = self.orthanc.system().get("Version", "?")
+            self.plugins = self.orthanc.plugin_versions()
+            if dicomweb and "dicom-web" not in self.plugins:
+                raise RuntimeError(f"Orthanc did not load {DICOMWEB_PLUGIN}: {self.plugins}")
+        except BaseException:
+            self.orthanc.stop()      # the caller holds no System to stop yet
+            raise
+        if dicomweb:
+            self.wado_root = "/dicom-web"
 
     def count(self) -> int:
         return self.orthanc.count_instances()
@@ -207,10 +252,13 @@ class OrthancSystem(System):
         self.orthanc.stop()
 
     def describe(self) -> dict:
-        return {"version": self.version, "config": "tests/support/orthanc.py defaults "
+        return {"version": self.version, "plugins": self.plugins,
+                "config": "tests/support/orthanc.py defaults "
                 "(TCP_NODELAY=1; SynchronousCMove, MaximumPduLength, DicomThreadsCount, "
-                "StorageCompression at Orthanc's defaults) + DicomModalities DEST and "
-                f"{SCU_AET}"}
+                "StorageCompression, MaximumStorageCacheSize, HttpThreadsCount, KeepAlive, "
+                "TcpNoDelay at Orthanc's defaults) + DicomModalities DEST and "
+                f"{SCU_AET}" + (f"; plugin {DICOMWEB_PLUGIN} with DicomWeb.Root "
+                                f"{self.wado_root}/" if self.wado_root else "")}
 
     def log_summary(self) -> dict:
         lines = [ln for ln in self.orthanc.log().splitlines() if ln[:1] == "E"]
@@ -346,6 +394,183 @@ def move_round(s: System, study: Study, scp: StoreSCP, roots: list[Path], logdir
                    m1[0] - m0[0], m1[1] - m0[1], cache, tail)
 
 
+# -- WADO-RS -------------------------------------------------------------------------------
+@dataclass
+class WadoRun:
+    seconds: float
+    http_status: int
+    parts: int
+    body_bytes: int
+    problem: str        # '' when the body is a whole multipart/related of DICOM objects
+    server_cpu_s: float
+    client_cpu_s: float
+    machine_busy_s: float
+    steal_s: float
+    cache: str
+
+    @property
+    def other_cpu_s(self) -> float:
+        return max(0.0, self.machine_busy_s - self.server_cpu_s - self.client_cpu_s)
+
+
+@dataclass
+class WadoResult:
+    system: str
+    dataset: str
+    objects: int
+    bytes: int          # the study's files as pushed
+    runs: list[WadoRun] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.runs) and all(r.http_status == 200 and not r.problem
+                                       and r.parts == self.objects for r in self.runs)
+
+    def _median(self, f: Callable[[WadoRun], float]) -> float:
+        return statistics.median(f(r) for r in self.runs)
+
+    @property
+    def seconds(self) -> float:
+        return self._median(lambda r: r.seconds)
+
+    @property
+    def objects_per_s(self) -> float:
+        return self.objects / self.seconds
+
+    @property
+    def body_bytes(self) -> float:
+        return self._median(lambda r: r.body_bytes)
+
+    @property
+    def mb_per_s(self) -> float:
+        """Body bytes (the DICOM objects and the multipart framing) per second."""
+        return self.body_bytes / self.seconds / 1e6
+
+    def to_json(self) -> dict:
+        return {"system": self.system, "dataset": self.dataset, "objects": self.objects,
+                "bytes": self.bytes, "body_bytes_median": self.body_bytes, "ok": self.ok,
+                "seconds_median": self.seconds, "objects_per_s": self.objects_per_s,
+                "mb_per_s": self.mb_per_s,
+                "server_cpu_cores": self._median(lambda r: r.server_cpu_s / r.seconds),
+                "server_cpu_ms_per_object": self._median(
+                    lambda r: 1000 * r.server_cpu_s / self.objects),
+                "client_cpu_cores": self._median(lambda r: r.client_cpu_s / r.seconds),
+                "other_cpu_cores": self._median(lambda r: r.other_cpu_s / r.seconds),
+                "steal_cores": self._median(lambda r: r.steal_s / r.seconds),
+                "runs": [asdict(r) | {"other_cpu_s": r.other_cpu_s} for r in self.runs]}
+
+
+def _self_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def wado_get(port: int, path: str, timeout: float = 1800
+             ) -> tuple[float, int, str, list[bytes], str]:
+    """One GET on a new connection, the whole body read: (seconds from connecting to
+    the last byte, HTTP status, Content-Type, the body's chunks, '' or the error)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    chunks: list[bytes] = []
+    status, ctype, error = 0, "", ""
+    t0 = time.perf_counter()
+    try:
+        conn.request("GET", path, headers=WADO_HEADERS)
+        resp = conn.getresponse()
+        status, ctype = resp.status, resp.getheader("Content-Type", "")
+        while chunk := resp.read(WADO_READ):
+            chunks.append(chunk)
+    except (OSError, http.client.HTTPException) as e:
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        seconds = time.perf_counter() - t0
+        conn.close()
+    return seconds, status, ctype, chunks, error
+
+
+def dicom_parts(content_type: str, body: bytes) -> tuple[int, str]:
+    """(parts, '' or what is wrong) of a multipart/related body (RFC 2046 5.1) whose
+    parts must each be a DICOM file (application/dicom, "DICM" after the preamble).
+    Its own few lines on the standard library, not pacsvault's parser, so that the
+    check does not share a bug with the server it checks."""
+    msg = email.message.Message()
+    msg["Content-Type"] = content_type
+    if msg.get_content_type() != "multipart/related":
+        return 0, f"Content-Type is {msg.get_content_type()}, not multipart/related"
+    boundary = msg.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
+        return 0, "no boundary in the Content-Type"
+    pieces = (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))
+    if len(pieces) < 2:
+        return 0, "no delimiter in the body"
+    *parts, last = pieces[1:]       # pieces[0] is the preamble
+    if not last.startswith(b"--"):
+        return len(parts), "no closing delimiter (the body was cut short)"
+    for n, part in enumerate(parts):
+        part = part.lstrip(b" \t")          # transport padding after the delimiter
+        if not part.startswith(b"\r\n"):
+            return n, f"part {n + 1}: the delimiter line goes on"
+        end = part.find(b"\r\n\r\n")
+        if end < 0:
+            return n, f"part {n + 1}: no end to its headers"
+        head = email.message_from_bytes(part[2:end + 2])
+        if head.get_content_type() != "application/dicom":
+            return n, f"part {n + 1}: Content-Type {head.get_content_type()}"
+        if part[end + 4 + 128:end + 4 + 132] != b"DICM":
+            return n, f"part {n + 1}: not a DICOM file (no DICM prefix)"
+    return len(parts), ""
+
+
+def wado_round(s: System, study: Study, roots: list[Path], logdir: Path, cold: bool = True
+               ) -> WadoRun:
+    """Retrieve the study whole from ``s`` and check the body (after the clock stops)."""
+    cache = cold_cache(roots) if cold else "warm"
+    path = f"{s.wado_root}/studies/{study.uid}"
+    u0, m0 = _self_cpu(), _machine_cpu()
+    with CpuMeter(s.pgid) as server:
+        seconds, status, ctype, chunks, error = wado_get(s.http_port, path)
+    u1, m1 = _self_cpu(), _machine_cpu()
+    body = b"".join(chunks)
+    del chunks
+    if error:
+        parts, problem = 0, error
+    elif status != 200:
+        parts, problem = 0, f"HTTP {status}: {body[:200].decode('latin-1')!r}"
+    else:
+        parts, problem = dicom_parts(ctype, body)
+    if problem:
+        with open(logdir / f"wado-{s.name}.log", "a") as log:
+            log.write(f"GET {path}: {problem}\n")
+    return WadoRun(seconds, status, parts, len(body), problem, server.seconds, u1 - u0,
+                   m1[0] - m0[0], m1[1] - m0[1], cache)
+
+
+def measure_wado(systems: dict[str, System], studies: dict[str, Study], repeat: int,
+                 roots: list[Path], logdir: Path) -> dict[tuple[str, str], WadoResult]:
+    """One warm-up retrieval (the small study) from each system, then ``repeat``
+    cold-cache rounds of each study from each, the order alternating as for C-MOVE."""
+    for s in systems.values():
+        w = wado_round(s, studies["small"], roots, logdir, cold=False)
+        if w.problem or w.parts != len(studies["small"].files):
+            raise RuntimeError(f"warm-up WADO-RS from {s.name}: {w.parts} parts, "
+                               f"{w.problem or 'not the study'} (logs in {logdir})")
+    results: dict[tuple[str, str], WadoResult] = {}
+    for rep in range(repeat):
+        for name, study in studies.items():
+            order = list(SYSTEMS) if (rep + list(studies).index(name)) % 2 == 0 \
+                else list(SYSTEMS)[::-1]
+            for sname in order:
+                res = results.setdefault((sname, name), WadoResult(
+                    sname, name, len(study.files), study.bytes))
+                run = wado_round(systems[sname], study, roots, logdir)
+                res.runs.append(run)
+                print(f"  [{rep + 1}/{repeat}] wado {sname:<9} {name:<5}: "
+                      f"{len(study.files) / run.seconds:8.1f} objects/s "
+                      f"{run.body_bytes / run.seconds / 1e6:7.1f} MB/s  HTTP {run.http_status}, "
+                      f"{run.parts}/{len(study.files)} parts"
+                      + (f", {run.problem}" if run.problem else ""), file=sys.stderr)
+    return results
+
+
 # -- C-FIND --------------------------------------------------------------------------------
 class FindClient:
     """C-FIND over one association of pacsvault's own SCU. Its ScuAssociation offers
@@ -457,14 +682,15 @@ def find_summary(times: dict) -> list[dict]:
 
 
 # -- output --------------------------------------------------------------------------------
-def ratios(moves: list[MoveResult], finds: list[dict]) -> dict:
-    out: dict = {"move": {}, "find": {}}
-    by = {(r.system, r.dataset): r for r in moves}
-    for ds in DATASETS:
-        pv, ot = by.get(("pacsvault", ds)), by.get(("orthanc", ds))
-        if pv and ot and pv.ok and ot.ok:
-            r = pv.objects_per_s / ot.objects_per_s
-            out["move"][ds] = {"pacsvault_vs_orthanc": r, "target_met": r >= 1.0}
+def ratios(moves: list[MoveResult], finds: list[dict], wado: Sequence[WadoResult] = ()) -> dict:
+    out: dict = {"move": {}, "wado": {}, "find": {}}
+    for leg, results in (("move", moves), ("wado", wado)):
+        by = {(r.system, r.dataset): r for r in results}
+        for ds in DATASETS:
+            pv, ot = by.get(("pacsvault", ds)), by.get(("orthanc", ds))
+            if pv and ot and pv.ok and ot.ok:
+                r = pv.objects_per_s / ot.objects_per_s
+                out[leg][ds] = {"pacsvault_vs_orthanc": r, "target_met": r >= 1.0}
     fby = {(f["system"], f["query"]): f for f in finds}
     for q in QUERIES:
         pv, ot = fby.get(("pacsvault", q)), fby.get(("orthanc", q))
@@ -474,23 +700,46 @@ def ratios(moves: list[MoveResult], finds: list[dict]) -> dict:
     return out
 
 
-def format_table(moves: list[MoveResult], finds: list[dict], rat: dict) -> str:
+def _order(r: MoveResult | WadoResult) -> tuple[int, int]:
+    return list(DATASETS).index(r.dataset), SYSTEMS.index(r.system)
+
+
+def _ratio_cell(rat: dict, leg: str, r: MoveResult | WadoResult) -> str:
+    x = rat[leg].get(r.dataset) if r.system == "pacsvault" else None
+    return "-" if x is None else (f"{x['pacsvault_vs_orthanc']:.2f}"
+                                  + (" ok" if x["target_met"] else " !"))
+
+
+def format_table(moves: list[MoveResult], finds: list[dict], rat: dict,
+                 wado: Sequence[WadoResult] = (), wado_skipped: str = "") -> str:
     head = (f"{'C-MOVE':<10} {'dataset':<10} {'objects':>7} {'MB':>6} {'objects/s':>10} "
             f"{'MB/s':>7} {'srv CPU':>7} {'ms CPU/obj':>10} {'dest CPU':>8} {'other':>5} "
             f"{'steal':>5} {'tail ms':>7} {'pv/Orthanc':>10}")
     lines = [head, "-" * len(head)]
-    for m in sorted(moves, key=lambda m: (list(DATASETS).index(m.dataset),
-                                          SYSTEMS.index(m.system))):
+    for m in sorted(moves, key=_order):
         j = m.to_json()
-        r = rat["move"].get(m.dataset) if m.system == "pacsvault" else None
-        ratio = "-" if r is None else (f"{r['pacsvault_vs_orthanc']:.2f}"
-                                       + (" ok" if r["target_met"] else " !"))
+        ratio = _ratio_cell(rat, "move", m)
         ops = f"{m.objects_per_s:.1f}" if m.ok else "FAILED"
         lines.append(f"{m.system:<10} {DATASETS[m.dataset].label:<10} {m.objects:>7} "
                      f"{m.bytes / 1e6:>6.1f} {ops:>10} {m.mb_per_s:>7.1f} "
                      f"{j['server_cpu_cores']:>6.2f}c {j['server_cpu_ms_per_object']:>10.2f} "
                      f"{j['dest_cpu_cores']:>7.2f}c {j['other_cpu_cores']:>5.2f} "
                      f"{j['steal_cores']:>5.2f} {j['tail_ms']:>7.0f} {ratio:>10}")
+    lines.append("")
+    head = (f"{'WADO-RS':<10} {'dataset':<10} {'objects':>7} {'MB':>6} {'objects/s':>10} "
+            f"{'MB/s':>7} {'srv CPU':>7} {'ms CPU/obj':>10} {'clnt CPU':>8} {'other':>5} "
+            f"{'steal':>5} {'':>7} {'pv/Orthanc':>10}")
+    lines += [head, "-" * len(head)]
+    if wado_skipped:
+        lines.append(f"skipped: {wado_skipped}")
+    for w in sorted(wado, key=_order):
+        j = w.to_json()
+        ops = f"{w.objects_per_s:.1f}" if w.ok else "FAILED"
+        lines.append(f"{w.system:<10} {DATASETS[w.dataset].label:<10} {w.objects:>7} "
+                     f"{w.body_bytes / 1e6:>6.1f} {ops:>10} {w.mb_per_s:>7.1f} "
+                     f"{j['server_cpu_cores']:>6.2f}c {j['server_cpu_ms_per_object']:>10.2f} "
+                     f"{j['client_cpu_cores']:>7.2f}c {j['other_cpu_cores']:>5.2f} "
+                     f"{j['steal_cores']:>5.2f} {'':>7} {_ratio_cell(rat, 'wado', w):>10}")
     lines.append("")
     head = (f"{'C-FIND':<10} {'query':<22} {'queries':>7} {'p50 ms':>7} {'p99 ms':>7} "
             f"{'mean ms':>7} {'pv/Orthanc p50':>14} {'p99':>5}")
@@ -508,6 +757,9 @@ def format_table(moves: list[MoveResult], finds: list[dict], rat: dict) -> str:
                  "the server's CPU time / wall time; dest CPU: storescp's; other: cores used by "
                  "anything else; tail: from the last pending response to the final one; "
                  "pv/Orthanc in objects/s (ok / !: meets / misses >= 1.0). "
+                 "WADO-RS: GET of the whole study on a new connection to the last body byte, "
+                 "cold page cache, median of the rounds; MB: the body; clnt CPU: this "
+                 "process reading it; pv/Orthanc in objects/s. "
                  "C-FIND: request to final response on an open association; pv/Orthanc of "
                  "latency (below 1: pacsvault answers faster).")
     return "\n".join(lines)
@@ -545,6 +797,11 @@ def main(argv: list[str] | None = None) -> int:
     filler = a.filler if a.filler is not None else (10 if a.quick else 100)
     n_queries = a.queries or (40 if a.quick else 200)
     warmup = 5 if a.quick else 20
+    wado_skipped = "" if os.path.exists(DICOMWEB_PLUGIN) else (
+        f"the Orthanc DICOMweb plugin {DICOMWEB_PLUGIN} is missing (Debian package "
+        "orthanc-dicomweb; deploy/install.sh --test installs it)")
+    if wado_skipped:
+        print(f"WADO-RS leg skipped: {wado_skipped}", file=sys.stderr)
 
     mach = machine()  # before the daemon starts: the code revision it runs
     work = Path(tempfile.mkdtemp(prefix="pacsvault-bench-retrieve-", dir=a.workdir))
@@ -559,10 +816,12 @@ def main(argv: list[str] | None = None) -> int:
     scp = StoreSCP(work / "dest", aet=DEST_AET).start()   # TCP_NODELAY=1, --fork, +xa
     systems: dict[str, System] = {}
     moves: dict[tuple[str, str], MoveResult] = {}
+    wado: dict[tuple[str, str], WadoResult] = {}
     report: dict = {}
     try:
         systems["pacsvault"] = Pacsvault(work / "pacsvault", scp.port, a.workers)
-        systems["orthanc"] = OrthancSystem(work / "orthanc", scp.port)
+        systems["orthanc"] = OrthancSystem(work / "orthanc", scp.port,
+                                           dicomweb=not wado_skipped)
         for s in systems.values():
             t = time.perf_counter()
             storescu(s.port, s.aet, all_files, logdir)
@@ -589,6 +848,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{len(study.files) / run.seconds:8.1f} objects/s "
                           f"{study.bytes / run.seconds / 1e6:7.1f} MB/s  {run.status}, "
                           f"{run.received}/{len(study.files)} received", file=sys.stderr)
+        if not wado_skipped:
+            wado = measure_wado(systems, studies, repeat, roots, logdir)
         times, answers = measure_finds(systems, n_queries, warmup)
         for q, by in answers.items():
             if by["pacsvault"] != by["orthanc"]:
@@ -602,11 +863,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"stopping {s.name}: {e}", file=sys.stderr)
         scp.stop()
 
-    move_list = list(moves.values())
+    move_list, wado_list = list(moves.values()), list(wado.values())
     finds = find_summary(times)
-    rat = ratios(move_list, finds)
-    table = format_table(move_list, finds, rat)
-    cache_methods = sorted({r.cache for m in move_list for r in m.runs})
+    rat = ratios(move_list, finds, wado_list)
+    table = format_table(move_list, finds, rat, wado_list, wado_skipped)
+    cache_methods = sorted({r.cache for m in [*move_list, *wado_list] for r in m.runs})
     report.update({
         "benchmark": "retrieve",
         "command": " ".join([".venv/bin/python -m bench.retrieve",
@@ -621,11 +882,17 @@ def main(argv: list[str] | None = None) -> int:
         "catalog_objects": len(all_files),
         "move_client": "dcmtk movescu -S, STUDY level, TCP_NODELAY=1; destination dcmtk "
                        "storescp --fork +xa -pm, TCP_NODELAY=1, writes every object",
+        "wado_client": "http.client in this process, a new connection per retrieval, GET "
+                       "{root}/studies/{uid} with " + json.dumps(WADO_HEADERS) + ", the whole "
+                       f"body read in {WADO_READ}-byte reads, then checked: multipart/related, "
+                       "one application/dicom part per object of the study",
+        "wado_skipped": wado_skipped or None,
         "find_client": "pacsvault's own SCU in-process, one association per system, queries "
                        f"alternating between systems, {warmup} warm-up queries each",
         "queries": {q: keys for q, (_m, keys) in QUERIES.items()},
         "systems": {n: s.describe() for n, s in systems.items()},
         "moves": [m.to_json() for m in move_list],
+        "wado": [w.to_json() for w in wado_list],
         "finds": finds,
         "find_times_s": times,
         "ratios": rat,
@@ -633,7 +900,9 @@ def main(argv: list[str] | None = None) -> int:
         "table": table,
     })
     print(table)
-    print(f"page cache before each move: {', '.join(cache_methods)}")
+    print(f"page cache before each move and retrieval: {', '.join(cache_methods)}")
+    if wado_skipped:
+        print(f"WADO-RS leg skipped: {wado_skipped}")
     for n, summary in report["logs"].items():
         bad = {k: v for k, v in summary.items() if not k.endswith("samples") and v}
         if bad:
@@ -644,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kept {work}", file=sys.stderr)
     else:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if move_list and all(m.ok for m in move_list) else 1
+    return 0 if move_list and all(m.ok for m in [*move_list, *wado_list]) else 1
 
 
 if __name__ == "__main__":

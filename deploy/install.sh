@@ -3,7 +3,8 @@
 #
 #   deploy/install.sh          the daemon: a virtualenv in .venv with pacsvault installed
 #   deploy/install.sh --test   also what the test suite talks to for real: dcmtk
-#                              (storescu/echoscu/storescp), Orthanc, PostgreSQL, age, zstd
+#                              (storescu/echoscu/storescp), Orthanc and its DICOMweb
+#                              plugin, PostgreSQL, age, zstd
 #
 # Idempotent: re-running installs only what is missing.
 set -euo pipefail
@@ -35,8 +36,10 @@ apt_install() {
 }
 
 if ((WITH_TESTS)); then
-    apt_install dcmtk:storescu orthanc:/usr/sbin/Orthanc postgresql:/usr/lib/postgresql/15/bin/initdb \
-        age:age zstd:zstd procps:pgrep strace:strace
+    # orthanc-dicomweb: the DICOMweb plugin, loaded only by bench/retrieve.py's WADO-RS leg.
+    apt_install dcmtk:storescu orthanc:/usr/sbin/Orthanc \
+        orthanc-dicomweb:/usr/share/orthanc/plugins/libOrthancDicomWeb.so \
+        postgresql:/usr/lib/postgresql/15/bin/initdb age:age zstd:zstd procps:pgrep strace:strace
 fi
 
 if [[ ! -x .venv/bin/python ]]; then

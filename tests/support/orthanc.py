@@ -4,7 +4,9 @@ The config is written into a private directory (storage and index there), the
 DICOM and HTTP ports are free loopback ports, the REST API is open only on
 127.0.0.1 without authentication, and any SCU may C-STORE to it. Orthanc leaves
 Nagle's algorithm on in its DICOM connections unless ``TCP_NODELAY=1`` is in its
-environment, so that is always set.
+environment, so that is always set. It loads no plugin unless given ``plugins``
+(paths of plugin files; e.g. ``DICOMWEB_PLUGIN``, Debian package orthanc-dicomweb,
+whose settings go in ``extra_config["DicomWeb"]``).
 
 Only urllib from the standard library: no new dependencies.
 """
@@ -24,6 +26,7 @@ from tests.support.daemon import free_port
 from tests.support.process import LoggedProcess
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"   # orthanc-dicomweb
 
 
 def orthanc_binary() -> str | None:
@@ -53,6 +56,7 @@ class Orthanc(LoggedProcess):
     dicom_port: int = 0
     http_port: int = 0
     proc: subprocess.Popen | None = None
+    plugins: list[str] = field(default_factory=list)     # plugin files to load
 
     # -- lifecycle --------------------------------------------------------------
     def config(self) -> dict:
@@ -60,7 +64,7 @@ class Orthanc(LoggedProcess):
             "Name": f"pacsvault-test-{self.aet}",
             "StorageDirectory": str(self.workdir / "storage"),
             "IndexDirectory": str(self.workdir / "index"),
-            "Plugins": [],
+            "Plugins": [str(p) for p in self.plugins],
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,      # REST only from loopback
@@ -150,6 +154,11 @@ class Orthanc(LoggedProcess):
 
     def system(self) -> dict:
         return self.get("/system", timeout=2)
+
+    def plugin_versions(self) -> dict[str, str]:
+        """{plugin ID: version} of the plugins Orthanc loaded."""
+        return {pid: str(self.get(f"/plugins/{pid}").get("Version", "?"))
+                for pid in self.get("/plugins") if pid != "explorer.js"}   # not a plugin
 
     def upload(self, path: Path) -> dict:
         """POST /instances with the file's bytes; returns Orthanc's answer (ID, ParentStudy...)."""
