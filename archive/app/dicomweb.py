@@ -158,6 +158,7 @@ class DicomWebService:
                              destination=None, comment=e.comment)
             raise WebRefused(413 if e.status == R.SUBOPERATIONS_FAILED else 400,
                              e.comment) from None
+        plan.requested_by = who.user
         if not plan.send:
             raise WebRefused(404, "no such " + {"STUDY": "study", "SERIES": "series",
                                                 "IMAGE": "instance"}[level])

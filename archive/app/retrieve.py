@@ -26,6 +26,7 @@ from sqlalchemy import select
 
 from archive import audit, peers
 from archive.alerts import Alert
+from archive.app import restore_queue
 from archive.catalog import query as Q
 from archive.catalog.models import DrInstance, DrSegment, DrVolume, Instance, Study
 from archive.catalog.uow import Catalog
@@ -71,6 +72,7 @@ class MovePlan:
     patient_id: str | None
     study_uid: str | None
     offline: set[int] = field(default_factory=set)   # no verified copy online or in the object tier
+    requested_by: str = "retrieve"         # the calling AE or account, for the restore queue
 
 
 @dataclass
@@ -205,9 +207,10 @@ class MoveService:
                 .where(DrInstance.instance_fk.in_(list(plan.offline)[:10_000]))))
         if not barcodes:
             return f"{len(plan.offline)} instances have no readable copy on any tier"
+        self._queue_online(plan, plan.offline, barcodes)
         self.alert(Alert("retrieve", "warning", "a retrieve needs DR volumes "
                          + ", ".join(barcodes[:32]) + ": load them and run 'pacsvault "
-                         "restore --online' for the studies the audit trail names",
+                         "restore --queued' (the studies are queued)",
                          counts={"instances": len(plan.offline), "volumes": len(barcodes)}))
         return (f"{len(plan.offline)} instances are only on DR volumes: load "
                 + ", ".join(barcodes[:8]) + (" ..." if len(barcodes) > 8 else "")
@@ -274,6 +277,8 @@ class MoveService:
             refused = sum(1 for f in report.failures if f.get("sop_uid") and (
                 "presentation context" in f["reason"] or "answered 0x" in f["reason"]))
             barcodes = self._dr_barcodes(plan.send, set(failed))
+            if barcodes and not refused:
+                self._queue_online(plan, self._ids_of(plan.send, set(failed)), barcodes)
             if refused:
                 why = (f"{refused} instances not taken by the destination (none of its "
                        "presentation contexts fits their stored transfer syntax, or it refused)")
@@ -284,13 +289,24 @@ class MoveService:
                 # Barcodes and counts only: which patient asked for stays in the audit trail.
                 self.alert(Alert("retrieve", "warning", "a DICOM retrieve needs DR volumes "
                                  + ", ".join(barcodes[:32]) + ": load them and run "
-                                 "'pacsvault restore --online' for the studies the audit trail "
-                                 "names", counts={"instances": len(failed),
-                                                  "volumes": len(barcodes)}))
+                                 "'pacsvault restore --queued' (the studies are queued)",
+                                 counts={"instances": len(failed), "volumes": len(barcodes)}))
             else:
                 why = f"{len(failed)} instances could not be read from any tier"
             progress.comment = why
             log.error("retrieve to %s: %s", where, why)
+
+    def _queue_online(self, plan: MovePlan, instance_ids: set[int], barcodes: list[str]) -> None:
+        try:
+            restore_queue.queue(self.catalog, instance_ids, barcodes, plan.requested_by)
+        except Exception as e:  # noqa: BLE001 - the refusal still goes out; the alert names the volumes
+            log.error("could not queue a study to come back from DR volumes: %s",
+                      type(e).__name__)
+
+    def _ids_of(self, ids: set[int], sop_uids: set[str]) -> set[int]:
+        with self.catalog.unit() as uow:
+            return set(uow.session.scalars(select(Instance.id).where(
+                Instance.id.in_(list(ids)[:10_000]), Instance.sop_uid.in_(list(sop_uids)[:10_000]))))
 
     def _dr_barcodes(self, ids: set[int], failed_uids: set[str]) -> list[str]:
         with self.catalog.unit() as uow:

@@ -1,6 +1,7 @@
 """What `pacsvault status` reports: per-site counts and health, replication debt."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import func, select, true
@@ -13,6 +14,7 @@ from archive.catalog.models import (
     Bundle,
     Copy,
     Instance,
+    RestoreRequest,
     ScrubFinding,
     ScrubRun,
     Series,
@@ -96,6 +98,8 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         objects = _object_tier(settings, s, by_loc, studies_by_loc, tier)
         last_scrub = _last_scrub(s)
         unprotected = exposure(s, settings, clock)
+        queued = s.execute(select(RestoreRequest.barcodes).where(
+            RestoreRequest.state == "pending")).scalars().all()
     job_table = _jobs(settings, catalog)
     site_rows = []
     under = 0
@@ -139,6 +143,9 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         # Acknowledged data not yet protected at each level (RPO exposure).
         "unprotected": unprotected,
         "jobs": job_table,
+        # Studies a retrieve needed from DR volumes, waiting for `restore --queued`.
+        "restore_queue": {"studies": len(queued), "volumes": sorted(
+            {b for row in queued for b in json.loads(row)})},
         # Configuration that weakens protection (e.g. both sites on one filesystem).
         "risks": site_risks(settings),
         # Damage a scrub could not repair keeps the install unhealthy until dealt with.

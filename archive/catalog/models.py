@@ -152,6 +152,23 @@ class Copy(Base):
     )
 
 
+class RestoreRequest(Base):
+    """A study a retrieve (C-MOVE, C-GET, WADO-RS) needed while only DR volumes held
+    some of it: queued to come back online once the volumes are loaded
+    (`pacsvault restore --queued`, run by whoever holds the DR identity). One
+    pending row per study; barcodes is a JSON list of the volumes named."""
+
+    __tablename__ = "restore_requests"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    requested_by: Mapped[str] = mapped_column(String(128))      # AE title or account
+    barcodes: Mapped[str] = mapped_column(Text, default="[]")
+    state: Mapped[str] = mapped_column(String(16), default="pending")   # pending | done
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    __table_args__ = (Index("ix_restore_requests_state", "state", "study_fk"),)
+
+
 class IngestInFlight(Base):
     """An instance whose row ingest committed while its copies were still being
     written (the two run at the same time): its copies are not confirmed until

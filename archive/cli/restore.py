@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from archive import jobs
+from archive.app import restore_queue
 from archive.app.compose import open_catalog, open_restorer, open_sites
 from archive.cli.common import (
     authorize,
@@ -32,6 +33,9 @@ from dr.keys import identity_fingerprints
               metavar="DIR", help="Write DICOM Part 10 files to DIR/<study>/<series>/<sop>.dcm.")
 @click.option("--to-ae", default=None, metavar="AE@HOST:PORT", help="C-STORE to a PACS.")
 @click.option("--online", "to_online", is_flag=True, help="Put the instances back on the online sites.")
+@click.option("--queued", is_flag=True,
+              help="Bring back online every study a retrieve queued because only DR volumes "
+                   "held it (load the volumes first; implies --online).")
 @click.option("--from", "from_tier", type=click.Choice(["online", "objects", "dr"]), default=None,
               help="Only this tier (default: the fastest that holds a verified copy).")
 @click.option("--identity", "identities", multiple=True, metavar="FILE",
@@ -59,7 +63,8 @@ from dr.keys import identity_fingerprints
 @handle_errors
 def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
             accession: str | None, from_date: str | None, to_date: str | None,
-            to_dir: Path | None, to_ae: str | None, to_online: bool, from_tier: str | None,
+            to_dir: Path | None, to_ae: str | None, to_online: bool, queued: bool,
+            from_tier: str | None,
             identities: tuple[Path, ...], volume_paths: tuple[str, ...], deidentify: bool,
             deid_key: str | None, deid_map: Path | None, resume: bool, as_json: bool,
             config: str | None) -> None:
@@ -88,6 +93,11 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
 
     settings = settings_from(ctx, config)
     actor = authorize(settings, "restore", "restore")
+    if queued:
+        if studies or patient or accession or from_date or to_date or to_dir or to_ae:
+            raise InvalidInput("--queued restores the queued studies online: give no other "
+                               "selection or target")
+        to_online = True
     if sum(x is not None and x is not False for x in (to_dir, to_ae, to_online or None)) != 1:
         raise InvalidInput("say where to: one of --to DIR, --to-ae AE@HOST:PORT, --online")
     _check_deid(ctx, deidentify, to_online, to_dir, deid_map, deid_key)
@@ -95,7 +105,16 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
     idents = load_identities(list(identities)) if identities else []
     catalog = open_catalog(settings)
     try:
-        chosen = select_studies(catalog, sel)
+        if queued:
+            chosen = [(p.study_fk, p.study_uid) for p in restore_queue.pending(catalog)]
+            if not chosen:
+                if as_json:
+                    emit_json({"queued": 0, "restored": 0})
+                else:
+                    click.echo("no study is queued to come back online")
+                return
+        else:
+            chosen = select_studies(catalog, sel)
         if not chosen:
             raise InvalidInput(f"no study matches {json.dumps(sel.to_json())}")
         sites = open_sites(settings)
@@ -157,6 +176,10 @@ def restore(ctx: click.Context, studies: tuple[str, ...], patient: str | None,
                 "failures": len(j["failures"]), "target": "dir" if to_dir else
                 "ae" if to_ae else "online", "deidentified": deid is not None}
         _audit(catalog, actor.name, chosen, j, "dir" if to_dir else to_ae or "online", idents)
+        if queued:
+            failed = {f["study_uid"] for f in j["failures"]}
+            restore_queue.mark_done(catalog, [fk for fk, uid in chosen if uid not in failed])
+            j["queued"] = len(chosen)
     finally:
         catalog.close()
     for v in j["volumes_needed"]:

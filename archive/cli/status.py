@@ -73,5 +73,10 @@ def status(ctx: click.Context, as_json: bool, config: str | None) -> None:
             parts.append(f"{level.replace('_', ' ')}: {e['objects']} objects, {e['bytes']} bytes, "
                          f"oldest {e['oldest_age_s']:.0f}s")
     console.print("not yet protected: " + ("; ".join(parts) if parts else "nothing"))
+    rq = st.get("restore_queue") or {}
+    if rq.get("studies"):
+        console.print(f"[yellow]{rq['studies']} studies a retrieve needed are queued to come "
+                      f"back from DR volumes {', '.join(rq['volumes'][:8])}: load them and run "
+                      "'pacsvault restore --queued'[/]")
     for risk in st.get("risks", []):
         console.print(f"[yellow]risk: {risk}[/]")

@@ -422,8 +422,10 @@ class _Session:
               destination: str | None) -> tuple["R.MovePlan | None", int, str]:
         """(the plan, or None with the status and comment to refuse with)."""
         try:
-            return mover.plan(cmd.affected_sop_class or "", self.contexts[context_id], data,
-                              destination), R.UNABLE_TO_PROCESS, ""
+            plan = mover.plan(cmd.affected_sop_class or "", self.contexts[context_id], data,
+                              destination)
+            plan.requested_by = self.calling
+            return plan, R.UNABLE_TO_PROCESS, ""
         except R.MoveRefused as e:
             return None, e.status, e.comment
         except Exception:

@@ -206,6 +206,26 @@ def test_a_study_only_on_dr_volumes_fails_naming_the_volumes(pv, tmp_path):
     [alert] = [json.loads(x) for x in alerts.read_text().splitlines()]
     assert alert["source"] == "retrieve" and all(b in alert["summary"] for b in barcodes)
     assert alert["counts"]["instances"] == len(pv.ct) and study not in json.dumps(alert)
+    assert "restore --queued" in alert["summary"]
+
+    # The study was queued; once the volumes are readable it comes back online and the
+    # same move succeeds, byte for byte.
+    st = json.loads(run_cli(pv.config, "status", "--json").stdout)
+    assert st["restore_queue"]["studies"] == 1
+    assert set(st["restore_queue"]["volumes"]) <= barcodes and st["restore_queue"]["volumes"]
+    back = json.loads(run_cli(pv.config, "restore", "--queued", "--identity", str(key),
+                              "--json").stdout)
+    assert back["queued"] == 1 and back["restored"] == len(pv.ct)
+    assert json.loads(run_cli(pv.config, "status", "--json").stdout)["restore_queue"] == \
+        {"studies": 0, "volumes": []}
+    with serving(pv) as d:
+        status, _ = movescu(d.dicom_port, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}")
+    got = received(pv)
+    assert status == 0x0000 and set(got) == {m.sop_uid for m in pv.ct}
+    assert sent_as_received(pv, got)
+    empty = json.loads(run_cli(pv.config, "restore", "--queued", "--identity", str(key),
+                               "--json").stdout)
+    assert empty == {"queued": 0, "restored": 0}
 
 
 def test_c_cancel_stops_a_move_between_sub_operations(tmp_path):

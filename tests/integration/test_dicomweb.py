@@ -238,6 +238,8 @@ def test_wado_of_a_study_only_on_dr_volumes_is_refused_naming_the_volumes(pv, tm
     [alert] = [json.loads(x) for x in alerts.read_text().splitlines()]
     assert alert["source"] == "retrieve" and all(b in alert["summary"] for b in barcodes)
     assert ct.study_uid not in json.dumps(alert)
+    queue = json.loads(run_cli(pv.config, "status", "--json").stdout)["restore_queue"]
+    assert queue["studies"] == 1 and set(queue["volumes"]) <= barcodes
 
 
 # -- STOW-RS ------------------------------------------------------------------------------
