@@ -22,13 +22,14 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import stat
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import and_, select, update
 
@@ -147,6 +148,41 @@ def select_studies(catalog: Catalog, sel: Selection) -> list[tuple[int, str]]:
     return found
 
 
+READ_AHEAD = 8                       # online copies verified ahead of the delivery
+READ_AHEAD_BYTES = 256 * 1024 * 1024  # ... and their bytes in scratch (one is always allowed)
+
+
+class _Window:
+    """How far the read-ahead may run: items and bytes in flight, bounded."""
+
+    def __init__(self, items: int, size: int) -> None:
+        self.items, self.size = items, size
+        self._n = self._bytes = 0
+        self._cond = threading.Condition()
+
+    def enter(self, size: int, quit_: threading.Event) -> bool:
+        with self._cond:
+            while self._n and (self._n >= self.items or self._bytes + size > self.size):
+                if quit_.is_set():
+                    return False
+                self._cond.wait(0.5)
+            if quit_.is_set():
+                return False
+            self._n += 1
+            self._bytes += size
+            return True
+
+    def leave(self, size: int) -> None:
+        with self._cond:
+            self._n -= 1
+            self._bytes -= size
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
 class Restorer:
     def __init__(self, catalog: Catalog, sites: list[Backend], tier: Backend | None,
                  delivery: Delivery, *, sources: tuple[str, ...] = TIERS,
@@ -240,33 +276,69 @@ class Restorer:
     # -- tier 1: the online sites -----------------------------------------------------------
     def _online(self, todo: list[Item], report: RestoreReport) -> list[Item]:
         left = []
-        for item in todo:
-            if self.stop.is_set():
+        for item, path in self._read_ahead(todo):
+            if path is None:
                 left.append(item)
-                continue
-            done = False
-            copies = list(item.inst.copies.items())
-            self._turn += 1                 # both healthy sites share the reads
-            k = self._turn % len(copies) if copies else 0
-            for name, c in copies[k:] + copies[:k]:
-                site = self.sites.get(name)
-                if site is None or c.state != "ok":
-                    continue
-                path, mismatch = self._copy_verified(lambda: site.open(c.key), item)
-                if path is None:
-                    if mismatch:
-                        item.tried.append(f"online copy on {name} does not match the catalog")
-                        log.error("restore: online copy of %s on %s does not match the "
-                                  "catalog; queued for repair from its twin",
-                                  phi.token(item.inst.sop_uid), name)
-                        self._queue_repair(item.inst.id, name)
-                    continue
+            else:
                 self._delivered(item, "online", path, report)
-                done = True
-                break
-            if not done:
-                left.append(item)
         return left
+
+    def _read_ahead(self, todo: list[Item]) -> Iterator[tuple[Item, Path | None]]:
+        """Each item with a verified scratch copy (None: no site gave one), in order.
+        A thread reads and verifies ahead of the delivery (the next read overlaps the
+        previous send), at most READ_AHEAD items and READ_AHEAD_BYTES at a time;
+        copies read ahead but never delivered are removed."""
+        window = _Window(READ_AHEAD, READ_AHEAD_BYTES)
+        out: queue.Queue = queue.Queue()
+        quit_ = threading.Event()
+
+        def read() -> None:
+            try:
+                for item in todo:
+                    if not window.enter(item.inst.size, quit_):
+                        return
+                    path = None if self.stop.is_set() else self._read_online(item)
+                    out.put((item, path))
+            except BaseException as e:  # noqa: BLE001 - handed to the delivering thread
+                out.put(e)
+            finally:
+                out.put(None)
+
+        reader = threading.Thread(target=read, name="restore-read-ahead", daemon=True)
+        reader.start()
+        try:
+            while (got := out.get()) is not None:
+                if isinstance(got, BaseException):
+                    raise got
+                window.leave(got[0].inst.size)
+                yield got
+        finally:
+            quit_.set()
+            window.wake()
+            reader.join()
+            while not out.empty():
+                got = out.get()
+                if isinstance(got, tuple) and got[1] is not None:
+                    got[1].unlink(missing_ok=True)
+
+    def _read_online(self, item: Item) -> Path | None:
+        copies = list(item.inst.copies.items())
+        self._turn += 1                 # both healthy sites share the reads
+        k = self._turn % len(copies) if copies else 0
+        for name, c in copies[k:] + copies[:k]:
+            site = self.sites.get(name)
+            if site is None or c.state != "ok":
+                continue
+            path, mismatch = self._copy_verified(lambda: site.open(c.key), item)
+            if path is not None:
+                return path
+            if mismatch:
+                item.tried.append(f"online copy on {name} does not match the catalog")
+                log.error("restore: online copy of %s on %s does not match the "
+                          "catalog; queued for repair from its twin",
+                          phi.token(item.inst.sop_uid), name)
+                self._queue_repair(item.inst.id, name)
+        return None
 
     def _copy_verified(self, opener, item: Item) -> tuple[Path | None, bool]:  # noqa: ANN001
         """(a scratch copy of the source if it matches the catalog, whether it was read

@@ -20,6 +20,7 @@ objects are audited per study, as an association's are. The HTTP side
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,20 +172,64 @@ class DicomWebService:
         return Retrieval(self.mover, plan, who)
 
 
+class _Stream:
+    """The restore thread's delivery for one WADO-RS response: each verified file is
+    queued (a few at most) and the restore goes on reading, so reading the next
+    instance overlaps sending this one. ``shut`` ends it from the response's side."""
+
+    name = "a WADO-RS response"
+    DEPTH = 8
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=self.DEPTH)
+        self.shut_down = threading.Event()
+
+    def done(self, item: object) -> bool:
+        return False
+
+    def deliver(self, item: object, path: Path) -> None:
+        self._put((item, path))
+
+    def close(self) -> None:                 # the restore has handed over its last
+        self._put(None)
+
+    def _put(self, entry: tuple[object, Path] | None) -> None:
+        while not self.shut_down.is_set():
+            try:
+                self.queue.put(entry, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        if entry is not None:
+            entry[1].unlink(missing_ok=True)
+            raise DeliveryRefused("the response ended")
+
+    def shut(self) -> None:
+        self.shut_down.set()
+        while True:
+            try:
+                entry = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if entry is not None:
+                entry[1].unlink(missing_ok=True)
+
+
 class Retrieval:
     """One WADO-RS response's instances: a restore thread reads and verifies each
-    and hands it over; the response streams it and asks for the next. Iterate,
-    then ``close`` (always: it stops the thread and writes the audit record)."""
+    and queues it; the response streams them in order. Iterate, then ``close``
+    (always: it stops the thread and writes the audit record)."""
 
     def __init__(self, mover: R.MoveService, plan: R.MovePlan, who: Who) -> None:
         self.mover, self.plan, self.who = mover, plan, who
         self.progress = R.MoveProgress(total=len(plan.send))
-        self._handoff = R.HandOff()
+        self._stream = _Stream()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._items: Iterator[tuple[object, Path]] | None = None
         self._first: tuple[object, Path] | None = None
+        self.sent = 0
 
     @property
     def count(self) -> int:
@@ -211,39 +256,47 @@ class Retrieval:
     def _read(self) -> Iterator[tuple[object, Path]]:
         self._thread = threading.Thread(target=self.mover.run,
                                         args=(self.plan, self.progress, self._stop),
-                                        kwargs={"delivery": self._handoff}, daemon=True,
+                                        kwargs={"delivery": self._stream}, daemon=True,
                                         name="wado-rs")
         self._thread.start()
-        while not self.progress.done.is_set():
-            job = self._handoff.next(timeout=0.2)
-            if job is None:
+        while True:
+            try:
+                entry = self._stream.queue.get(timeout=0.2)
+            except queue.Empty:
+                if self.progress.done.is_set() and self._stream.queue.empty():
+                    break                    # the restore stopped without closing (an error)
                 continue
-            item, path = job
+            if entry is None:
+                break
+            item, path = entry
             try:
                 yield getattr(item, "inst", item), path
-            except GeneratorExit:
-                self._handoff.answer(DeliveryRefused("the client went away"))
-                raise
-            self._handoff.answer(None)
+            finally:
+                path.unlink(missing_ok=True)
+            self.sent += 1
+        self.progress.done.wait(timeout=60)  # the final counts, a moment after the last
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._stop.set()
-        self._handoff.shut(DeliveryRefused("the response ended"))
+        self._stream.shut()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        status = R.final_status(self.progress, cancelled=False) \
-            if self.progress.done.is_set() else R.CANCELLED
+        with self.progress.lock:            # what reached the response, not what was queued
+            self.progress.completed = min(self.progress.completed, self.sent)
+        cut = self.sent < self.count and not self.progress.failed
+        status = R.CANCELLED if cut or not self.progress.done.is_set() \
+            else R.final_status(self.progress, cancelled=False)
         self.mover.audit(self.plan, status, self.progress, calling_ae=self.who.user,
                          source=f"http {self.who.source}", sop_class="WADO-RS",
                          destination=None, comment=self.progress.comment)
 
     @property
     def complete(self) -> bool:
-        remaining, _, failed, _ = self.progress.counts()
-        return self.progress.done.is_set() and not remaining and not failed
+        _, _, failed, _ = self.progress.counts()
+        return self.progress.done.is_set() and not failed and self.sent == self.count
 
 
 # -- STOW-RS -------------------------------------------------------------------------------

@@ -182,19 +182,26 @@ class WebApp:
         boundary = mp.new_boundary()
 
         def body() -> Iterator[bytes]:
-            first = True
+            # Parts are gathered into chunks of about CHUNK bytes: every chunk crosses
+            # from this thread to the event loop, which costs more than a small part.
+            first, buf = True, bytearray()
             try:
                 for inst, path in retrieval:
-                    yield mp.part_head(boundary, "application/dicom; transfer-syntax="
-                                       + inst.transfer_syntax, first=first)
+                    buf += mp.part_head(boundary, "application/dicom; transfer-syntax="
+                                        + inst.transfer_syntax, first=first)
                     first = False
                     with open(path, "rb") as f:
-                        while chunk := f.read(CHUNK):
-                            yield chunk
+                        while chunk := f.read(CHUNK - len(buf) if len(buf) < CHUNK else CHUNK):
+                            buf += chunk
+                            if len(buf) >= CHUNK:
+                                yield bytes(buf)
+                                buf.clear()
                 if retrieval.complete:
-                    yield mp.closing(boundary)
+                    buf += mp.closing(boundary)
                 # else: no closing delimiter, so the client sees the response is cut
                 # short rather than a study with instances silently missing
+                if buf:
+                    yield bytes(buf)
             finally:
                 retrieval.close()
 
