@@ -53,7 +53,8 @@ class FindService:
         self.max_matches, self.case_insensitive_pn = max_matches, case_insensitive_pn
 
     def find(self, sop_class: str, transfer_syntax: str, data: bytes, *, calling_ae: str,
-             source: str, combined_datetime: bool = False) -> FindAnswer:
+             source: str, combined_datetime: bool = False,
+             relational: bool = False) -> FindAnswer:
         model = MODELS.get(sop_class)
         request: ident.Identifier | None = None
         try:
@@ -63,7 +64,7 @@ class FindService:
             matches = Q.find(self.catalog, request.level, model, request.keys,
                              max_matches=self.max_matches,
                              case_insensitive_pn=self.case_insensitive_pn,
-                             combined_datetime=combined_datetime)
+                             combined_datetime=combined_datetime, relational=relational)
         except ident.IdentifierUnreadable as e:
             answer = FindAnswer(UNABLE_TO_PROCESS, str(e))
         except Q.IdentifierInvalid as e:

@@ -164,6 +164,7 @@ class _Session:
         self.message_ids = 0
         # Storage classes the requestor accepted to receive (SCP role): C-GET sends those.
         self.receives: set[str] = set()
+        self.find_options: dict[str, tuple[bool, bool]] = {}   # C-FIND extended negotiation
 
     def on_request(self, rq: P.AssociateRQ) -> P.AssociateAC | P.AssociateRJ:
         self.associating = True
@@ -193,6 +194,9 @@ class _Session:
             self.contexts = {c.id: c.transfer_syntax for c in ac.contexts if c.result == P.ACCEPTANCE}
             self.abstract = {c.id: c.abstract_syntax for c in rq.contexts}
             self.receives = {r.sop_class for r in ac.user.roles if r.scp}
+            # C-FIND extended negotiation as agreed: (relational, combined date-time)
+            self.find_options = {sop: (info[:1] == b"\x01", info[1:2] == b"\x01")
+                                 for sop, info in ac.user.extended}
         return ac
 
     def on_event(self, assoc: A.Association, event: dimse.CommandReceived | dimse.DataFragment
@@ -292,9 +296,12 @@ class _Session:
         self.running, self.cancelled = cmd, False
         answer, status = None, F.SUCCESS
         try:
+            relational, combined = self.find_options.get(self.abstract.get(context_id, ""),
+                                                         (False, False))
             answer = self.listener.finder.find(  # type: ignore[union-attr]
                 cmd.affected_sop_class or "", self.contexts[context_id], data,
-                calling_ae=self.calling, source=f"{self.calling}@{self.address}")
+                calling_ae=self.calling, source=f"{self.calling}@{self.address}",
+                combined_datetime=combined, relational=relational)
             status, comment = answer.status, answer.comment
             pending = dimse.Command(dimse.C_FIND_RSP, message_id_responded_to=cmd.message_id,
                                     affected_sop_class=cmd.affected_sop_class,
@@ -537,7 +544,8 @@ class EngineListener:
                            settings.max_pdu or 262144, IMPLEMENTATION_CLASS_UID,
                            IMPLEMENTATION_VERSION, query_classes=frozenset(F.MODELS) | frozenset(R.MOVE_MODELS)
                            | frozenset(R.GET_MODELS), scu_role_classes=None,
-                           query_transfer_syntaxes=COMMAND_TRANSFER_SYNTAXES)
+                           query_transfer_syntaxes=COMMAND_TRANSFER_SYNTAXES,
+                           find_classes=frozenset(F.MODELS))
         self.timeouts = driver.Timeouts(artim_s=min(30.0, settings.network_timeout_s),
                                         idle_s=settings.network_timeout_s)
         self.received = Received()

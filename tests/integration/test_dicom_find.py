@@ -285,3 +285,53 @@ def test_more_matches_than_the_cap_refuse_the_whole_query(tmp_path):
         assert status == "Success" and len(rsp) == 2
     finally:
         d.stop()
+
+
+def _pynetdicom_find(port: int, level: str, keys: dict, ext: bytes | None):  # noqa: ANN202
+    """(what the acceptor answered to the extended negotiation, [(status, identifier)])."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(STUDY_ROOT, EXPLICIT_LE)
+    neg = []
+    if ext is not None:
+        item = SOPClassExtendedNegotiation()
+        item.sop_class_uid = STUDY_ROOT
+        item.service_class_application_information = ext
+        neg = [item]
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSVAULT", ext_neg=neg)
+    assert assoc.is_established
+    try:
+        agreed = assoc.acceptor.sop_class_extended.get(STUDY_ROOT)
+        ds = Dataset()
+        ds.QueryRetrieveLevel = level
+        for k, v in keys.items():
+            setattr(ds, k, v)
+        out = [(status.Status, ident) for status, ident in assoc.send_c_find(ds, STUDY_ROOT)]
+    finally:
+        assoc.release()
+    return agreed, out
+
+
+def test_relational_and_combined_date_time_queries_when_negotiated(daemon):
+    """PS3.4 C.5.1.1: a requestor that negotiates relational queries may search every
+    series without naming the study; combined date-time matching likewise. Without
+    the negotiation the same query is refused (hierarchical search)."""
+    keys = {"SeriesInstanceUID": "", "PatientID": "PID-5582", "Modality": ""}
+    agreed, out = _pynetdicom_find(daemon.dicom_port, "SERIES", keys, None)
+    assert agreed is None and out[-1][0] == 0xA900           # StudyInstanceUID required
+    agreed, out = _pynetdicom_find(daemon.dicom_port, "SERIES", keys, b"\x01\x01\x01\x01")
+    assert agreed == b"\x01\x01\x00\x00"       # relational and combined: yes; fuzzy, tz: no
+    assert out[-1][0] == 0x0000
+    assert [i.SeriesInstanceUID for s, i in out if s == 0xFF00] == [f"{ROOT}.3.1"]
+    # Every study was at 10:15. From 2024-01-05 12:00 to 2024-01-07 as one range: the
+    # study of the 7th only (the 5th's was before noon); as two separate ranges (date
+    # in range and time after noon): none.
+    keys = {"StudyInstanceUID": "", "StudyDate": "20240105-20240107", "StudyTime": "120000-"}
+    agreed, out = _pynetdicom_find(daemon.dicom_port, "STUDY", keys, b"\x00\x01")
+    assert agreed == b"\x00\x01" and out[-1][0] == 0x0000
+    assert {i.StudyInstanceUID for s, i in out if s == 0xFF00} == {f"{ROOT}.3"}
+    _, out = _pynetdicom_find(daemon.dicom_port, "STUDY", keys, None)
+    assert out[-1][0] == 0x0000 and [s for s, _ in out if s == 0xFF00] == []

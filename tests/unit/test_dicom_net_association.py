@@ -264,3 +264,12 @@ def test_a_requestor_maximum_too_small_for_any_answer_is_aborted():
     a.receive_data(P.encode(tiny))
     assert isinstance(next(a.events()), A.Aborted)
     aborted_with(a)
+
+
+def test_find_extended_negotiation_answers_only_what_is_supported():
+    from archive.dicom.net.negotiation import find_extended
+    assert find_extended(b"\x01") == b"\x01"                       # relational
+    assert find_extended(b"\x01\x01\x01\x01\x01") == b"\x01\x01\x00\x00\x00"
+    assert find_extended(b"\x00\x01") == b"\x00\x01"               # combined only
+    assert find_extended(b"\x02\x07") == b"\x00\x00"               # not 1: not agreed
+    assert find_extended(b"\x01" * 40) == b"\x01\x01\x00\x00\x00"  # at most five fields

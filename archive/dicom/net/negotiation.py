@@ -37,6 +37,23 @@ class Offer:
     # one is accepted only in one of these (uncompressed or deflated) syntaxes.
     query_classes: frozenset[str] = frozenset()
     query_transfer_syntaxes: tuple[str, ...] = ()
+    # C-FIND models whose SOP Class Extended Negotiation (PS3.4 C.5.1.1) we answer:
+    # relational queries and combined date-time matching, as the requestor asks.
+    find_classes: frozenset[str] = frozenset()
+
+
+# C-FIND extended negotiation fields we support, by position (PS3.4 Table C.5-1):
+# 0 relational queries, 1 combined date and time matching. Fuzzy semantic matching of
+# person names (2), timezone adjustment (3) and enhanced multi-frame conversion (4)
+# are answered 0: not supported.
+FIND_EXTENDED_SUPPORTED = (True, True)
+
+
+def find_extended(info: bytes) -> bytes:
+    """Our answer to a requestor's C-FIND extended negotiation: each field it asked for
+    (1) that we support stays 1, every other is 0; the same length, at most 5 fields."""
+    return bytes(1 if b == 1 and i < len(FIND_EXTENDED_SUPPORTED)
+                 and FIND_EXTENDED_SUPPORTED[i] else 0 for i, b in enumerate(info[:5]))
 
 
 def valid_ae_title(title: str) -> bool:
@@ -73,11 +90,15 @@ def answer(rq: P.AssociateRQ, offer: Offer) -> P.AssociateAC | P.AssociateRJ:
         P.RoleSelection(r.sop_class, r.scu, r.scp and (offer.scu_role_classes is None
                                                        or r.sop_class in offer.scu_role_classes))
         for r in rq.user.roles if r.sop_class in proposed)
+    accepted = {c.abstract_syntax for c, a in zip(rq.contexts, contexts)
+                if a.result == P.ACCEPTANCE}
+    extended = tuple((sop, find_extended(info)) for sop, info in rq.user.extended
+                     if sop in offer.find_classes and sop in accepted and info)
     user = P.UserInformation(
         max_length=offer.max_pdu_length,
         implementation_class_uid=offer.implementation_class_uid,
         implementation_version_name=offer.implementation_version_name,
         # One operation at a time each way: we answer each request before the next.
         async_ops=(1, 1) if rq.user.async_ops is not None else None,
-        roles=roles)
+        roles=roles, extended=extended)
     return P.AssociateAC(rq.called_ae, rq.calling_ae, tuple(contexts), user)
