@@ -48,10 +48,11 @@ DEFAULT_RETURN = {
     "STUDY": ["StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
               "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate",
               "PatientSex", "StudyInstanceUID", "StudyID", "StudyDescription",
-              "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"],
+              "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+              "InstanceAvailability"],
     "SERIES": ["Modality", "SeriesDescription", "SeriesNumber", "SeriesInstanceUID",
-               "NumberOfSeriesRelatedInstances"],
-    "IMAGE": ["SOPClassUID", "SOPInstanceUID", "InstanceNumber"],
+               "NumberOfSeriesRelatedInstances", "InstanceAvailability"],
+    "IMAGE": ["SOPClassUID", "SOPInstanceUID", "InstanceNumber", "InstanceAvailability"],
 }
 _ORDER = ["STUDY", "SERIES", "IMAGE"]
 

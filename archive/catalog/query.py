@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Iterator, Mapping
 
-from sqlalchemy import Select, and_, exists, func, or_, select
+from sqlalchemy import Select, and_, case, exists, func, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from archive.catalog.models import Instance, Patient, Series, Study
+from archive.catalog.models import Copy, Instance, Patient, Series, Study
 from archive.catalog.uow import Catalog
 from archive.dicom import pn
 from archive.errors import InvalidInput
@@ -66,8 +66,8 @@ class TooManyMatches(QueryError):
         return int(self.args[0])
 
 
-P, ST, SE, I = (Patient.__table__, Study.__table__, Series.__table__,
-                Instance.__table__)
+P, ST, SE, I, C = (Patient.__table__, Study.__table__, Series.__table__,
+                   Instance.__table__, Copy.__table__)
 I2 = Instance.__table__.alias("later")
 
 
@@ -110,6 +110,10 @@ KEYS: dict[str, _Key] = {
     "SOPInstanceUID": _Key(3, "UI", I.c.sop_uid),
     "SOPClassUID": _Key(3, "UI", I.c.sop_class),
     "InstanceNumber": _Key(3, "IS", I.c.instance_number, max_len=12),
+    # Where the entity's instances are, at the query level (PS3.4 C.4.1.1.3.2): ONLINE
+    # (every one on a site), NEARLINE (some only in the object tier: a retrieve recalls
+    # them), OFFLINE (some only on DR volumes, or nowhere). Computed; asked for only.
+    "InstanceAvailability": _Key(1, "AVAILABILITY", max_len=16),
 }
 UNIQUE = {0: "PatientID", 1: "StudyInstanceUID", 2: "SeriesInstanceUID", 3: "SOPInstanceUID"}
 _DATE_TIME_PAIRS = (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"))
@@ -202,7 +206,7 @@ def _matches_something(value: str) -> bool:
 
 def _condition(keyword: str, value: str, folded_pn: bool, sqlite: bool) -> Any:
     key = KEYS[keyword]
-    if key.vr == "COUNT":
+    if key.vr in ("COUNT", "AVAILABILITY"):
         if value:
             raise ValueInvalid(f"{keyword} is computed: it can only be asked for, not matched")
         return None
@@ -460,11 +464,14 @@ class Matches:
                 out = {}
                 for k in keys:
                     if k in computed:
-                        out[k] = computed[k].get(m[f"_{KEYS[k].level}"], "")
+                        out[k] = computed[k].get(m[f"_{self._level(k)}"], "")
                     else:
                         v = m[k]
                         out[k] = "" if v is None else str(v)
                 yield out
+
+    def _level(self, keyword: str) -> int:
+        return self._q.level if KEYS[keyword].vr == "AVAILABILITY" else KEYS[keyword].level
 
     def _computed(self, batch: list) -> dict[str, dict[int, str]]:
         wanted = [k for k in self._q.returned if KEYS[k].column is None]
@@ -473,8 +480,10 @@ class Matches:
         out: dict[str, dict[int, str]] = {}
         with self._catalog.engine.connect() as conn:
             for k in wanted:
-                ids = sorted({row._mapping[f"_{KEYS[k].level}"] for row in batch})
-                if k == "ModalitiesInStudy":
+                ids = sorted({row._mapping[f"_{self._level(k)}"] for row in batch})
+                if k == "InstanceAvailability":
+                    out[k] = _availability(conn, self._q.level, ids)
+                elif k == "ModalitiesInStudy":
                     joined: dict[int, list[str]] = {}
                     for study, modality in conn.execute(
                             select(SE.c.study_fk, SE.c.modality).distinct()
@@ -485,6 +494,20 @@ class Matches:
                     counts = dict(conn.execute(_count_sql(k, ids)).all())
                     out[k] = {i: str(counts.get(i, 0)) for i in ids}
         return out
+
+
+def _availability(conn: Any, level: int, ids: list[int]) -> dict[int, str]:
+    group = {1: I.c.study_fk, 2: I.c.series_fk, 3: I.c.id}[level]
+    online = exists().where(C.c.instance_fk == I.c.id, C.c.state == "ok",
+                            C.c.bundle_fk.is_(None))
+    anywhere = exists().where(C.c.instance_fk == I.c.id, C.c.state == "ok")
+    rows = conn.execute(select(group, func.count(), func.sum(case((online, 1), else_=0)),
+                               func.sum(case((anywhere, 1), else_=0)))
+                        .where(group.in_(ids), _latest(I)).group_by(group))
+    out = {}
+    for entity, total, on, kept in rows:
+        out[entity] = "ONLINE" if on == total else "NEARLINE" if kept == total else "OFFLINE"
+    return out
 
 
 def _count_sql(keyword: str, ids: list[int]) -> Select:

@@ -202,6 +202,8 @@ def test_wado_of_a_migrated_study_reads_the_object_tier_and_a_rotten_copy_its_tw
         raw[-30] ^= 0x55
         rotten.write_bytes(bytes(raw))
     with serving(pv) as d:
+        [found] = requests.get(f"{d.base}/studies?StudyInstanceUID={study}", timeout=30).json()
+        assert value(found, "00080056") == "NEARLINE"              # InstanceAvailability
         got = {sop_of(body): body for _, body in
                parts(requests.get(f"{d.base}/studies/{study}", timeout=120))}
         assert set(got) == {m.sop_uid for m in pv.varied}
