@@ -114,6 +114,9 @@ class HttpSettings(_Strict):
     stow_max_bytes: int = Field(4 * 1024**3, ge=1024 * 1024)
     # Requests served at once; more wait in the kernel's queue or get 503.
     max_concurrency: int = Field(64, ge=4, le=4096)
+    # A request's head must arrive whole within this, and its body must not stall for
+    # longer: a client that dribbles bytes (slowloris) is cut off, not waited for.
+    request_timeout_s: float = Field(30.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _tls(self) -> "HttpSettings":

@@ -303,7 +303,8 @@ class Supervisor:
         app = WebApp(snapshot.get, AccountGate(catalog, s.accounts), service, spool=spool,
                      stow_max_bytes=s.http.stow_max_bytes)
         server = WebServer(app, s.http.bind, self.http_port, http_tls,
-                           max_concurrency=s.http.max_concurrency)
+                           max_concurrency=s.http.max_concurrency,
+                           request_timeout_s=s.http.request_timeout_s)
         return server, ingest
 
     def _check_ports(self) -> None:

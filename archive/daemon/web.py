@@ -28,16 +28,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import anyio
+import h11
 import uvicorn
 from prometheus_client import CollectorRegistry, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import (
     PlainTextResponse,
     Response,
     StreamingResponse,
 )
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from archive.app import dicomweb as W
 from archive.daemon.http import AccountGate, _StatusCollector
@@ -273,6 +275,10 @@ class WebApp:
         except InvalidInput as e:
             stow.discard()
             return _text(400, f"{e}; {stow.stored} instances before it were stored")
+        except ClientDisconnect:   # gone, or cut off for stalling: nobody to answer
+            log.warning("STOW-RS from %s ended before its body did; %d instances before it "
+                        "were stored", who.source, stow.stored)
+            return Response(status_code=400)
         finally:
             stow.discard()
             await anyio.to_thread.run_sync(stow.audit, who)
@@ -444,18 +450,66 @@ def _read_header(path: Path):  # noqa: ANN202
     return pydicom.dcmread(path, stop_before_pixels=True, force=True)
 
 
+class _GuardedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with the timeouts it lacks: a request's head must
+    arrive whole within ``request_timeout_s`` of the connection (or of the previous
+    response), and a body must not stall longer than that between two reads. Without
+    them a client sending a byte now and then holds a connection (and a slot of
+    max_concurrency) for ever."""
+
+    request_timeout_s = 30.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:  # noqa: ANN001
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.SEND_BODY:
+            self._arm()                  # the body is coming: each read restarts the clock
+        elif self.conn.their_state is not h11.IDLE:
+            self._disarm()               # the request is in; the answer takes its time
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()                  # the next request's head, on a kept-alive connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.request_timeout_s, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        if not self.transport.is_closing():
+            log.warning("HTTP connection from %s closed: no complete request within %.0f s",
+                        self.client[0] if self.client else "?", self.request_timeout_s)
+            self.transport.close()
+
+
 class WebServer:
     """uvicorn running the app in its own thread and event loop."""
 
     def __init__(self, app: WebApp, bind: str, port: int,
-                 ssl_context: ssl.SSLContext | None = None, max_concurrency: int = 64) -> None:
+                 ssl_context: ssl.SSLContext | None = None, max_concurrency: int = 64,
+                 request_timeout_s: float = 30.0) -> None:
         starlette = Starlette(routes=app.routes())
         kw: dict[str, Any] = {}
         if ssl_context is not None:
             kw["ssl_context_factory"] = lambda config, default: ssl_context
+        protocol = type("GuardedH11", (_GuardedH11,), {"request_timeout_s": request_timeout_s})
         config = uvicorn.Config(starlette, host=bind, port=port, log_config=None,
                                 log_level="warning", access_log=False, lifespan="off",
-                                http="h11", ws="none", loop="asyncio", server_header=False,
+                                http=protocol, ws="none", loop="asyncio", server_header=False,
                                 timeout_keep_alive=5, limit_concurrency=max_concurrency,
                                 h11_max_incomplete_event_size=16 * 1024, **kw)
         self.server = uvicorn.Server(config)
