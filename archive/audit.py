@@ -56,6 +56,7 @@ ACTIONS = (
     "object-received", "query", "retrieve", "restore", "export", "recall", "migration",
     "scrub-finding", "dr-volume-written", "dr-volume-moved", "drill", "login", "login-failed",
     "logout", "user-change", "peer-change", "config-change", "key-use", "audit-read",
+    "catalog-backup", "catalog-restore",
 )
 KEYED = "pacsvault-audit-hmac-1"   # the keyed link's domain (never a checkpoint's MAC)
 # Something else that wants every record (the ATNA sender): set by the daemon/CLI.

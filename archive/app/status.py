@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import func, select, true
 
 from archive import jobs
+from archive.app.catalog_backup import newest
 from archive.app.rpo import exposure
 from archive.app.scheduled import schedule_of
 from archive.catalog import repo
@@ -101,6 +102,9 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         queued = s.execute(select(RestoreRequest.barcodes).where(
             RestoreRequest.state == "pending")).scalars().all()
     job_table = _jobs(settings, catalog)
+    # The newest catalog backup on each place (catalog backup): name and age.
+    backups = {p.name: newest(p, clock) for p in [*sites, *([tier] if tier is not None else [])]
+               if p.health().ok}
     site_rows = []
     under = 0
     for site in sites:
@@ -143,6 +147,7 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         # Acknowledged data not yet protected at each level (RPO exposure).
         "unprotected": unprotected,
         "jobs": job_table,
+        "catalog_backups": backups,
         # Studies a retrieve needed from DR volumes, waiting for `restore --queued`.
         "restore_queue": {"studies": len(queued), "volumes": sorted(
             {b for row in queued for b in json.loads(row)})},

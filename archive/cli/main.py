@@ -6,6 +6,7 @@ import click
 
 from archive.cli import (
     audit,
+    catalog,
     dr,
     drill,
     find,
@@ -51,4 +52,5 @@ cli.add_command(users.user)
 cli.add_command(users.login)
 cli.add_command(users.logout)
 cli.add_command(audit.audit)
+cli.add_command(catalog.catalog)
 

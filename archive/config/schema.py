@@ -134,6 +134,8 @@ class CatalogSettings(_Strict):
     # sqlite:///relative/or/absolute.db or postgresql+psycopg://user@host/db.
     # PACSVAULT_CATALOG_URL in the environment overrides it (keeps passwords out of files).
     url: str = "sqlite:///catalog/catalog.db"
+    # Catalog backups (`pacsvault catalog backup`) kept on each place, newest first.
+    backup_keep: int = Field(14, ge=1, le=10_000)
 
 
 class SiteSettings(_Strict):

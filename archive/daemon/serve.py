@@ -32,7 +32,7 @@ from archive.config.schema import Settings
 from archive.daemon.dicom_scp import configure_pynetdicom, start_listener
 from archive.daemon.engine_scp import EngineListener
 from archive.daemon.http import AccountGate
-from archive.daemon.instance_lock import hold_instance_lock
+from archive.instance_lock import hold_instance_lock
 from archive.daemon.ports import check_free
 from archive.daemon.scheduler import start_scheduler
 from archive.daemon.tls import server_context, warn_if_key_exposed

@@ -1,0 +1,196 @@
+"""`pacsvault catalog backup` and `catalog restore`: the catalog's own protection."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+from archive.cli.common import (
+    authorize,
+    config_option,
+    emit_json,
+    handle_errors,
+    settings_from,
+)
+from archive.errors import CatalogError, ConfigError, InvalidInput
+
+
+@click.group()
+def catalog() -> None:
+    """Back up and restore the catalog (images' records, audit trail, accounts, peers)."""
+
+
+@catalog.command("backup")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+@config_option
+@click.pass_context
+@handle_errors
+def backup_cmd(ctx: click.Context, as_json: bool, config: str | None) -> None:
+    """Write a consistent snapshot of the catalog to both sites and, encrypted to the
+    DR recipients, to the object tier (catalog-backups/). Exits 1 if a place could
+    not take it."""
+    from archive.app import catalog_backup as B
+    from archive.app.compose import open_catalog, open_object_tier_or_none, open_sites
+
+    settings = settings_from(ctx, config)
+    authorize(settings, "operate", "catalog backup")
+    cat = open_catalog(settings)
+    try:
+        tier = open_object_tier_or_none(settings)
+        report = B.backup(settings, cat, open_sites(settings),
+                          tier if tier.health().ok else None)
+        if not tier.health().ok:
+            report.places[settings.objects.name] = f"failed: {tier.health().reason}"
+        _audit(cat, "catalog-backup", report.ok, {"name": report.name, "places": report.places})
+    finally:
+        cat.close()
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        click.echo(f"catalog backup {report.name} ({report.bytes} bytes, "
+                   f"{report.manifest['instances']} instances): "
+                   + ", ".join(f"{k}: {v}" for k, v in report.places.items()))
+    if not report.ok:
+        sys.exit(1)
+
+
+@catalog.command("restore")
+@click.argument("backup_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--identity", "identities", multiple=True, metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="DR identity, for a backup taken from the object tier (.age).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+@config_option
+@click.pass_context
+@handle_errors
+def restore_cmd(ctx: click.Context, backup_file: Path, identities: tuple[Path, ...],
+                as_json: bool, config: str | None) -> None:
+    """Put the catalog back from BACKUP_FILE (catalog-<time>.<kind>.zst from a site's
+    catalog-backups/, or .zst.age from the object tier with --identity). The daemon
+    must be stopped. An SQLite catalog that is still there is kept beside it as
+    catalog.db.replaced-<time>; PostgreSQL is restored into the configured database
+    with pg_restore --clean. The schema is then brought up to this version.
+    Everything since the backup was taken is not in it: the report says when that was."""
+    from archive.app import catalog_backup as B
+    from archive.app.compose import open_catalog
+    from archive.catalog.engine import make_engine
+    from archive.instance_lock import hold_instance_lock
+    from dr.keys import load_identities
+
+    settings = settings_from(ctx, config)
+    lock = hold_instance_lock(settings.data_dir)     # never under a running daemon
+    try:
+        try:
+            authorize(settings, "admin", "catalog restore")
+        except CatalogError:
+            pass        # no catalog to ask: whoever may read the config, as before any account
+        idents = load_identities(list(identities)) if identities else []
+        _check_sidecar(backup_file)
+        engine = make_engine(settings.catalog.url)
+        dialect, url = engine.dialect.name, engine.url
+        engine.dispose()
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        if dialect == "sqlite":
+            target = Path(url.database)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                kind, snap = B.unpack(backup_file, Path(tmp) / "restored.db", identities=idents)
+                if kind != "sqlite":
+                    raise InvalidInput("this is a PostgreSQL backup; the catalog is SQLite")
+                kept = None
+                if target.exists():
+                    kept = target.with_name(f"{target.name}.replaced-{stamp}")
+                    target.rename(kept)
+                    for side in ("-wal", "-shm"):
+                        extra = target.with_name(target.name + side)
+                        if extra.exists():
+                            extra.rename(kept.with_name(kept.name + side))
+                shutil.move(str(snap), target)
+        else:
+            with tempfile.TemporaryDirectory(dir=settings.data_dir) as tmp:
+                kind, snap = B.unpack(backup_file, Path(tmp) / "restored.pgdump",
+                                      identities=idents)
+                if kind != "pgdump":
+                    raise InvalidInput("this is an SQLite backup; the catalog is PostgreSQL")
+                _pg_restore(snap, url.set(drivername="postgresql")
+                            .render_as_string(hide_password=False))
+                kept = None
+        cat = open_catalog(settings, migrate=True)    # an older backup: bring the schema up
+        try:
+            st = _counts(cat)
+            _audit(cat, "catalog-restore", True, {"from": backup_file.name,
+                                                   "replaced": kept.name if kept else None})
+        finally:
+            cat.close()
+    finally:
+        import os
+        os.close(lock)
+    taken = backup_file.name.split(".", 1)[0].removeprefix("catalog-")
+    out = {"ok": True, "restored_from": backup_file.name, "taken_at": taken,
+           "replaced": str(kept) if kept else None, **st}
+    if as_json:
+        emit_json(out)
+    else:
+        click.echo(f"catalog restored from {backup_file.name} (taken {taken}): "
+                   f"{st['instances']} instances, {st['studies']} studies, "
+                   f"{st['audit_records']} audit records; what happened after it was taken "
+                   "is not in it: re-send or rebuild that (docs/operations/restore.md)"
+                   + (f"; the previous catalog is kept as {kept}" if kept else ""))
+
+
+def _check_sidecar(path: Path) -> None:
+    """When the manifest is beside the file, the file must be the one it names."""
+    import hashlib
+    import json
+
+    name = path.name.removesuffix(".age")
+    meta = path.with_name(name + ".json")
+    if not meta.is_file():
+        return
+    try:
+        manifest = json.loads(meta.read_text())
+    except ValueError:
+        raise InvalidInput(f"{meta.name}: not a catalog backup manifest") from None
+    if path.name.endswith(".age"):
+        return                    # the manifest describes the plaintext .zst
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    if h.hexdigest() != manifest.get("sha256"):
+        raise InvalidInput(f"{path.name}: does not match the SHA-256 in its manifest "
+                           "(cut short or altered); take another copy of it")
+
+
+def _pg_restore(dump: Path, url: str) -> None:
+    tool = shutil.which("pg_restore")
+    if tool is None:
+        raise ConfigError("pg_restore not found: install the PostgreSQL client")
+    p = subprocess.run([tool, "--clean", "--if-exists", "--no-owner", f"--dbname={url}",
+                        str(dump)], capture_output=True, text=True, timeout=6 * 3600)
+    if p.returncode != 0:
+        raise CatalogError(f"pg_restore failed: {p.stderr.strip()[:300]}")
+
+
+def _counts(cat) -> dict:  # noqa: ANN001
+    from sqlalchemy import func, select
+
+    from archive.catalog.models import AuditRecord, Instance, Study
+    with cat.unit() as uow:
+        s = uow.session
+        return {"instances": s.scalar(select(func.count()).select_from(Instance)) or 0,
+                "studies": s.scalar(select(func.count()).select_from(Study)) or 0,
+                "audit_records": s.scalar(select(func.count()).select_from(AuditRecord)) or 0}
+
+
+def _audit(cat, action: str, ok: bool, detail: dict) -> None:  # noqa: ANN001
+    from archive import audit
+    from archive.auth import current_actor
+    audit.record_quietly(cat, audit.Event(action, "success" if ok else "failure",
+                                          current_actor.get() or "system", audit.host(),
+                                          detail=detail))
