@@ -149,3 +149,37 @@ def test_old_backups_beyond_the_kept_number_are_pruned(inst):
         held = sorted(p.name.split(".")[0] for p in (place / "catalog-backups").iterdir()
                       if not p.name.endswith(".json"))
         assert held == sorted(n.split(".")[0] for n in names[-2:]), place
+
+
+@pytest.mark.needs_pg
+def test_postgres_catalog_backup_and_restore_after_its_tables_are_dropped(pg_server, tmp_path):
+    from sqlalchemy import create_engine, text
+
+    from tests.support.daemon import init_instance
+
+    url = pg_server.create_database()
+    try:
+        inst = Install(init_instance(tmp_path / "pv", catalog_url=url))
+        made = make_ct_series(tmp_path / "ct", 4, size=6000)
+        inst.ingest(made)
+        run_cli(inst.config, "restore", "--study", made[0].study_uid, "--to", str(tmp_path / "o"))
+        rc, rep, err = cli_json(inst, "catalog", "backup")
+        assert rc == 0 and rep["kind"] == "pgdump" and rep["instances"] == 4, err
+        dump = inst.settings.sites[1].path / "catalog-backups" / rep["name"]
+
+        engine = create_engine(url)
+        with engine.begin() as c:
+            trail = c.execute(text("select count(*) from audit_log")).scalar()
+            c.execute(text("drop schema public cascade"))
+            c.execute(text("create schema public"))
+        assert run_cli(inst.config, "status", check=False).returncode != 0
+        rc, out, err = cli_json(inst, "catalog", "restore", str(dump))
+        assert rc == 0 and out["instances"] == 4, err
+        with engine.begin() as c:
+            assert c.execute(text("select count(*) from audit_log")).scalar() >= trail
+        engine.dispose()
+        assert json.loads(run_cli(inst.config, "audit", "--verify", "--json").stdout)["ok"]
+        st = json.loads(run_cli(inst.config, "status", "--json").stdout)
+        assert st["instances"] == 4
+    finally:
+        pg_server.drop_database(url)
