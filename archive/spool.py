@@ -26,7 +26,8 @@ RECEIVE_PREFIX = "pv-spool-"
 _TEMP_NAME = re.compile(rf"^(?:{re.escape(RECEIVE_PREFIX)}[a-z0-9_]{{8}}\.dcm"
                         r"|tmp[a-z0-9_]{8}(?:\.[a-z]+)?\.tmp)$")
 # Subdirectories we create in the spool: per-worker receive spools and scratch areas.
-_OUR_SUBDIRS = re.compile(r"^(?:w\d+|http|repair|scrub|recall|restore|drill|migrate)$")
+_OUR_SUBDIRS = re.compile(r"^(?:w\d+|http|repair|scrub|recall|restore|drill|migrate|"
+                          r"catalog-backup)$")
 # A restore drill's scratch area in spool/drill (dr/drill.py): restored copies of
 # patient data that a crash mid-drill would leave behind.
 _DRILL_AREA = re.compile(r"^drill-[a-z]+-\d+$")

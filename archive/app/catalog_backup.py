@@ -119,6 +119,7 @@ def backup(settings: Settings, catalog: Catalog, sites: list[Backend], tier: Bac
     name = f"catalog-{now.strftime('%Y%m%dT%H%M%S%fZ')}.{kind}.zst"
     scratch = settings.ingest.spool_dir / "catalog-backup"
     scratch.mkdir(parents=True, exist_ok=True)
+    _sweep(scratch)
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         raw = snapshot(catalog, Path(tmp) / f"catalog.{kind}")
         packed = Path(tmp) / name
@@ -149,6 +150,16 @@ def backup(settings: Settings, catalog: Catalog, sites: list[Backend], tier: Bac
     log.info("catalog backup %s (%d bytes): %s", name, size,
              ", ".join(f"{k} {v}" for k, v in report.places.items()))
     return report
+
+
+def _sweep(scratch: Path, older_than_s: float = 6 * 3600) -> None:
+    """Remove what a crashed backup left in our scratch (a whole catalog: patient
+    data); a run still going (hours old at most) is left alone."""
+    import time
+    for entry in scratch.iterdir():
+        if entry.name.startswith("tmp") and entry.is_dir() and not entry.is_symlink() \
+                and time.time() - entry.stat().st_mtime > older_than_s:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _compress(src: Path, dst: Path) -> tuple[int, str]:

@@ -6,7 +6,8 @@ directly.
 Jobs now: ``migrate`` ([lifecycle].schedule), ``scrub`` ([scrub].schedule) and
 ``scrub-objects`` ([scrub].objects_schedule) and ``dr-write`` ([dr].schedule,
 once recipients are configured) and ``drill`` ([drill].schedule) and
-``audit-verify`` ([audit].verify_schedule: the keyed audit chain, checked).
+``audit-verify`` ([audit].verify_schedule: the keyed audit chain, checked) and
+``catalog-backup`` ([catalog].backup_schedule).
 """
 from __future__ import annotations
 
@@ -186,6 +187,34 @@ def run_audit_verify_job(settings: Settings, stop: threading.Event, trigger: str
     return run_job(settings, "audit-verify", trigger, scheduled_for, body, "job:audit-verify")
 
 
+def run_catalog_backup_job(settings: Settings, stop: threading.Event, trigger: str = "schedule",
+                           scheduled_for: datetime | None = None) -> dict:
+    """A catalog backup to every place (archive/app/catalog_backup.py); a place that
+    cannot take it is a warning alert."""
+    from archive.app.catalog_backup import backup
+    from archive.app.compose import open_object_tier_or_none, open_sites
+
+    def body(catalog: Catalog, run_id: int) -> Outcome:
+        tier = open_object_tier_or_none(settings)
+        report = backup(settings, catalog, open_sites(settings),
+                        tier if tier.health().ok else None)
+        if not tier.health().ok:
+            report.places[settings.objects.name] = "failed: unreachable"
+        j = report.to_json()
+        failed = sorted(k for k, v in report.places.items() if v.startswith("failed"))
+        summary = {"bytes": report.bytes, "written": sum(v == "written" for v in
+                                                         report.places.values()),
+                   "failed": len(failed), "removed": report.removed}
+        return Outcome(j, report.ok, summary,
+                       f"{report.name}, {report.bytes} bytes: "
+                       + ", ".join(f"{k} {v.split(':')[0]}" for k, v in report.places.items()),
+                       None if report.ok else Alert(
+                           "catalog-backup", "warning", "a catalog backup could not be "
+                           "written to " + ", ".join(failed or ["any place"]),
+                           counts={"places_failed": len(failed)}, run_id=run_id))
+    return run_job(settings, "catalog-backup", trigger, scheduled_for, body, "job:catalog-backup")
+
+
 def scrub_summary(j: dict) -> dict:
     """A scrub report's counts, for job_runs and alerts (no UIDs)."""
     return {k: j[k] for k in ("run_id", "objects", "bytes", "damaged", "repaired",
@@ -207,6 +236,8 @@ def configured_jobs(settings: Settings) -> list[tuple[str, str, object]]:
         out.append(("drill", settings.drill.schedule, run_drill_job))
     if settings.audit.verify_schedule.strip():
         out.append(("audit-verify", settings.audit.verify_schedule, run_audit_verify_job))
+    if settings.catalog.backup_schedule.strip():
+        out.append(("catalog-backup", settings.catalog.backup_schedule, run_catalog_backup_job))
     return out
 
 

@@ -136,6 +136,13 @@ class CatalogSettings(_Strict):
     url: str = "sqlite:///catalog/catalog.db"
     # Catalog backups (`pacsvault catalog backup`) kept on each place, newest first.
     backup_keep: int = Field(14, ge=1, le=10_000)
+    # The daemon takes one on this cron schedule (5 fields, UTC); "" = by hand only.
+    backup_schedule: str = "15 * * * *"
+
+    @field_validator("backup_schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        return LifecycleSettings._cron(v)
 
 
 class SiteSettings(_Strict):

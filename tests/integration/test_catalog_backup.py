@@ -183,3 +183,31 @@ def test_postgres_catalog_backup_and_restore_after_its_tables_are_dropped(pg_ser
         assert st["instances"] == 4
     finally:
         pg_server.drop_database(url)
+
+
+def test_the_scheduled_job_records_its_runs_and_says_when_a_place_failed(inst):
+    import threading
+
+    from archive import jobs
+    from archive.app.compose import open_catalog
+    from archive.app.scheduled import configured_jobs, run_catalog_backup_job
+
+    assert "catalog-backup" in [name for name, _, _ in configured_jobs(inst.settings)]
+    ok = run_catalog_backup_job(inst.settings, threading.Event())
+    assert ok["ok"]
+    b = inst.settings.sites[1].path
+    gone = b.with_name(b.name + ".gone")
+    b.rename(gone)                                         # site B unmounted
+    try:
+        bad = run_catalog_backup_job(inst.settings, threading.Event())
+    finally:
+        gone.rename(b)
+    assert not bad["ok"] and bad["places"][inst.settings.sites[1].name].startswith("failed")
+    assert bad["places"][inst.settings.sites[0].name] == "written"
+    cat = open_catalog(inst.settings)
+    try:
+        runs = jobs.history(cat, "catalog-backup")
+    finally:
+        cat.close()
+    assert [r["outcome"] for r in runs][:2] == ["findings", "ok"]
+    assert runs[0]["summary"]["failed"] == 1 and runs[0]["summary"]["written"] == 2

@@ -136,7 +136,7 @@ def test_manual_runs_show_in_jobs_status_and_metrics(inst):
     assert run_cli(inst.config, "scrub", "--all", check=False).returncode == 1
     out = json.loads(run_cli(inst.config, "jobs", "--json").stdout)
     assert [s["job"] for s in out["schedule"]] == ["migrate", "scrub", "scrub-objects", "drill",
-                                                 "audit-verify"]
+                                                 "audit-verify", "catalog-backup"]
     run = out["runs"][0]
     assert (run["job"], run["trigger"], run["outcome"]) == ("scrub", "manual", "findings")
     assert run["summary"]["damaged"] == 1 and run["summary"]["repaired"] == 1

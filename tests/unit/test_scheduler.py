@@ -36,7 +36,8 @@ def test_scheduler_reads_the_cron_from_config(tmp_path):
     try:
         jobs = {j.id: j.next_run_time for j in sched.get_jobs()}
         assert set(jobs) == {"migrate", "scrub", "scrub-objects", "drill",   # no DR key yet
-                             "audit-verify"}
+                             "audit-verify", "catalog-backup"}
+        assert jobs["catalog-backup"].minute == 15                           # hourly
         assert jobs["audit-verify"].minute == 45                             # hourly
         assert (jobs["scrub-objects"].day, jobs["scrub-objects"].hour) == (1, 4)   # monthly
         assert (jobs["migrate"].hour, jobs["migrate"].minute) == (1, 30)
@@ -47,6 +48,7 @@ def test_scheduler_reads_the_cron_from_config(tmp_path):
     off = off.replace('schedule = "0 3 * * 0"', 'schedule = ""')
     off = off.replace('objects_schedule = "0 4 1 * *"', 'objects_schedule = ""')
     off = off.replace('schedule = "0 5 1 * *"', 'schedule = ""')
+    off = off.replace('backup_schedule = "15 * * * *"', 'backup_schedule = ""')
     inst.config.write_text(off + '\n[audit]\nverify_schedule = ""\n')
     assert start_scheduler(inst.settings, threading.Event()) is None
 
