@@ -310,19 +310,15 @@ class MoveRun:
 
 
 @dataclass
-class MoveResult:
+class Rounds:
+    """One system's timed rounds of one dataset (a move or a WADO-RS retrieval)."""
     system: str
     dataset: str
     objects: int
-    bytes: int
-    runs: list[MoveRun] = field(default_factory=list)
+    bytes: int          # the study's files as pushed
+    runs: list = field(default_factory=list)
 
-    @property
-    def ok(self) -> bool:
-        return bool(self.runs) and all(r.status == "Success" and r.received == self.objects
-                                       for r in self.runs)
-
-    def _median(self, f: Callable[[MoveRun], float]) -> float:
+    def _median(self, f: Callable) -> float:
         return statistics.median(f(r) for r in self.runs)
 
     @property
@@ -333,6 +329,23 @@ class MoveResult:
     def objects_per_s(self) -> float:
         return self.objects / self.seconds
 
+    def cpu_json(self) -> dict:
+        """What the rounds cost, per side (medians)."""
+        return {"server_cpu_cores": self._median(lambda r: r.server_cpu_s / r.seconds),
+                "server_cpu_ms_per_object": self._median(
+                    lambda r: 1000 * r.server_cpu_s / self.objects),
+                "other_cpu_cores": self._median(lambda r: r.other_cpu_s / r.seconds),
+                "steal_cores": self._median(lambda r: r.steal_s / r.seconds),
+                "runs": [asdict(r) | {"other_cpu_s": r.other_cpu_s} for r in self.runs]}
+
+
+@dataclass
+class MoveResult(Rounds):
+    @property
+    def ok(self) -> bool:
+        return bool(self.runs) and all(r.status == "Success" and r.received == self.objects
+                                       for r in self.runs)
+
     @property
     def mb_per_s(self) -> float:
         return self.bytes / self.seconds / 1e6
@@ -341,14 +354,8 @@ class MoveResult:
         return {"system": self.system, "dataset": self.dataset, "objects": self.objects,
                 "bytes": self.bytes, "ok": self.ok, "seconds_median": self.seconds,
                 "objects_per_s": self.objects_per_s, "mb_per_s": self.mb_per_s,
-                "server_cpu_cores": self._median(lambda r: r.server_cpu_s / r.seconds),
-                "server_cpu_ms_per_object": self._median(
-                    lambda r: 1000 * r.server_cpu_s / self.objects),
                 "dest_cpu_cores": self._median(lambda r: r.dest_cpu_s / r.seconds),
-                "other_cpu_cores": self._median(lambda r: r.other_cpu_s / r.seconds),
-                "steal_cores": self._median(lambda r: r.steal_s / r.seconds),
-                "tail_ms": self._median(lambda r: 1000 * r.tail_s),
-                "runs": [asdict(r) | {"other_cpu_s": r.other_cpu_s} for r in self.runs]}
+                "tail_ms": self._median(lambda r: 1000 * r.tail_s), **self.cpu_json()}
 
 
 def _children_cpu() -> float:
@@ -414,28 +421,11 @@ class WadoRun:
 
 
 @dataclass
-class WadoResult:
-    system: str
-    dataset: str
-    objects: int
-    bytes: int          # the study's files as pushed
-    runs: list[WadoRun] = field(default_factory=list)
-
+class WadoResult(Rounds):
     @property
     def ok(self) -> bool:
         return bool(self.runs) and all(r.http_status == 200 and not r.problem
                                        and r.parts == self.objects for r in self.runs)
-
-    def _median(self, f: Callable[[WadoRun], float]) -> float:
-        return statistics.median(f(r) for r in self.runs)
-
-    @property
-    def seconds(self) -> float:
-        return self._median(lambda r: r.seconds)
-
-    @property
-    def objects_per_s(self) -> float:
-        return self.objects / self.seconds
 
     @property
     def body_bytes(self) -> float:
@@ -451,13 +441,8 @@ class WadoResult:
                 "bytes": self.bytes, "body_bytes_median": self.body_bytes, "ok": self.ok,
                 "seconds_median": self.seconds, "objects_per_s": self.objects_per_s,
                 "mb_per_s": self.mb_per_s,
-                "server_cpu_cores": self._median(lambda r: r.server_cpu_s / r.seconds),
-                "server_cpu_ms_per_object": self._median(
-                    lambda r: 1000 * r.server_cpu_s / self.objects),
                 "client_cpu_cores": self._median(lambda r: r.client_cpu_s / r.seconds),
-                "other_cpu_cores": self._median(lambda r: r.other_cpu_s / r.seconds),
-                "steal_cores": self._median(lambda r: r.steal_s / r.seconds),
-                "runs": [asdict(r) | {"other_cpu_s": r.other_cpu_s} for r in self.runs]}
+                **self.cpu_json()}
 
 
 def _self_cpu() -> float:

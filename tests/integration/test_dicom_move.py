@@ -180,18 +180,25 @@ def test_a_migrated_study_is_sent_straight_from_the_object_tier(pv):
     assert sent_as_received(pv, got)
 
 
-def test_a_study_only_on_dr_volumes_fails_naming_the_volumes(pv, tmp_path):
+def only_on_dr_volumes(inst: Install, tmp_path) -> tuple:  # noqa: ANN001
+    """Every study written to DR volumes, then both sites' files lost; alerts go to a
+    file. (the DR key file, the alerts file, the volumes' barcodes)"""
     hook, alerts = tmp_path / "hook.py", tmp_path / "alerts.jsonl"
     hook.write_text(HOOK)
-    with open(pv.config, "a") as f:
+    with open(inst.config, "a") as f:
         f.write("\n[alerts]\n" f"command = {json.dumps([sys.executable, str(hook), str(alerts)])}\n")
     key = tmp_path / "dr-key.txt"
-    configure(pv, run_cli(pv.config, "dr", "keygen", "--out", str(key)).stdout.strip())
-    assert json.loads(run_cli(pv.config, "dr", "write", "--json").stdout)["complete"]
-    barcodes = {r[0] for r in db(pv, "select barcode from dr_volumes")}
-    for s in pv.settings.sites:                                 # both sites lose everything
+    configure(inst, run_cli(inst.config, "dr", "keygen", "--out", str(key)).stdout.strip())
+    assert json.loads(run_cli(inst.config, "dr", "write", "--json").stdout)["complete"]
+    barcodes = {r[0] for r in db(inst, "select barcode from dr_volumes")}
+    for s in inst.settings.sites:
         shutil.rmtree(s.path / "objects")
         (s.path / "objects").mkdir()
+    return key, alerts, barcodes
+
+
+def test_a_study_only_on_dr_volumes_fails_naming_the_volumes(pv, tmp_path):
+    key, alerts, barcodes = only_on_dr_volumes(pv, tmp_path)
     study = pv.ct[0].study_uid
     with serving(pv) as d:
         status, out = movescu(d.dicom_port, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}")

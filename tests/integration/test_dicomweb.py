@@ -9,9 +9,7 @@ from __future__ import annotations
 import base64
 import email.parser
 import json
-import shutil
 import sqlite3
-import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -219,19 +217,8 @@ def test_wado_of_a_migrated_study_reads_the_object_tier_and_a_rotten_copy_its_tw
 
 
 def test_wado_of_a_study_only_on_dr_volumes_is_refused_naming_the_volumes(pv, tmp_path):
-    from tests.integration.test_dr import configure
-    from tests.integration.test_scrub_alerts import HOOK
-    hook, alerts = tmp_path / "hook.py", tmp_path / "alerts.jsonl"
-    hook.write_text(HOOK)
-    with open(pv.config, "a") as f:
-        f.write("\n[alerts]\n" f"command = {json.dumps([sys.executable, str(hook), str(alerts)])}\n")
-    key = tmp_path / "dr-key.txt"
-    configure(pv, run_cli(pv.config, "dr", "keygen", "--out", str(key)).stdout.strip())
-    assert json.loads(run_cli(pv.config, "dr", "write", "--json").stdout)["complete"]
-    barcodes = {r[0] for r in db(pv, "select barcode from dr_volumes")}
-    for s in pv.settings.sites:                                 # both sites lose everything
-        shutil.rmtree(s.path / "objects")
-        (s.path / "objects").mkdir()
+    from tests.integration.test_dicom_move import only_on_dr_volumes
+    _, alerts, barcodes = only_on_dr_volumes(pv, tmp_path)
     ct = pv.ct[0]
     with serving(pv) as d:
         r = requests.get(f"{d.base}/studies/{ct.study_uid}", timeout=60)
