@@ -43,7 +43,8 @@ pytestmark = pytest.mark.timeout(180)
 TABLES = {"alembic_version", "patients", "studies", "series", "instances", "copies", "peers",
           "bundles", "leases", "scrub_runs", "scrub_findings", "job_runs", "dr_volumes",
           "dr_segments", "dr_instances", "dr_custody", "drills", "users", "password_history",
-          "sessions", "audit_log", "audit_head", "audit_checkpoints", "ingest_in_flight"}
+          "sessions", "audit_log", "audit_head", "audit_checkpoints", "ingest_in_flight",
+          "restore_requests"}
 
 
 class Site(FilesystemBackend):
