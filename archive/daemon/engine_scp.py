@@ -571,6 +571,10 @@ class EngineListener:
     def shutdown(self) -> None:
         """Stop accepting; open associations carry on."""
         self._stop.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)    # wakes the accept() now, not at its timeout
+        except OSError:
+            pass
         self.sock.close()
         self.thread.join(timeout=5)
 
