@@ -104,7 +104,7 @@ class DicomWebService:
             keys.update(q.keys)
             for k, v in (("StudyInstanceUID", study), ("SeriesInstanceUID", series)):
                 if v is not None:
-                    keys[k] = _uid(v)
+                    keys[k] = path_uid(v)
             matches = Q.find(self.catalog, level, Q.STUDY_ROOT, keys,
                              max_matches=self.max_matches,
                              case_insensitive_pn=self.case_insensitive_pn, relational=True)
@@ -146,12 +146,12 @@ class DicomWebService:
                  *, who: Who) -> "Retrieval":
         """The instances a WADO-RS path names, ready to stream; WebRefused if there are
         none, or if some are reachable only on DR volumes (nothing is sent then)."""
-        keys = {"StudyInstanceUID": _uid(study)}
+        keys = {"StudyInstanceUID": path_uid(study)}
         level = "STUDY"
         if series is not None:
-            keys["SeriesInstanceUID"], level = _uid(series), "SERIES"
+            keys["SeriesInstanceUID"], level = path_uid(series), "SERIES"
         if instance is not None:
-            keys["SOPInstanceUID"], level = _uid(instance), "IMAGE"
+            keys["SOPInstanceUID"], level = path_uid(instance), "IMAGE"
         try:
             plan = self.mover.plan_keys(Q.STUDY_ROOT, level, keys)
         except R.MoveRefused as e:
@@ -350,7 +350,8 @@ def store_response(parts: list[StoredPart], refused: list[tuple[str, str, int]],
 
 
 # -- helpers -------------------------------------------------------------------------------
-def _uid(text: str) -> str:
+def path_uid(text: str) -> str:
+    """A UID taken from a request path, checked (WebRefused 400 if it is not one)."""
     try:
         return validate_uid(text, "UID in the path")
     except InvalidInput as e:

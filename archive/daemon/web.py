@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 import anyio
 import h11
+import pydicom
 import uvicorn
 from prometheus_client import CollectorRegistry, generate_latest
 from starlette.applications import Starlette
@@ -41,6 +42,7 @@ from starlette.responses import (
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from archive import audit
 from archive.app import dicomweb as W
 from archive.daemon.http import AccountGate, _StatusCollector
 from archive.dicom import dicom_json as dj
@@ -256,7 +258,7 @@ class WebApp:
         study = request.path_params.get("study")
         if study is not None:
             try:
-                study = W._uid(study)
+                study = W.path_uid(study)
             except W.WebRefused as e:
                 return _text(e.status, e.message)
         stow = _Stow(self.dicomweb, self.spool, study)
@@ -408,7 +410,6 @@ class _Stow:
             self.path = None
 
     def audit(self, who: W.Who) -> None:
-        from archive import audit
         for uid, st in self.studies.items():
             audit.record_quietly(self.service.catalog, audit.Event(
                 "object-received", "failure" if st["refused"] else "success", who.user,
@@ -436,7 +437,6 @@ def _acceptable(accept: str) -> str:
 
 
 def _study_of(source) -> str | None:  # noqa: ANN001 - a path or a file object
-    import pydicom
     try:
         ds = pydicom.dcmread(source, stop_before_pixels=True, force=True,
                              specific_tags=["StudyInstanceUID"])
@@ -445,8 +445,7 @@ def _study_of(source) -> str | None:  # noqa: ANN001 - a path or a file object
         return None
 
 
-def _read_header(path: Path):  # noqa: ANN202
-    import pydicom
+def _read_header(path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True, force=True)
 
 
