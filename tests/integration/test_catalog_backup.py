@@ -142,8 +142,9 @@ def test_bad_backups_and_a_running_daemon_are_refused_and_change_nothing(inst, t
 
 
 def test_old_backups_beyond_the_kept_number_are_pruned(inst):
-    inst.config.write_text(inst.config.read_text().replace(
-        "[catalog]\n", "[catalog]\nbackup_keep = 2\n", 1))
+    text = inst.config.read_text().replace("backup_keep = 14", "backup_keep = 2")
+    assert "backup_keep = 2" in text
+    inst.config.write_text(text)
     names = [cli_json(inst, "catalog", "backup")[1]["name"] for _ in range(4)]
     for place in [s.path for s in inst.settings.sites] + [Path(inst.settings.objects.path)]:
         held = sorted(p.name.split(".")[0] for p in (place / "catalog-backups").iterdir()
