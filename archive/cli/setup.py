@@ -8,7 +8,6 @@ import click
 
 from archive import spool
 from archive.app.compose import open_catalog, open_object_tier, open_sites
-from archive.app.query_backfill import backfill_from_sites
 from archive.cli.common import handle_errors
 from archive.config.load import DEFAULT_NAME, default_config_text, load_settings
 from archive.errors import ConfigError
@@ -71,6 +70,7 @@ def init(directory: Path, config: str | None, admin: str | None) -> None:
     catalog = open_catalog(settings, migrate=True)
     try:
         # Objects stored before the query columns existed: read them once (resumable).
+        from archive.app.query_backfill import backfill_from_sites  # pydicom: only init needs it
         filled = backfill_from_sites(settings, catalog, progress=_backfill_progress())
         if filled.instances or filled.series or filled.studies or filled.unreadable:
             click.echo(f"query attributes filled: {filled}")
