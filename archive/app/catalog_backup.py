@@ -24,7 +24,7 @@ import sqlite3
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,12 @@ import pyrage
 import zstandard
 from sqlalchemy import func, select, text
 
+from archive.catalog import snapshot
 from archive.catalog.models import AuditRecord, Instance, Study
 from archive.catalog.uow import Catalog
 from archive.clock import Clock, utcnow
 from archive.config.schema import Settings
-from archive.errors import CatalogError, InvalidInput
+from archive.errors import CatalogError, ConfigError, InvalidInput
 from dr.keys import parse_recipient
 from tiers.backend import Backend, FilePayload
 
@@ -68,35 +69,6 @@ class BackupReport:
                 "audit_records": self.manifest["audit_records"]}
 
 
-def kind_of(catalog: Catalog) -> str:
-    return "sqlite" if catalog.engine.dialect.name == "sqlite" else "pgdump"
-
-
-# -- taking one ------------------------------------------------------------------------------
-def snapshot(catalog: Catalog, out: Path) -> Path:
-    """A consistent copy of the whole catalog in ``out`` (a new file)."""
-    if catalog.engine.dialect.name == "sqlite":
-        src = sqlite3.connect(catalog.engine.url.database, timeout=60)
-        dst = sqlite3.connect(out)
-        try:
-            src.backup(dst)               # pages copied under SQLite's locks: one moment
-        finally:
-            dst.close()
-            src.close()
-        return out
-    pg_dump = shutil.which("pg_dump")
-    if pg_dump is None:
-        raise CatalogError("pg_dump not found: install the PostgreSQL client "
-                           "(Debian: postgresql-client)")
-    url = catalog.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    p = subprocess.run([pg_dump, "--format=custom", "--no-owner", f"--file={out}",
-                        f"--dbname={url}"], capture_output=True, text=True, timeout=6 * 3600)
-    if p.returncode != 0:
-        # pg_dump's message names tables and the server, never rows.
-        raise CatalogError(f"pg_dump failed: {p.stderr.strip()[:300]}")
-    return out
-
-
 def _manifest(catalog: Catalog, name: str, kind: str, size: int, sha256: str,
               now: datetime) -> dict[str, Any]:
     with catalog.unit() as uow:
@@ -115,16 +87,13 @@ def backup(settings: Settings, catalog: Catalog, sites: list[Backend], tier: Bac
     """Take a snapshot and write it to every place; never raises for one place failing
     (the report says which), only when no snapshot can be taken."""
     now = clock()
-    kind = kind_of(catalog)
-    name = f"catalog-{now.strftime('%Y%m%dT%H%M%S%fZ')}.{kind}.zst"
+    kind = snapshot.kind_of(catalog)
     scratch = settings.ingest.spool_dir / "catalog-backup"
     scratch.mkdir(parents=True, exist_ok=True)
     _sweep(scratch)
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        raw = snapshot(catalog, Path(tmp) / f"catalog.{kind}")
-        packed = Path(tmp) / name
-        size, sha = _compress(raw, packed)
-        raw.unlink()
+        packed, size, sha = snapshot.take_compressed(catalog, Path(tmp), now)
+        name = packed.name
         manifest = _manifest(catalog, name, kind, size, sha, now)
         report = BackupReport(name, kind, size, sha, manifest)
         meta = Path(tmp) / (name + ".json")
@@ -160,21 +129,6 @@ def _sweep(scratch: Path, older_than_s: float = 6 * 3600) -> None:
         if entry.name.startswith("tmp") and entry.is_dir() and not entry.is_symlink() \
                 and time.time() - entry.stat().st_mtime > older_than_s:
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _compress(src: Path, dst: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        writer = zstandard.ZstdCompressor(level=3, threads=-1).stream_writer(fout, closefd=False)
-        while chunk := fin.read(CHUNK):
-            writer.write(chunk)
-        writer.close()
-        fout.flush()
-        os.fsync(fout.fileno())
-    with open(dst, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return dst.stat().st_size, h.hexdigest()
 
 
 def _payload(path: Path) -> FilePayload:
@@ -270,3 +224,51 @@ def unpack(path: Path, out: Path, *, identities: list | None = None) -> tuple[st
             raise InvalidInput(f"{name}: the snapshot inside is not a sound pacsvault "
                                "catalog") from None
     return kind, out
+
+
+def put_back(settings: Settings, backup_file: Path, identities: list) -> Path | None:
+    """Replace the catalog with the snapshot in ``backup_file`` (the caller holds the
+    instance lock: no daemon runs). An SQLite catalog that is there is kept beside it
+    as ``catalog.db.replaced-<time>`` (returned); PostgreSQL is restored into the
+    configured database with ``pg_restore --clean``. The schema is not migrated here."""
+    from archive.catalog.engine import make_engine
+
+    engine = make_engine(settings.catalog.url)
+    dialect, url = engine.dialect.name, engine.url
+    engine.dispose()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    if dialect != "sqlite":
+        with tempfile.TemporaryDirectory(dir=settings.data_dir) as tmp:
+            kind, snap = unpack(backup_file, Path(tmp) / "restored.pgdump",
+                                identities=identities)
+            if kind != "pgdump":
+                raise InvalidInput("this is an SQLite backup; the catalog is PostgreSQL")
+            _pg_restore(snap, url.set(drivername="postgresql").render_as_string(
+                hide_password=False))
+        return None
+    target = Path(url.database)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        kind, snap = unpack(backup_file, Path(tmp) / "restored.db", identities=identities)
+        if kind != "sqlite":
+            raise InvalidInput("this is a PostgreSQL backup; the catalog is SQLite")
+        kept = None
+        if target.exists():
+            kept = target.with_name(f"{target.name}.replaced-{stamp}")
+            target.rename(kept)
+            for side in ("-wal", "-shm"):
+                extra = target.with_name(target.name + side)
+                if extra.exists():
+                    extra.rename(kept.with_name(kept.name + side))
+        shutil.move(str(snap), target)
+    return kept
+
+
+def _pg_restore(dump: Path, url: str) -> None:
+    tool = shutil.which("pg_restore")
+    if tool is None:
+        raise ConfigError("pg_restore not found: install the PostgreSQL client")
+    p = subprocess.run([tool, "--clean", "--if-exists", "--no-owner", f"--dbname={url}",
+                        str(dump)], capture_output=True, text=True, timeout=6 * 3600)
+    if p.returncode != 0:
+        raise CatalogError(f"pg_restore failed: {p.stderr.strip()[:300]}")

@@ -1,11 +1,7 @@
 """`pacsvault catalog backup` and `catalog restore`: the catalog's own protection."""
 from __future__ import annotations
 
-import shutil
-import subprocess
 import sys
-import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import click
@@ -17,7 +13,7 @@ from archive.cli.common import (
     handle_errors,
     settings_from,
 )
-from archive.errors import CatalogError, ConfigError, InvalidInput
+from archive.errors import CatalogError, InvalidInput
 
 
 @click.group()
@@ -78,7 +74,6 @@ def restore_cmd(ctx: click.Context, backup_file: Path, identities: tuple[Path, .
     Everything since the backup was taken is not in it: the report says when that was."""
     from archive.app import catalog_backup as B
     from archive.app.compose import open_catalog
-    from archive.catalog.engine import make_engine
     from archive.instance_lock import hold_instance_lock
     from dr.keys import load_identities
 
@@ -91,35 +86,7 @@ def restore_cmd(ctx: click.Context, backup_file: Path, identities: tuple[Path, .
             pass        # no catalog to ask: whoever may read the config, as before any account
         idents = load_identities(list(identities)) if identities else []
         _check_sidecar(backup_file)
-        engine = make_engine(settings.catalog.url)
-        dialect, url = engine.dialect.name, engine.url
-        engine.dispose()
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        if dialect == "sqlite":
-            target = Path(url.database)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                kind, snap = B.unpack(backup_file, Path(tmp) / "restored.db", identities=idents)
-                if kind != "sqlite":
-                    raise InvalidInput("this is a PostgreSQL backup; the catalog is SQLite")
-                kept = None
-                if target.exists():
-                    kept = target.with_name(f"{target.name}.replaced-{stamp}")
-                    target.rename(kept)
-                    for side in ("-wal", "-shm"):
-                        extra = target.with_name(target.name + side)
-                        if extra.exists():
-                            extra.rename(kept.with_name(kept.name + side))
-                shutil.move(str(snap), target)
-        else:
-            with tempfile.TemporaryDirectory(dir=settings.data_dir) as tmp:
-                kind, snap = B.unpack(backup_file, Path(tmp) / "restored.pgdump",
-                                      identities=idents)
-                if kind != "pgdump":
-                    raise InvalidInput("this is an SQLite backup; the catalog is PostgreSQL")
-                _pg_restore(snap, url.set(drivername="postgresql")
-                            .render_as_string(hide_password=False))
-                kept = None
+        kept = B.put_back(settings, backup_file, idents)
         cat = open_catalog(settings, migrate=True)    # an older backup: bring the schema up
         try:
             st = _counts(cat)
@@ -165,16 +132,6 @@ def _check_sidecar(path: Path) -> None:
     if h.hexdigest() != manifest.get("sha256"):
         raise InvalidInput(f"{path.name}: does not match the SHA-256 in its manifest "
                            "(cut short or altered); take another copy of it")
-
-
-def _pg_restore(dump: Path, url: str) -> None:
-    tool = shutil.which("pg_restore")
-    if tool is None:
-        raise ConfigError("pg_restore not found: install the PostgreSQL client")
-    p = subprocess.run([tool, "--clean", "--if-exists", "--no-owner", f"--dbname={url}",
-                        str(dump)], capture_output=True, text=True, timeout=6 * 3600)
-    if p.returncode != 0:
-        raise CatalogError(f"pg_restore failed: {p.stderr.strip()[:300]}")
 
 
 def _counts(cat) -> dict:  # noqa: ANN001
