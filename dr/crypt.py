@@ -131,6 +131,11 @@ def encrypt(data: bytes, recipients: list[str], *, use_binary: bool = True) -> b
     return b"".join(chunks)
 
 
+def encrypt_file(src: str, dst: str, recipients: list[str]) -> None:
+    """A whole file encrypted into another, streamed (a catalog snapshot can be GBs)."""
+    pyrage.encrypt_file(src, dst, [parse_recipient(r) for r in recipients])
+
+
 def decrypt(data: bytes, identities: list) -> bytes:
     try:
         return pyrage.decrypt(data, identities)

@@ -6,19 +6,23 @@ from the others. Byte format only: nothing here touches the catalog.
 """
 from __future__ import annotations
 
-# The label's "format" and the version written; readers read both versions
-# (1: before volumes were signed, read only with --trust-unsigned).
+# The label's "format" and the version written; readers read every version
+# (1: before volumes were signed, read only with --trust-unsigned; 2: before
+# volumes carried the whole catalog).
 VOLUME_FORMAT = "pacsvault-dr-volume"
-VERSION = 2
-READ_VERSIONS = (1, 2)
+VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 INDEX_FORMAT = "pacsvault-dr-index"
 CATALOG_FORMAT = "pacsvault-dr-catalog"
 SEGMENT_FORMAT = "pacsvault-dr-segment"
 SEGMENT_VERSION = 1
 
-# Members, in the order they are written: the label, the segments, the index,
-# the catalog, the signature.
+# Members, in the order they are written: the label, the catalog backup (the
+# audit key, then a snapshot of the whole catalog), the segments, the index, the
+# catalog rows of the volume, the signature.
 LABEL = "PACSVAULT-LABEL.json"
+CATALOG_BACKUP_DIR = "catalog-backup"
+AUDIT_KEY = f"{CATALOG_BACKUP_DIR}/audit-key.json.age"
 SEGMENT_DIR = "seg"
 INDEX = "INDEX.json.zst.age"
 CATALOG = "CATALOG.json.zst.age"
@@ -37,6 +41,16 @@ def segment_stem(barcode: str, member_no: int) -> str:
 
 def segment_member(stem: str) -> str:
     return f"{SEGMENT_DIR}/{stem}.tar.zst.age"
+
+
+def catalog_backup_member(snapshot_name: str) -> str:
+    """``catalog-backup/catalog-<UTC time>.<kind>.zst.age``: the snapshot's own name
+    (archive/catalog/snapshot.py), so ``catalog restore`` takes the file as it is."""
+    return f"{CATALOG_BACKUP_DIR}/{snapshot_name}.age"
+
+
+def is_catalog_backup(name: str) -> bool:
+    return name.startswith(CATALOG_BACKUP_DIR + "/")
 
 
 # Volume states (dr_volumes.state). The writer's: a write under way, or one that

@@ -4,7 +4,7 @@
   and every file matches its manifest and the catalog's SHA-256; the stream
   hash matches the one recorded when the volume was sealed.
 * ``rebuild_catalog``: volumes (any order, any subset, several sets) read back
-  and their catalog rows restored: patients, studies, series, instances, and
+  (``read_volumes``) and their catalog rows restored: patients, studies, series, instances, and
   the volumes, segments and which instance is where. The report says which
   volumes of each set are missing and which studies are incomplete.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -118,6 +119,8 @@ def verify(catalog: Catalog | None, where: str, identities: list, verify_keys: l
         "damaged": bad, "affected_studies": sorted({d["study_uid"] or "unknown" for d in bad}),
         "catalog_mismatches": mismatched, "problems": problems,
         "signed": vol.unauthentic is None, "signature_problem": vol.unauthentic,
+        "catalog_backups": [{"member": b.name, "bytes": b.size, "complete": not b.truncated}
+                            for b in vol.catalog_backups],
     }
 
 
@@ -238,6 +241,9 @@ def import_volume(catalog: Catalog, vol: VolumeRead, retain_days: int = 3650,
                 stream_sha256=vol.stream_sha256 if vol.complete else None)
             s.add(have)
             s.flush()
+        elif vol.where != "-" and vol.complete:
+            # Known (a catalog backup named it): it was just read here, so it is found here.
+            have.device = vol.where
         known = set(s.scalars(select(DrSegment.member).where(DrSegment.volume_fk == have.id)))
         for m in vol.members:
             if not m.ok or not m.manifest or m.name in known:
@@ -263,15 +269,23 @@ def import_volume(catalog: Catalog, vol: VolumeRead, retain_days: int = 3650,
     return added
 
 
-def rebuild_catalog(catalog: Catalog, wheres: list[str], identities: list,
-                    retain_days: int = 3650, verify_keys: list | None = None,
+def read_volumes(wheres: list[str], identities: list, verify_keys: list | None = None,
+                 keep_backups: Path | None = None) -> list[VolumeRead]:
+    """Every volume read and checked (segments' plaintext not kept); their catalog
+    backup members copied into ``keep_backups`` when given."""
+    return [read_volume(w, identities, verify_keys=verify_keys, keep_backups=keep_backups)
+            for w in wheres]
+
+
+def rebuild_catalog(catalog: Catalog, reads: list[VolumeRead], retain_days: int = 3650,
                     trust_unsigned: bool = False) -> dict[str, Any]:
+    """Import the rows of volumes already read (read_volumes), in any order."""
     volumes, sets = [], {}
     seen_instances: dict[str, dict[tuple[str, int], set[int]]] = {}
     expected: dict[str, int] = {}
     parts_of: dict[tuple[str, int], int] = {}
-    for where in wheres:
-        vol = read_volume(where, identities, verify_keys=verify_keys)
+    for vol in reads:
+        where = vol.where
         entry = {"where": where, "barcode": vol.barcode, "complete": vol.complete,
                  "problems": vol.errors, "damaged": damaged(vol),
                  "signed": vol.unauthentic is None, "signature_problem": vol.unauthentic}

@@ -7,7 +7,9 @@ manifest, its first file, names the study even when the rest is lost).
 
 ``read_volume`` returns everything a caller needs: the label, each member's
 outcome (with its plaintext segment when it decrypts and verifies), the index
-and catalog members, and the volume hash over every byte read.
+and catalog members, the catalog backup members (kept as files when asked:
+never held in memory, a snapshot can be GBs), and the volume hash over every
+byte read.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import io
 import json
 import sys
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
@@ -26,6 +29,7 @@ from archive.errors import InvalidInput
 from dr import crypt, segment
 from dr.format import (
     CATALOG,
+    CATALOG_BACKUP_DIR,
     INDEX,
     LABEL,
     READ_VERSIONS,
@@ -33,6 +37,7 @@ from dr.format import (
     SIGNATURE,
     TAR_BLOCK,
     VOLUME_FORMAT,
+    is_catalog_backup,
 )
 from dr.keys import identity_fingerprints
 from dr.signing import check as check_signature
@@ -46,10 +51,26 @@ class RawMember:
     offset: int
     size: int                       # as the header says
     data: bytes                     # what could be read (shorter when truncated)
+    # A catalog backup member is never in ``data``: it is streamed to ``path`` (or
+    # only hashed), ``got`` bytes of it, with ``sha256`` of those.
+    path: Path | None = None
+    got: int | None = None
+    sha256: str | None = None
 
     @property
     def truncated(self) -> bool:
-        return len(self.data) < self.size
+        return (len(self.data) if self.got is None else self.got) < self.size
+
+
+@dataclass
+class BackupMember:
+    """A member under catalog-backup/: the audit key or a catalog snapshot, still
+    encrypted (``path``: a file to read it from; None when not kept)."""
+    name: str
+    size: int
+    sha256: str
+    truncated: bool
+    path: Path | None
 
 
 @dataclass
@@ -78,6 +99,7 @@ class VolumeRead:
     complete: bool = False                              # the archive's end was reached
     read: list[tuple[str, int, str]] = field(default_factory=list)  # (name, size, sha256)
     signature: bytes | None = None                      # the SIGNATURE.json member
+    catalog_backups: list[BackupMember] = field(default_factory=list)
     signed_members: int = -1                            # members read before it
     # None: signed by a key in the identity files over exactly what was read; else why not
     unauthentic: str | None = "not checked"
@@ -103,10 +125,12 @@ class _Hashing:
         return bytes(out)
 
 
-def tar_members(f: BinaryIO, on_end: Callable[[int, str, bool], None]) -> Iterator[RawMember]:
+def tar_members(f: BinaryIO, on_end: Callable[[int, str, bool], None],
+                keep_backups: Path | None = None) -> Iterator[RawMember]:
     """Members of a tar stream, in order, without seeking. ``on_end(bytes, sha256,
     clean)`` is called once the stream is exhausted (clean: the end-of-archive
-    blocks were found)."""
+    blocks were found). A catalog backup member is streamed into a new file in
+    ``keep_backups`` (the caller removes it), or only hashed when that is None."""
     src = _Hashing(f)
     clean = False
     pax: dict[str, str] = {}
@@ -122,6 +146,15 @@ def tar_members(f: BinaryIO, on_end: Callable[[int, str, bool], None]) -> Iterat
             info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
         except tarfile.HeaderError as e:
             raise _Damaged(f"tar header at byte {at} unreadable ({e})", src) from None
+        name = pax.get("path", info.name)
+        if info.type not in (tarfile.XHDTYPE, tarfile.XGLTYPE) and is_catalog_backup(name):
+            pax = {}
+            m = _stream_member(src, name, at, info.size, keep_backups)
+            src.read((-info.size) % TAR_BLOCK)
+            yield m
+            if m.truncated:
+                break
+            continue
         body = src.read(info.size)
         src.read((-info.size) % TAR_BLOCK)
         if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE):    # pax extended header
@@ -136,6 +169,28 @@ def tar_members(f: BinaryIO, on_end: Callable[[int, str, bool], None]) -> Iterat
     while src.read(1 << 20):                                   # padding to the record's end
         pass
     on_end(src.n, src.h.hexdigest(), clean)
+
+
+def _stream_member(src: _Hashing, name: str, at: int, size: int,
+                   keep: Path | None) -> RawMember:
+    h = hashlib.sha256()
+    got = 0
+    out = tempfile.NamedTemporaryFile(dir=keep, prefix="tmp", suffix=".age", delete=False) \
+        if keep is not None else None
+    try:
+        while got < size:
+            chunk = src.read(min(1 << 20, size - got))
+            if not chunk:
+                break
+            h.update(chunk)
+            got += len(chunk)
+            if out is not None:
+                out.write(chunk)
+    finally:
+        if out is not None:
+            out.close()
+    return RawMember(name, at, size, b"", path=Path(out.name) if out is not None else None,
+                     got=got, sha256=h.hexdigest())
 
 
 class _Damaged(Exception):
@@ -159,12 +214,23 @@ def _pax(body: bytes) -> dict[str, str]:
 
 def ltfs_members(root: Path) -> Iterator[RawMember]:
     """The files of an LTFS volume directory in the order they were written."""
-    names = [LABEL] + sorted(str(p.relative_to(root)) for p in (root / SEGMENT_DIR).glob("*.age")) \
+    names = [LABEL] \
+        + sorted(str(p.relative_to(root)) for p in (root / CATALOG_BACKUP_DIR).glob("*.age")) \
+        + sorted(str(p.relative_to(root)) for p in (root / SEGMENT_DIR).glob("*.age")) \
         + [INDEX, CATALOG, SIGNATURE]
     at = 0
     for name in names:
         p = root / name
-        if not p.is_file():
+        if not p.is_file() or p.is_symlink():
+            continue
+        if is_catalog_backup(name):         # read in place, never whole into memory
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            size = p.stat().st_size
+            yield RawMember(name, at, size, b"", path=p, got=size, sha256=h.hexdigest())
+            at += size
             continue
         data = p.read_bytes()
         yield RawMember(name, at, len(data), data)
@@ -193,11 +259,14 @@ def unpack(data: bytes, identities: list) -> bytes:
 
 
 def read_volume(where: str, identities: list, *, keep_files: bool = False,
-                verify_keys: list | None = None) -> VolumeRead:
+                verify_keys: list | None = None, keep_backups: Path | None = None
+                ) -> VolumeRead:
     """Read a whole volume and check everything that can be checked without the
     catalog: each segment decrypts (age authenticates it), decompresses and every
     file in it matches its manifest; the index agrees with what was read; the
-    signature (``verify_keys``: from the identity files) covers exactly what was read."""
+    signature (``verify_keys``: from the identity files) covers exactly what was read.
+    The catalog backup members of a tar stream are copied into ``keep_backups``
+    when given (an LTFS volume's are read where they are)."""
     out = VolumeRead(where)
     mine = identity_fingerprints(identities)
 
@@ -214,13 +283,18 @@ def read_volume(where: str, identities: list, *, keep_files: bool = False,
             f = sys.stdin.buffer if where == "-" else open(path, "rb")
         except OSError as e:
             raise InvalidInput(f"cannot open volume {where}: {e.strerror}") from None
-        members = tar_members(f, ended)
+        members = tar_members(f, ended, keep_backups)
         h = None
     try:
         for m in members:
             if h is not None:
-                h.update(m.data)
-                total += len(m.data)
+                if m.path is not None:
+                    with open(m.path, "rb") as mf:
+                        while chunk := mf.read(1 << 20):
+                            h.update(chunk)
+                else:
+                    h.update(m.data)
+                total += m.size if m.path is not None else len(m.data)
             _member(out, m, identities, mine, keep_files)
     except _Damaged as e:
         out.errors.append(str(e))
@@ -247,6 +321,13 @@ def _member(out: VolumeRead, m: RawMember, identities: list, mine: set[str],
             keep_files: bool) -> None:
     if m.name == SIGNATURE and out.signature is None and not m.truncated:
         out.signature, out.signed_members = m.data, len(out.read)
+        return
+    if is_catalog_backup(m.name):
+        out.read.append((m.name, m.size, m.sha256 or ""))
+        out.catalog_backups.append(BackupMember(m.name, m.size, m.sha256 or "", m.truncated,
+                                                m.path))
+        if m.truncated:
+            out.errors.append(f"{m.name}: truncated")
         return
     out.read.append((m.name, m.size, hashlib.sha256(m.data).hexdigest()))
     if m.name == LABEL and not out.members and out.label is None:

@@ -29,6 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
+import os
 import queue
 import tempfile
 import threading
@@ -47,7 +49,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, insert, select, update
 
 from archive import failpoints, phi
-from archive.catalog import lease
+from archive.audit import mark_path as audit_mark_path
+from archive.catalog import lease, snapshot
 from archive.catalog.lease import holder_is_dead_here, new_holder
 from archive.catalog.models import (
     Bundle,
@@ -63,6 +66,7 @@ from archive.config.schema import DrSettings
 from archive.errors import InvalidInput, describe_failure
 from dr import crypt, segment, signing
 from dr.format import (
+    AUDIT_KEY,
     CATALOG,
     CATALOG_FORMAT,
     FAILED,
@@ -75,6 +79,7 @@ from dr.format import (
     VERSION,
     VOLUME_FORMAT,
     WRITING,
+    catalog_backup_member,
     segment_member,
     segment_stem,
 )
@@ -240,7 +245,8 @@ class DrWriter:
                  barcode: str | None = None, clock: Clock = utcnow,
                  progress: Callable[[int], None] | None = None,
                  next_volume: Callable[[str], bool] | None = None,
-                 stop: threading.Event | None = None, scratch: Path | None = None) -> None:
+                 stop: threading.Event | None = None, scratch: Path | None = None,
+                 audit_key: Path | None = None) -> None:
         if not recipients:
             raise InvalidInput("no DR recipients: set [dr] recipients (age1...) or give "
                                "--recipient; make a key with 'pacsvault dr keygen'")
@@ -264,6 +270,9 @@ class DrWriter:
         # Where an instance larger than a segment, or read from a bundle, is copied
         # and verified before any of it is written.
         self.scratch = scratch or Path(tempfile.gettempdir())
+        # The audit trail's key (archive/audit.py) goes on every volume with the
+        # catalog, so that the trail restored from a volume still verifies.
+        self.audit_key = audit_key
         self.holder = new_holder()
         self._local = threading.local()
 
@@ -329,29 +338,73 @@ class DrWriter:
         with self.catalog.unit() as uow:
             if uow.session.scalar(select(DrVolume.id).where(DrVolume.barcode == barcode)):
                 raise InvalidInput(f"barcode {barcode} is already in the catalog")
-        vol, where = open_volume(self.kind, self.device, barcode, self.s.block_size)
-        now = self.clock()
-        label = {
-            "format": VOLUME_FORMAT, "version": VERSION, "barcode": barcode, "pool": self.s.pool,
-            "volume_set": volume_set, "sequence": seq, "created_at": now.isoformat(),
-            "block_size": self.s.block_size, "capacity": self.capacity, "kind": self.kind,
-            "recipients": [fingerprint(r) for r in self.recipients],
-            "segment_cipher": "age-encryption.org/v1 (X25519)", "segment_compression": "zstd",
-        }
-        with self.catalog.unit(write=True) as uow:
-            row = DrVolume(barcode=barcode, pool=self.s.pool, volume_set=volume_set, sequence=seq,
-                           capacity=self.capacity, block_size=self.s.block_size, bytes=0,
-                           segments=0, studies=0, state=WRITING, location="", device=where,
-                           kind=self.kind, recipients=json.dumps(label["recipients"]),
-                           continues=False, writer=self.holder, created_at=now)
-            uow.session.add(row)
-            uow.commit()
-            vol_id = row.id
-        text = json.dumps(label, indent=1, sort_keys=True).encode() + b"\n"
-        vol.member(LABEL, text)
-        self._label_signed = (LABEL, len(text), hashlib.sha256(text).hexdigest())
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.scratch, prefix="tmp") as tmp:
+            # Taken before this volume's row exists: a catalog restored from it never
+            # holds a volume 'writing' (the volume's own rows are in its CATALOG member).
+            backup = self._catalog_backup(Path(tmp))
+            vol, where = open_volume(self.kind, self.device, barcode, self.s.block_size)
+            head = sum(vol.cost(name, path.stat().st_size) for name, path in backup)
+            self._head_signed = [(LABEL, 0, "")] + [(name, 0, "") for name, _ in backup]
+            room = self.capacity - vol.cost(LABEL, 4096) - head - self._tail_cost(
+                vol, self._new_tail(volume_set, barcode, seq))
+            if room < vol.cost(segment_member(segment_stem(barcode, 1)),
+                               self.s.segment_bytes * 65 // 64 + (64 << 10)):
+                vol.abort()
+                raise InvalidInput(f"the catalog backup ({head} bytes) leaves no room for a "
+                                   f"segment on a volume of {self.capacity} bytes: raise "
+                                   "[dr] capacity (or lower [dr] segment_bytes)")
+            now = self.clock()
+            label = {
+                "format": VOLUME_FORMAT, "version": VERSION, "barcode": barcode,
+                "pool": self.s.pool, "volume_set": volume_set, "sequence": seq,
+                "created_at": now.isoformat(), "block_size": self.s.block_size,
+                "capacity": self.capacity, "kind": self.kind,
+                "recipients": [fingerprint(r) for r in self.recipients],
+                "segment_cipher": "age-encryption.org/v1 (X25519)",
+                "segment_compression": "zstd",
+            }
+            with self.catalog.unit(write=True) as uow:
+                row = DrVolume(barcode=barcode, pool=self.s.pool, volume_set=volume_set,
+                               sequence=seq, capacity=self.capacity,
+                               block_size=self.s.block_size, bytes=0, segments=0, studies=0,
+                               state=WRITING, location="", device=where, kind=self.kind,
+                               recipients=json.dumps(label["recipients"]), continues=False,
+                               writer=self.holder, created_at=now)
+                uow.session.add(row)
+                uow.commit()
+                vol_id = row.id
+            text = json.dumps(label, indent=1, sort_keys=True).encode() + b"\n"
+            vol.member(LABEL, text)
+            self._head_signed = [(LABEL, len(text), hashlib.sha256(text).hexdigest())]
+            for name, path in backup:
+                self._head_signed.append(_file_member(vol, name, path))
         log.info("DR volume %s (set %s, #%d) opened on %s", barcode, volume_set[:8], seq, where)
         return vol, vol_id, where
+
+    def _catalog_backup(self, tmp: Path) -> list[tuple[str, Path]]:
+        """The audit key and a snapshot of the whole catalog, each encrypted to the
+        recipients, as (member name, file) in writing order."""
+        out = []
+        if self.audit_key is not None and self.audit_key.is_file():
+            mark = audit_mark_path(self.audit_key)
+            doc = {"format": "pacsvault-audit-key", "version": 1,
+                   "key_file": self.audit_key.read_text(),
+                   "chain_file": mark.read_text() if mark.is_file() else None}
+            plain = tmp / "audit-key.json"
+            fd = os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f)
+            sealed = tmp / "audit-key.json.age"
+            crypt.encrypt_file(str(plain), str(sealed), self.recipients)
+            plain.unlink()
+            out.append((AUDIT_KEY, sealed))
+        packed, _, _ = snapshot.take_compressed(self.catalog, tmp, self.clock())
+        sealed = tmp / (packed.name + ".age")
+        crypt.encrypt_file(str(packed), str(sealed), self.recipients)
+        packed.unlink()
+        out.append((catalog_backup_member(packed.name), sealed))
+        return out
 
     # -- the pipeline ------------------------------------------------------------------------
     def _write(self, todo: list[tuple[int, int]], report: WriteReport) -> None:
@@ -497,7 +550,7 @@ class DrWriter:
                           "pool": self.s.pool, "segments": [], "continues": False},
                 "catalog": {"format": CATALOG_FORMAT, "version": VERSION,
                             "volume_set": volume_set, "barcode": barcode, "studies": {}},
-                "raw": 2048, "signed": [self._label_signed]}
+                "raw": 2048, "signed": list(self._head_signed)}
 
     def _tail_cost(self, vol: Volume, tail: dict[str, Any]) -> int:
         """An upper bound of what the index, the catalog and the archive's end take:
@@ -784,6 +837,20 @@ class DrWriter:
             log.warning("DR source bundle unreadable: %s", e)
             return None
         return FilePayload(path, inst.size, inst.sha256)
+
+
+def _file_member(vol: Volume, name: str, path: Path) -> tuple[str, int, str]:
+    """A member from a file, mapped rather than read (a catalog snapshot can be GBs):
+    (name, size, SHA-256) for the signature."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size == 0:
+            vol.member(name, b"")
+            return name, 0, hashlib.sha256(b"").hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            with memoryview(mm) as view:
+                vol.member(name, view)
+                return name, size, hashlib.sha256(view).hexdigest()
 
 
 def _file_parts(copy: FilePayload, cap: int, into: memoryview | None

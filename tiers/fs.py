@@ -157,6 +157,10 @@ class FilesystemBackend:
             raise BackendError("resolve", self.name, "key is not a safe object name")
         return self.root / key
 
+    def local_path(self, key: str) -> Path:
+        """Where the object under ``key`` is (to read it in place, never to write)."""
+        return self._path(key)
+
     def _ensure_dir(self, d: Path) -> None:
         if d in self._known_dirs:
             return

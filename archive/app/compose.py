@@ -146,10 +146,12 @@ def open_dr_writer(settings: Settings, catalog: Catalog, *, recipients: list[str
     """A DR volume writer signing with this install's key; ``device`` overrides the
     config's [dr] device, kind, capacity, barcode and next-volume prompt (and the scratch
     directory, by default the spool's)."""
+    from archive.audit import key_path
     from dr.signing import writer_key
     from dr.writer import DrWriter
 
     device.setdefault("scratch", settings.ingest.spool_dir / "dr")   # bundle frames, never tmpfs
+    device.setdefault("audit_key", key_path(settings.data_dir))
     return DrWriter(catalog, open_sites(settings), readable_object_tier(settings), settings.dr,
                     recipients=recipients, signing_key=writer_key(settings.data_dir), stop=stop,
                     **device)  # type: ignore[arg-type]

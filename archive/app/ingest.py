@@ -37,10 +37,12 @@ from archive.dicom.attributes import (
     read_attributes,
 )
 from archive.dicom.part10 import (
+    MAX_META_BYTES,
     InMemoryObject,
     SpooledObject,
     dataset_offset,
     file_meta,
+    read_sent_meta,
 )
 from archive.dicom.walk import check_complete
 from archive.errors import InvalidInput
@@ -388,8 +390,42 @@ class IngestService:
             tx.touch_study(study_fk, now)
         return study_fk, series_fk
 
+    # -- a catalog rebuilt from the sites' files ------------------------------------
+    def adopt(self, path: Path, key: str, sites: list[str], *, size: int, sha256: str,
+              calling_ae: str = "REBUILD") -> StoreResult:
+        """Catalog rows for a file that is already stored under ``key`` on ``sites``
+        (each holding these bytes: the caller hashed them). Nothing is written to a
+        site; the object is parsed and checked as a received one is. The received
+        time is unknown: now is recorded."""
+        try:
+            with open(path, "rb") as f:
+                meta = read_sent_meta(f.read(MAX_META_BYTES + 256), final=True)
+            if meta is None:
+                raise InvalidInput("file meta cut short")
+            req = StoreRequest(spool=path, sop_class=meta.sop_class,
+                               sop_instance=meta.sop_instance,
+                               transfer_syntax=meta.transfer_syntax, calling_ae=calling_ae)
+            attrs, _ = self._validate(req)
+        except InvalidInput as e:
+            return StoreResult(Outcome.INVALID, str(e))
+        now = self.clock()
+        stored = _Stored(size, sha256)
+        try:
+            result = self._commit(req, attrs, stored, key,  # type: ignore[arg-type]
+                                  [(site, "ok", now) for site in sites])
+        except DATABASE_ERRORS as e:
+            return StoreResult(Outcome.CATALOG_DOWN, type(e).__name__)
+        return self._described(result, attrs)
+
     def close(self) -> None:
         self.committer.close()
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """What the catalog commit needs of a file already on the sites."""
+    size: int
+    sha256: str
 
 
 class _Mismatch(InvalidInput):

@@ -14,6 +14,7 @@ from archive.catalog import repo
 from archive.catalog.models import (
     Bundle,
     Copy,
+    DrVolume,
     Instance,
     RestoreRequest,
     ScrubFinding,
@@ -25,6 +26,8 @@ from archive.catalog.uow import Catalog
 from archive.clock import Clock, iso, utcnow
 from archive.config.paths import site_risks
 from archive.config.schema import Settings
+from dr.custody import aware
+from dr.format import GOOD_STATES
 from tiers.backend import Backend
 
 
@@ -101,10 +104,18 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         unprotected = exposure(s, settings, clock)
         queued = s.execute(select(RestoreRequest.barcodes).where(
             RestoreRequest.state == "pending")).scalars().all()
+        # Every DR volume carries a catalog snapshot taken when it was opened.
+        newest_volume = s.execute(select(DrVolume.barcode, DrVolume.created_at).where(
+            DrVolume.pool == settings.dr.pool, DrVolume.state.in_(GOOD_STATES))
+            .order_by(DrVolume.created_at.desc()).limit(1)).first()
     job_table = _jobs(settings, catalog)
     # The newest catalog backup on each place (catalog backup): name and age.
     backups = {p.name: newest(p, clock) for p in [*sites, *([tier] if tier is not None else [])]
                if p.health().ok}
+    if newest_volume is not None:
+        backups[f"dr:{settings.dr.pool}"] = {
+            "name": newest_volume.barcode,
+            "age_s": max(0.0, (clock() - aware(newest_volume.created_at)).total_seconds())}
     site_rows = []
     under = 0
     for site in sites:

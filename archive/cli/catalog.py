@@ -110,6 +110,105 @@ def restore_cmd(ctx: click.Context, backup_file: Path, identities: tuple[Path, .
                    + (f"; the previous catalog is kept as {kept}" if kept else ""))
 
 
+@catalog.command("rebuild")
+@click.option("--from", "source", type=click.Choice(["sites"]), required=True,
+              help="What is left to rebuild from: the online sites' files.")
+@click.option("--no-catalog-backup", "no_backup", is_flag=True,
+              help="Rebuild from the files alone, even when a site holds a catalog backup.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
+@config_option
+@click.pass_context
+@handle_errors
+def rebuild_cmd(ctx: click.Context, source: str, no_backup: bool, as_json: bool,
+                config: str | None) -> None:
+    """Rebuild a lost catalog from the sites. The daemon must be stopped and the
+    catalog hold no study (deleted, or a new one). The newest catalog backup a site
+    holds is put back first (audit trail, accounts, peers, custody log); copies it
+    names that the sites no longer hold become missing; then every file on the
+    sites that it does not name (received after it was taken) is parsed, checked
+    and cataloged where it lies. The report says when the backup was taken and
+    lists the files that could not be read. Exits 1 if any could not."""
+    import os
+
+    from archive import audit
+    from archive.app import catalog_rebuild as CR
+    from archive.app.compose import open_catalog, open_object_tier_or_none, open_sites
+    from archive.app.ingest import IngestService
+    from archive.instance_lock import hold_instance_lock
+    from replication.mirror import MirrorWriter
+
+    settings = settings_from(ctx, config)
+    lock = hold_instance_lock(settings.data_dir)     # never under a running daemon
+    try:
+        try:
+            actor = authorize(settings, "admin", "catalog rebuild")
+            who = actor.name
+        except CatalogError:
+            who = "system"   # no catalog to ask: whoever may read the config
+        sites = open_sites(settings)
+        cat = open_catalog(settings, migrate=True)
+        merged: dict = {"applied": None}
+        try:
+            if not CR.is_empty(cat):
+                raise InvalidInput("the catalog holds studies: rebuild only replaces a lost "
+                                   "or empty catalog (move catalog.db aside first, or use "
+                                   "'catalog restore')")
+            found = None if no_backup else CR.newest_site_backup(sites)
+            if found is None:
+                merged["reason"] = "--no-catalog-backup" if no_backup else \
+                    "no whole catalog backup on any site"
+            else:
+                site, path = found
+                cat.close()
+                from archive.app import catalog_backup as B
+                kept = B.put_back(settings, path, [])
+                cat = open_catalog(settings, migrate=True)
+                merged = {"applied": path.name, "site": site.name,
+                          "taken_at": CR.taken_at(path.name),
+                          "replaced": str(kept) if kept else None}
+                tier = open_object_tier_or_none(settings)
+                merged.update(CR.mark_absent_copies(cat, sites,
+                                                    tier if tier.health().ok else None))
+            mirror = MirrorWriter(sites, timeout_s=settings.ingest.site_timeout_s,
+                                  retry_after_s=settings.ingest.site_retry_after_s)
+            ingest = IngestService(cat, mirror, min_copies=settings.ingest.min_copies)
+            try:
+                files = CR.adopt_site_files(cat, sites, ingest)
+            finally:
+                ingest.close()
+                mirror.close()
+            audit.record_quietly(cat, audit.Event(
+                "catalog-restore", "success" if not files["unreadable"] else "failure", who,
+                audit.host(), detail={"from": "sites", "backup": merged["applied"],
+                                      "adopted": files["adopted"],
+                                      "unreadable": len(files["unreadable"])}))
+            st = _counts(cat)
+        finally:
+            cat.close()
+    finally:
+        os.close(lock)
+    if merged["applied"]:
+        merged["not_in_it"] = (f"what happened after {merged['taken_at']}: audit records, "
+                               "custody moves, account and peer changes; the images received "
+                               "since are cataloged from the sites' files (received time and "
+                               "calling AE unknown: now and REBUILD)")
+    out = {"ok": not files["unreadable"], "from": source, "catalog_backup": merged, **files,
+           **st}
+    if as_json:
+        emit_json(out)
+    else:
+        click.echo((f"catalog backup {merged['applied']} from {merged['site']} put back "
+                    f"(taken {merged['taken_at']}); " if merged["applied"]
+                    else f"no catalog backup put back ({merged['reason']}); ")
+                   + f"{files['adopted']} files cataloged from the sites; "
+                   f"{st['instances']} instances, {st['studies']} studies, "
+                   f"{st['audit_records']} audit records")
+        for u in files["unreadable"]:
+            click.echo(f"UNREADABLE {u['site']}:{u['key']}: {u['reason']}", err=True)
+    if files["unreadable"]:
+        sys.exit(1)
+
+
 def _check_sidecar(path: Path) -> None:
     """When the manifest is beside the file, the file must be the one it names."""
     import hashlib

@@ -271,23 +271,39 @@ def verify(ctx: click.Context, volumes: tuple[str, ...], identities: tuple[Path,
 @identity_option
 @click.argument("volumes", nargs=-1, required=True, metavar="VOLUME...")
 @trust_option
+@click.option("--no-catalog-backup", "no_backup", is_flag=True,
+              help="Import only the volumes' own rows, even into an empty catalog.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report.")
 @config_option
 @click.pass_context
 @handle_errors
 def rebuild_catalog(ctx: click.Context, identities: tuple[Path, ...], volumes: tuple[str, ...],
-                    trust_unsigned: bool, as_json: bool, config: str | None) -> None:
-    """Restore the catalog rows that volumes hold (any order, any subset).
+                    trust_unsigned: bool, no_backup: bool, as_json: bool,
+                    config: str | None) -> None:
+    """Restore the catalog from DR volumes (any order, any subset).
 
-    Patients, studies, series and instances come back with their SHA-256, and
-    the volumes and what each holds, so that 'pacsvault restore --from dr' can
-    find everything. The report lists, per volume set, the volumes missing,
-    and the studies of which only part was found. Exits 1 if anything is
-    missing or damaged. A volume not signed by a key of the identity files
-    is refused (unless --trust-unsigned), and so is one whose contents
-    contradict themselves or the DICOM UID grammar.
+    Into an empty catalog (a new install after a total loss), the newest
+    catalog backup found on the volumes is put back first: the audit trail,
+    accounts, peers, custody log and jobs as they were when it was taken, with
+    the audit key written beside it. Copies it names on sites or the object
+    tier that are no longer there become missing. Then every volume's own rows
+    are imported on top: patients, studies, series and instances with their
+    SHA-256, and the volumes and what each holds, so that 'pacsvault restore
+    --from dr' can find everything. The report says when the backup was taken
+    (what happened after it is on no volume is lost), lists per volume set the
+    volumes missing, and the studies of which only part was found. Exits 1 if
+    anything is missing or damaged. A volume not signed by a key of the
+    identity files is refused (unless --trust-unsigned), and so is one whose
+    contents contradict themselves or the DICOM UID grammar.
     """
+    import os
+    import tempfile
+
+    from archive.app import catalog_rebuild as CR
+    from archive.app.compose import open_object_tier_or_none, open_sites
+    from archive.instance_lock import hold_instance_lock
     from dr.keys import load_identities
+    from dr.media import read_volumes
     from dr.media import rebuild_catalog as rebuild
     from dr.signing import load_verify_keys
 
@@ -295,13 +311,51 @@ def rebuild_catalog(ctx: click.Context, identities: tuple[Path, ...], volumes: t
     actor = authorize(settings, "keys", "dr rebuild-catalog")
     idents = load_identities(list(identities))
     keys = load_verify_keys(list(identities))
-    catalog = open_catalog(settings)
-    try:
-        audit.record_key_use(catalog, actor.name, identity_fingerprints(idents), "dr rebuild-catalog")
-        r = rebuild(catalog, list(volumes), idents, settings.dr.retain_days, keys,
-                    trust_unsigned)
-    finally:
-        catalog.close()
+    scratch = settings.ingest.spool_dir / "dr"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="tmp") as tmp:
+        reads = read_volumes(list(volumes), idents, keys,
+                             keep_backups=None if no_backup else Path(tmp))
+        merged: dict = {"applied": None}
+        catalog = open_catalog(settings)
+        try:
+            found = None if no_backup else CR.newest_backup(reads, trust_unsigned)
+            if no_backup:
+                merged["reason"] = "--no-catalog-backup"
+            elif found is None:
+                merged["reason"] = ("no catalog backup on a volume signed by our key among "
+                                    "those read (written before volumes carried one, cut "
+                                    "off, or not signed)")
+            elif not CR.is_empty(catalog):
+                merged["reason"] = ("the catalog already holds studies: the backup on the "
+                                    "volumes was not put back (only an empty catalog is "
+                                    "replaced; 'catalog restore' does it by hand)")
+            else:
+                catalog.close()
+                lock = hold_instance_lock(settings.data_dir)   # never under a running daemon
+                try:
+                    merged = CR.put_back(settings, *found, idents)
+                finally:
+                    os.close(lock)
+                catalog = open_catalog(settings, migrate=True)  # an older backup: schema up
+                tier = open_object_tier_or_none(settings)
+                merged.update(CR.mark_absent_copies(catalog, open_sites(settings),
+                                                    tier if tier.health().ok else None))
+                audit.record_quietly(catalog, audit.Event(
+                    "catalog-restore", "success", actor.name, audit.host(),
+                    detail={"from": merged["applied"], "volume": merged["volume"]}))
+            audit.record_key_use(catalog, actor.name, identity_fingerprints(idents),
+                                 "dr rebuild-catalog")
+            r = rebuild(catalog, reads, settings.dr.retain_days, trust_unsigned)
+        finally:
+            catalog.close()
+    if merged["applied"]:
+        merged["added_from_volumes"] = sum((v.get("imported") or {}).get("instances", 0)
+                                           for v in r["volumes"])
+        merged["not_in_it"] = (f"what happened after {merged['taken_at']} and is on no volume "
+                               "read: audit records, custody moves, account and peer "
+                               "changes, and images not written to these volumes")
+    r["catalog_backup"] = merged
     for v in r["volumes"]:
         if v.get("imported") and "refused" in v["imported"]:
             click.echo(f"REFUSED {v['barcode'] or v['where']}: {v['imported']['refused']}",
@@ -318,6 +372,13 @@ def rebuild_catalog(ctx: click.Context, identities: tuple[Path, ...], volumes: t
     if as_json:
         emit_json(r)
     else:
+        if merged["applied"]:
+            click.echo(f"catalog backup {merged['applied']} from volume {merged['volume']} put "
+                       f"back (taken {merged['taken_at']}); {merged['added_from_volumes']} "
+                       f"instances added from the volumes since; copies no longer there: "
+                       f"{merged['absent'] or 'none'}; lost: {merged['not_in_it']}")
+        else:
+            click.echo(f"no catalog backup put back: {merged['reason']}")
         click.echo(f"{len(r['volumes'])} volumes read; {r['studies']} studies, "
                    f"{r['studies_complete']} complete")
     if not r["ok"]:

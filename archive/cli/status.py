@@ -73,6 +73,10 @@ def status(ctx: click.Context, as_json: bool, config: str | None) -> None:
             parts.append(f"{level.replace('_', ' ')}: {e['objects']} objects, {e['bytes']} bytes, "
                          f"oldest {e['oldest_age_s']:.0f}s")
     console.print("not yet protected: " + ("; ".join(parts) if parts else "nothing"))
+    cb = st.get("catalog_backups") or {}
+    console.print("newest catalog backup: " + ("; ".join(
+        f"{place} {b['name']} ({b['age_s'] / 3600:.1f} h old)" if b and b.get("age_s") is not None
+        else f"{place} none" for place, b in cb.items()) or "none anywhere"))
     rq = st.get("restore_queue") or {}
     if rq.get("studies"):
         console.print(f"[yellow]{rq['studies']} studies a retrieve needed are queued to come "

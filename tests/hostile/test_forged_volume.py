@@ -238,7 +238,9 @@ def test_our_own_volumes_are_signed_and_an_altered_one_is_refused(tmp_path):
     assert cli_json(inst, "dr", "write")["_rc"] == 0
     [vol] = volumes_of(inst)
     v = cli_json(inst, "dr", "verify", str(vol), "--identity", str(inst.key))
-    assert v["_rc"] == 0 and v["signed"] and v["label"]["version"] == 2
+    assert v["_rc"] == 0 and v["signed"] and v["label"]["version"] == 3
+    assert [b["member"].split("/")[1].split("-")[0] for b in v["catalog_backups"]] == \
+        ["audit", "catalog"]
     fresh = Install.create(tmp_path / "fresh")
     r = cli_json(fresh, "dr", "rebuild-catalog", "--identity", str(inst.key), str(vol))
     assert r["_rc"] == 0 and r["volumes"][0]["signed"]
@@ -250,6 +252,15 @@ def test_our_own_volumes_are_signed_and_an_altered_one_is_refused(tmp_path):
     r = cli_json(again, "dr", "rebuild-catalog", "--identity", str(inst.key), str(bad))
     assert r["_rc"] == 1 and "differs from what was signed" in r["volumes"][0]["imported"]["refused"]
     assert db(again, "select count(*) from studies") == [(0,)]
+    # A byte of the catalog snapshot changed: the whole volume is refused, and no
+    # catalog backup (accounts, the audit trail) is put back from it.
+    at = raw.index(b"catalog-backup/catalog-") + 512 + 200
+    bad.write_bytes(raw[:at] + bytes([raw[at] ^ 1]) + raw[at + 1:])
+    other = Install.create(tmp_path / "other")
+    r = cli_json(other, "dr", "rebuild-catalog", "--identity", str(inst.key), str(bad))
+    assert r["_rc"] == 1 and "differs from what was signed" in r["volumes"][0]["imported"]["refused"]
+    assert r["catalog_backup"]["applied"] is None
+    assert db(other, "select count(*) from studies") == [(0,)]
     # An identity file without the verification line cannot vouch for anything.
     bare = tmp_path / "bare.txt"
     bare.write_text("\n".join(ln for ln in inst.key.read_text().splitlines()

@@ -212,3 +212,56 @@ def test_the_scheduled_job_records_its_runs_and_says_when_a_place_failed(inst):
         cat.close()
     assert [r["outcome"] for r in runs][:2] == ["findings", "ok"]
     assert runs[0]["summary"]["failed"] == 1 and runs[0]["summary"]["written"] == 2
+
+
+def site_sums(inst: Install) -> dict[str, str]:
+    import hashlib
+    return {p.name[:-4]: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in (inst.settings.sites[0].path / "objects").rglob("*.dcm")}
+
+
+def test_rebuild_from_the_sites_puts_back_the_newest_backup_and_catalogs_what_came_since(
+        inst, tmp_path):
+    assert cli_json(inst, "catalog", "backup")[0] == 0
+    later = make_ct_series(tmp_path / "later", 4, size=9000, seed=5)   # after the backup
+    inst.ingest(later)
+    acked = site_sums(inst)
+    records = count(inst, "audit_log")
+    lose_catalog(inst)
+    junk = inst.settings.sites[0].path / "objects" / "zz" / "zz" / "junk.dcm"
+    junk.parent.mkdir(parents=True)
+    junk.write_bytes(b"not a DICOM file at all")
+    rc, r, _ = cli_json(inst, "catalog", "rebuild", "--from", "sites", check=False)
+    assert rc == 1 and not r["ok"]                               # the junk is named, not hidden
+    assert [u["key"] for u in r["unreadable"]] == ["objects/zz/zz/junk.dcm"]
+    assert r["catalog_backup"]["applied"] and r["catalog_backup"]["taken_at"]
+    assert r["catalog_backup"]["absent"] == {}                   # the sites are whole
+    assert r["adopted"] == len(later) and r["instances"] == len(acked)
+    # The trail as it was at the backup (the restore of the fixture included), plus the
+    # rebuild's own record, verifies under the install's key.
+    assert count(inst, "audit_log") >= records - 1
+    trail = cli_json(inst, "audit", "--study", inst.made[-1].study_uid)[1]["records"]
+    assert "restore" in [t["action"] for t in trail]
+    assert cli_json(inst, "audit", "--verify")[1]["ok"]
+    junk.unlink()
+    out = tmp_path / "back"
+    rc, r, _ = cli_json(inst, "restore", "--patient", "TEST-0001", "--to", str(out))
+    assert rc == 0 and r["restored"] == len(acked)
+    assert {p.name[:-4]: __import__("hashlib").sha256(p.read_bytes()).hexdigest()
+            for p in out.rglob("*.dcm")} == acked                 # every one, bit-identical
+    assert cli_json(inst, "scrub", "--all")[1]["ok"]
+    # A catalog that holds studies is never replaced by a rebuild.
+    rc, _, err = cli_json(inst, "catalog", "rebuild", "--from", "sites", check=False)
+    assert rc != 0 and "holds studies" in err
+
+
+def test_rebuild_from_the_sites_alone_without_any_backup(inst, tmp_path):
+    acked = site_sums(inst)
+    lose_catalog(inst)
+    rc, r, _ = cli_json(inst, "catalog", "rebuild", "--from", "sites")
+    assert r["ok"] and r["catalog_backup"]["applied"] is None
+    assert r["adopted"] == r["instances"] == len(acked) and r["unreadable"] == []
+    out = tmp_path / "back"
+    rc, r, _ = cli_json(inst, "restore", "--patient", "TEST-0001", "--to", str(out))
+    assert r["restored"] == len(acked) and len(list(out.rglob("*.dcm"))) == len(acked)
+    assert cli_json(inst, "scrub", "--all")[1]["ok"]

@@ -85,14 +85,34 @@ def test_scenario_2_both_sites_lost_restore_from_object_tier_and_dr(pushed, tmp_
 
 
 def test_scenario_3_only_the_dr_volumes_and_the_key_survive(pushed, tmp_path):
+    study = pushed.made[0].study_uid
+    before = cli(pushed, "restore", "--study", study, "--to", str(tmp_path / "earlier"))
+    assert before["restored"] > 0                                # a later access, audited
     assert cli(pushed, "dr", "write")["complete"]
+    dr_backup = [v for k, v in cli(pushed, "status")["catalog_backups"].items()
+                 if k.startswith("dr:")]
+    assert dr_backup and dr_backup[0]["age_s"] < 600             # status shows it per place
     vault = tmp_path / "vault"                                   # what was offsite
     shutil.copytree(pushed.config.parent / "dr" / "volumes", vault)
-    shutil.rmtree(pushed.config.parent)                          # catalog, sites, tier: gone
+    shutil.rmtree(pushed.config.parent)                          # catalog, sites, tier, keys: gone
     new = Install.create(tmp_path / "new")
     vols = sorted(str(p) for p in vault.glob("*.tar"))
     r = cli(new, "dr", "rebuild-catalog", "--identity", str(pushed.key), *reversed(vols))
     assert r["ok"] and r["studies_complete"] == len({m.study_uid for m in pushed.made})
+    merged = r["catalog_backup"]
+    assert merged["applied"] and merged["audit_key"] and merged["taken_at"]
+    # The backup named both old sites' copies: none is on the new disks.
+    assert merged["absent"] == {"site-a": len(pushed.acked), "site-b": len(pushed.acked)}
+    assert merged["added_from_volumes"] == 0                     # the backup had them all
+    # The audit trail came back: the original receive and the later restore of the study,
+    # and the whole chain verifies under the audit key that came back with it.
+    trail = cli(new, "audit", "--study", study)["records"]
+    actions = [t["action"] for t in trail]
+    assert "object-received" in actions and "restore" in actions, actions
+    received = next(t for t in trail if t["action"] == "object-received")
+    assert received["actor"] == "STORESCU" and received["patient_id"] == "TEST-0001"
+    verified = cli(new, "audit", "--verify")
+    assert verified["ok"] and verified["records"] >= len(trail) + 2, verified
     out = tmp_path / "restored"
     r = cli(new, "restore", "--patient", "TEST-0001", "--to", str(out),
             "--identity", str(pushed.key), *[a for v in vols for a in ("--volume", v)])
@@ -102,3 +122,38 @@ def test_scenario_3_only_the_dr_volumes_and_the_key_survive(pushed, tmp_path):
     r = cli(new, "restore", "--patient", "TEST-0001", "--online", "--identity", str(pushed.key))
     assert r["restored"] == len(pushed.acked)
     assert cli(new, "scrub", "--all")["ok"]
+    assert cli(new, "audit", "--verify")["ok"]
+
+
+def test_a_rebuild_without_the_catalog_backup_keeps_to_the_volumes_rows(pushed, tmp_path):
+    """Volumes written before they carried a backup, or --no-catalog-backup: the images'
+    rows still come back; the report says that no backup was put back."""
+    assert cli(pushed, "dr", "write")["complete"]
+    vols = sorted(str(p) for p in (pushed.config.parent / "dr" / "volumes").glob("*.tar"))
+    new = Install.create(tmp_path / "new")
+    r = cli(new, "dr", "rebuild-catalog", "--identity", str(pushed.key), "--no-catalog-backup",
+            *vols)
+    assert r["ok"] and r["catalog_backup"] == {"applied": None, "reason": "--no-catalog-backup"}
+    assert not [t for t in cli(new, "audit", "--study", pushed.made[0].study_uid)["records"]
+                if t["action"] == "object-received"]
+    # Into a catalog that already holds studies, a backup is never put back.
+    r = cli(pushed, "dr", "rebuild-catalog", "--identity", str(pushed.key), *vols)
+    assert r["catalog_backup"]["applied"] is None and "already holds" in \
+        r["catalog_backup"]["reason"]
+
+
+def test_a_backup_on_an_unsigned_volume_is_never_put_back(pushed, tmp_path):
+    """A volume cut short loses its signature: with --trust-unsigned its segments'
+    rows are imported (checked), but its catalog backup (accounts, the audit trail)
+    is not put back: nobody can tell who wrote it."""
+    assert cli(pushed, "dr", "write")["complete"]
+    vol = sorted((pushed.config.parent / "dr" / "volumes").glob("*.tar"))[0]
+    cut = tmp_path / vol.name
+    cut.write_bytes(vol.read_bytes()[:vol.stat().st_size * 2 // 3])
+    new = Install.create(tmp_path / "new")
+    r = cli(new, "dr", "rebuild-catalog", "--identity", str(pushed.key), "--trust-unsigned",
+            str(cut), ok=False)
+    assert r["_rc"] == 1 and r["studies"] >= 1                   # rows from the segments
+    assert r["catalog_backup"]["applied"] is None and "not signed" in \
+        r["catalog_backup"]["reason"]
+    assert not cli(new, "audit", "--study", pushed.made[0].study_uid)["records"]

@@ -147,6 +147,18 @@ def test_volumes_through_a_pipe_span_sets_and_restore_with_standard_tools(dr, tm
         for seg in sorted((x / "seg").glob("*.age")):
             subprocess.run(f"age -d -i {dr.key} {seg} | zstd -d | tar -x -C {out}",
                            shell=True, check=True)
+        # The whole catalog as it was when the volume was opened: an SQLite file.
+        [snap] = (x / "catalog-backup").glob("catalog-*.sqlite.zst.age")
+        subprocess.run(f"age -d -i {dr.key} {snap} | zstd -d > {x / 'catalog.db'}",
+                       shell=True, check=True)
+        with sqlite3.connect(x / "catalog.db") as c:
+            assert c.execute("select count(*) from instances").fetchone()[0] == len(before)
+            assert c.execute("select count(*) from dr_volumes where barcode = ?",
+                             (label["barcode"],)).fetchone()[0] == 0   # opened after it
+        key = json.loads(subprocess.run(["age", "-d", "-i", str(dr.key),
+                                         str(x / "catalog-backup" / "audit-key.json.age")],
+                                        check=True, capture_output=True).stdout)
+        assert key["format"] == "pacsvault-audit-key" and len(key["key_file"].strip()) == 64
     sums = subprocess.run("sha256sum -c pacsvault/*.sha256 | grep -vc ': OK$'", shell=True,
                           cwd=out, capture_output=True, text=True)
     assert sums.stdout.strip() == "0", sums.stdout
