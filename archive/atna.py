@@ -1,8 +1,9 @@
 """Audit records as DICOM audit messages (PS3.15 Annex A.5, the IHE ATNA format).
 
 ``to_xml`` turns one record of the hash-chained audit log (archive/audit.py)
-into an AuditMessage; ``install`` registers a listener that sends every new
-record to the syslog collector named by ``[audit] syslog`` (archive/syslog_sender.py).
+into an AuditMessage; ``install`` starts a forwarder that sends the trail, in
+order and from a cursor kept in the catalog (archive/atna_forwarder.py), to the
+syslog collector named by ``[audit] syslog`` (archive/syslog_sender.py).
 
 Each message also carries the record's position and chain hash (a participant
 object of our own type, see ``_record_object``), so the collector holds anchors
@@ -30,6 +31,7 @@ from archive.audit import Event
 from archive.syslog_sender import SyslogSender
 
 if TYPE_CHECKING:
+    from archive.atna_forwarder import Forwarder
     from archive.config.schema import Settings
     from archive.syslog_sender import SyslogSender
 
@@ -233,15 +235,16 @@ def severity(ev: Event) -> int:
 
 
 # -- the listener ----------------------------------------------------------------------
-_active: tuple[object, "SyslogSender"] | None = None
+_active: tuple[object, "Forwarder", "SyslogSender"] | None = None
 
 
-def install(settings: "Settings") -> "SyslogSender | None":
-    """Send every audit record written by this process to [audit] syslog (if set).
+def install(settings: "Settings") -> "Forwarder | None":
+    """Send the audit trail to [audit] syslog (if set), in order, from a cursor in the
+    catalog (archive/atna_forwarder.py), woken by every record this process writes.
 
     Call once per process (CLI, daemon, each DICOM worker: they are spawned, not
-    forked). A second call is a no-op; messages queued at exit get a few seconds
-    to go out."""
+    forked). A second call is a no-op; at exit, what is behind gets a few seconds to
+    go out, and anything left waits in the trail for the next process."""
     global _active
     cfg = settings.audit
     if not cfg.syslog:
@@ -250,6 +253,9 @@ def install(settings: "Settings") -> "SyslogSender | None":
         return _active[1]
     import os
 
+    from archive.atna_forwarder import Forwarder
+    from archive.catalog.engine import make_engine
+    from archive.catalog.uow import Catalog
 
     def under(p: Path | None) -> Path | None:             # relative to data_dir, like load.py
         return p if p is None or p.is_absolute() else settings.data_dir / p
@@ -260,24 +266,45 @@ def install(settings: "Settings") -> "SyslogSender | None":
     host = audit.host()
     ae = cfg.ae_title or settings.dicom.ae_title
 
+    def render(ev: Event, record_id: int, record_hash: str, at: datetime) -> tuple[bytes, int]:
+        return to_xml(ev, record_id, record_hash, host=host, ae_title=ae,
+                      enterprise_site_id=cfg.enterprise_site_id, at=at,
+                      pid=os.getpid()), severity(ev)
+
+    def held_back(waiting: int, held_s: float) -> None:
+        from archive.alerts import Alert, send_alert
+        send_alert(settings.alerts, Alert(
+            "atna", "warning", f"audit messages held back: the collector {sender.where} has "
+            f"been unreachable for {held_s / 60:.0f} min", counts={"records_waiting": waiting},
+            details="they wait in the audit trail and go out in order when it returns; "
+                    "'pacsvault status' shows how many"))
+
+    fwd = Forwarder(lambda: Catalog(make_engine(settings.catalog.url)), sender.where, render,
+                    sender.deliver, alert=held_back, held_alert_s=cfg.held_alert_s)
+
     def listener(ev: Event, record_id: int, record_hash: str) -> None:
-        sender.submit(to_xml(ev, record_id, record_hash, host=host, ae_title=ae,
-                             enterprise_site_id=cfg.enterprise_site_id, pid=os.getpid()),
-                      severity=severity(ev))
+        fwd.wake(record_id)
 
     audit.add_listener(listener)
-    _active = (listener, sender)
-    atexit.register(sender.close, cfg.timeout_s)
-    return sender
+    _active = (listener, fwd, sender)
+    atexit.register(_close, cfg.timeout_s)
+    return fwd
+
+
+def _close(timeout: float) -> None:
+    if _active is not None:
+        _, fwd, sender = _active
+        fwd.close(timeout)
+        sender.close(0.1)
 
 
 def uninstall() -> None:
-    """Stop sending (tests; a reload). Waits briefly for queued messages."""
+    """Stop sending (tests; a reload). What is behind gets a moment to go out."""
     global _active
     if _active is None:
         return
-    listener, sender = _active
-    _active = None
+    listener, fwd, sender = _active
     audit.remove_listener(listener)
-    atexit.unregister(sender.close)
-    sender.close(1.0)
+    atexit.unregister(_close)
+    _close(1.0)
+    _active = None

@@ -68,7 +68,9 @@ def add_peer(catalog: Catalog, ae_title: str, host: str, port: int | None, now: 
     host = validate_host(host)
     if port is not None and not 1 <= port <= 65535:
         raise InvalidInput("port must be 1-65535")
-    with catalog.unit() as uow:
+    # write=True: the write lock from the start; a read that later writes fails at once
+    # (SQLite's busy snapshot) when another process commits in between.
+    with catalog.unit(write=True) as uow:
         existing = uow.session.scalar(select(Peer).where(Peer.ae_title == ae, Peer.host == host))
         if existing is not None:
             existing.port = port

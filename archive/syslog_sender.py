@@ -86,6 +86,23 @@ class SyslogSender:
         self._q.put(data)
         return True
 
+    def deliver(self, msg: bytes, severity: int = 5) -> None:
+        """Send one message now, from the caller's thread (the ATNA forwarder, which
+        keeps its own order and cursor); raises OSError if it could not be written.
+        A stale connection is replaced once before giving up."""
+        data = frame(msg, severity=severity, hostname=self.hostname, procid=str(os.getpid()))
+        if self.scheme == "udp" and len(data) > MAX_DATAGRAM:
+            raise OSError("message larger than one UDP datagram")
+        try:
+            self._send(data)
+        except (OSError, ValueError):
+            self._disconnect()
+            try:
+                self._send(data)
+            except ValueError as e:
+                raise OSError(str(e)) from None
+        self.sent += 1
+
     def flush(self, timeout: float) -> bool:
         """Wait until every queued message went out (or the timeout); True if all did."""
         with self._idle:

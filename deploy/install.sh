@@ -37,9 +37,11 @@ apt_install() {
 
 if ((WITH_TESTS)); then
     # orthanc-dicomweb: the DICOMweb plugin, loaded only by bench/retrieve.py's WADO-RS leg.
+    # rsyslog + rsyslog-gnutls: the ATNA collector the audit tests send to over TLS.
     apt_install dcmtk:storescu orthanc:/usr/sbin/Orthanc \
         orthanc-dicomweb:/usr/share/orthanc/plugins/libOrthancDicomWeb.so \
-        postgresql:/usr/lib/postgresql/15/bin/initdb age:age zstd:zstd procps:pgrep strace:strace
+        postgresql:/usr/lib/postgresql/15/bin/initdb age:age zstd:zstd procps:pgrep strace:strace \
+        rsyslog:/usr/sbin/rsyslogd rsyslog-gnutls:/usr/share/doc/rsyslog-gnutls/copyright
 fi
 
 if [[ ! -x .venv/bin/python ]]; then

@@ -104,6 +104,7 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         unprotected = exposure(s, settings, clock)
         queued = s.execute(select(RestoreRequest.barcodes).where(
             RestoreRequest.state == "pending")).scalars().all()
+        atna = _atna_backlog(s, settings, clock)
         # Every DR volume carries a catalog snapshot taken when it was opened.
         newest_volume = s.execute(select(DrVolume.barcode, DrVolume.created_at).where(
             DrVolume.pool == settings.dr.pool, DrVolume.state.in_(GOOD_STATES))
@@ -159,6 +160,8 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         "unprotected": unprotected,
         "jobs": job_table,
         "catalog_backups": backups,
+        # Audit records the ATNA collector has not taken yet (they wait in the trail).
+        "atna": atna,
         # Studies a retrieve needed from DR volumes, waiting for `restore --queued`.
         "restore_queue": {"studies": len(queued), "volumes": sorted(
             {b for row in queued for b in json.loads(row)})},
@@ -168,3 +171,21 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         "healthy": all(r["healthy"] and not r["corrupt"] for r in site_rows) and under == 0
         and objects["healthy"] and not objects["corrupt"],
     }
+
+
+def _atna_backlog(s, settings: Settings, clock: Clock) -> dict[str, Any] | None:  # noqa: ANN001
+    if not settings.audit.syslog:
+        return None
+    from archive.catalog.models import AtnaCursor, AuditRecord
+    from archive.config.syslog_url import parse_url
+    scheme, host, port = parse_url(settings.audit.syslog)
+    collector = f"{scheme}://{host}:{port}"
+    cur = s.scalar(select(AtnaCursor.last_id).where(AtnaCursor.collector == collector))
+    if cur is None:
+        return {"collector": collector, "waiting": 0, "oldest_age_s": None}
+    waiting = s.scalar(select(func.count()).select_from(AuditRecord)
+                       .where(AuditRecord.id > cur)) or 0
+    oldest = s.scalar(select(AuditRecord.at).where(AuditRecord.id == cur + 1)) if waiting else None
+    return {"collector": collector, "waiting": waiting,
+            "oldest_age_s": max(0.0, (clock() - aware(oldest)).total_seconds())
+            if oldest is not None else None}

@@ -451,6 +451,15 @@ class AuditHead(Base):
     last_hash: Mapped[str] = mapped_column(String(64))
 
 
+class AtnaCursor(Base):
+    """The last audit record a collector took (archive/atna_forwarder.py)."""
+
+    __tablename__ = "atna_cursors"
+    collector: Mapped[str] = mapped_column(String(300), primary_key=True)
+    last_id: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class AuditCheckpoint(Base):
     """The chain's hash at a record, kept here, MAC'd with the audit key, and sent
     to the audit collector (an anchor outside this database)."""

@@ -77,6 +77,11 @@ def status(ctx: click.Context, as_json: bool, config: str | None) -> None:
     console.print("newest catalog backup: " + ("; ".join(
         f"{place} {b['name']} ({b['age_s'] / 3600:.1f} h old)" if b and b.get("age_s") is not None
         else f"{place} none" for place, b in cb.items()) or "none anywhere"))
+    atna = st.get("atna")
+    if atna and atna["waiting"]:
+        console.print(f"[yellow]{atna['waiting']} audit records not yet taken by the ATNA "
+                      f"collector {atna['collector']} (oldest {atna['oldest_age_s']:.0f}s); "
+                      "they wait in the audit trail[/]")
     rq = st.get("restore_queue") or {}
     if rq.get("studies"):
         console.print(f"[yellow]{rq['studies']} studies a retrieve needed are queued to come "

@@ -497,7 +497,8 @@ class AuditSettings(_Strict):
     enterprise_site_id: str = Field("", max_length=64)    # AuditEnterpriseSiteID; "" = none
     ae_title: str = ""                  # our UserID in the messages; "" = dicom.ae_title
     timeout_s: float = Field(5, gt=0, le=120)             # connect/send; the caller never waits
-    queue_size: int = Field(10_000, ge=1, le=1_000_000)   # messages held while it is away
+    queue_size: int = Field(10_000, ge=1, le=1_000_000)   # unused: the trail is the queue
+    held_alert_s: float = Field(300, ge=1, le=7 * 86400)  # an outage this long: one alert
     # The daemon checks the keyed chain (audit --verify) on this cron schedule and
     # alerts on a failure; "" = by hand only.
     verify_schedule: str = "45 * * * *"

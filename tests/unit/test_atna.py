@@ -366,7 +366,8 @@ def test_an_unreachable_collector_never_fails_the_work(pv, caplog) -> None:  # n
         time.sleep(0.5)
         st = sender.stats()
         assert st["failing"] and st["failed_attempts"] >= 1 and st["sent"] == 0
-        assert st["dropped"] >= 2                    # a queue of 3 cannot hold 6
+        # Nothing is dropped: the six wait in the trail itself, in order, for the collector.
+        assert st["dropped"] == 0 and st["behind"] == 6
         assert PATIENT not in caplog.text
     finally:
         catalog.close()
@@ -383,3 +384,36 @@ def test_close_gives_up_on_an_absent_collector(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 3
     assert sender.stats()["dropped"] == 1
     assert not sender.submit(b"<AuditMessage/>")      # closed: dropped, not raised
+
+
+def test_an_outage_that_lasts_raises_one_alert_and_loses_nothing(pv) -> None:  # noqa: ANN001
+    """The forwarder alerts once per outage that lasts [audit] held_alert_s, with the
+    count waiting; the records themselves wait in the trail."""
+    from archive.atna_forwarder import Forwarder
+    inst = pv('syslog = "udp://127.0.0.1:9"\n')
+    alerts: list[tuple[int, float]] = []
+
+    def down(msg: bytes, severity: int) -> None:
+        raise ConnectionRefusedError("collector down")
+
+    sent: list[bytes] = []
+    fwd = Forwarder(inst.catalog, "tls://collector:6514",
+                    lambda ev, rid, h, at: (xml_for(ev, rid, h), 5), down,
+                    alert=lambda n, s: alerts.append((n, s)), held_alert_s=0.6)
+    catalog = inst.catalog()
+    try:
+        def wake(ev: Event, rid: int, h: str) -> None:
+            fwd.wake(rid)
+
+        audit.add_listener(wake)
+        for _ in range(3):
+            audit.record(catalog, Event("query", actor="VIEWER"))
+        time.sleep(2.5)
+        assert len(alerts) == 1 and alerts[0][0] == 3 and alerts[0][1] >= 0.6
+        assert fwd.stats()["behind"] == 3 and fwd.stats()["sent"] == 0
+        fwd.send = lambda msg, severity: sent.append(msg)           # the collector returns
+        assert fwd.flush(15) and len(sent) == 3
+    finally:
+        audit.remove_listener(wake)
+        fwd.close(1)
+        catalog.close()
