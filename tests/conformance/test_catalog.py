@@ -44,7 +44,7 @@ TABLES = {"alembic_version", "patients", "studies", "series", "instances", "copi
           "bundles", "leases", "scrub_runs", "scrub_findings", "job_runs", "dr_volumes",
           "dr_segments", "dr_instances", "dr_custody", "drills", "users", "password_history",
           "sessions", "audit_log", "audit_head", "audit_checkpoints", "ingest_in_flight",
-          "restore_requests"}
+          "restore_requests", "atna_cursors"}
 
 
 class Site(FilesystemBackend):
