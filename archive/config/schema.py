@@ -338,6 +338,12 @@ class AlertSettings(_Strict):
     # A unix socket path, or host:port for UDP ([v6]:port for IPv6).
     syslog_address: str = "/dev/log"
     syslog_facility: SYSLOG_FACILITIES = "daemon"
+    # The daemon's watch (archive/app/watch.py): how often it looks, and its thresholds.
+    watch_interval_s: float = Field(60, ge=1, le=3600)
+    catalog_backup_max_age_h: float = Field(26, gt=0)       # the newest on a site is older
+    failed_logins: int = Field(10, ge=1)                    # log-in failures within ...
+    failed_logins_window_min: float = Field(15, gt=0)       # ... this many minutes
+    offsite_after_days: float = Field(7, ge=0)              # a sealed volume still on site
 
     @model_validator(mode="before")
     @classmethod
