@@ -189,7 +189,7 @@ class IngestService:
                       "ingest.min_copies = %d and %d sites are writable", req.calling_ae, tok,
                       self.min_copies,
                       self.mirror.writable_sites())
-            return StoreResult(Outcome.NO_COPY, "too few writable sites")
+            return self._described(StoreResult(Outcome.NO_COPY, "too few writable sites"), attrs)
         if same:
             # These bytes have a row whose copies are not confirmed yet (being written by
             # another association, or left by a crash): confirm them by writing again.
@@ -224,7 +224,8 @@ class IngestService:
         if result is None:
             log.error("C-STORE from %s refused (object %s): catalog commit failed: %s",
                       req.calling_ae, tok, failure)
-            return StoreResult(Outcome.CATALOG_DOWN, "catalog commit failed")
+            return self._described(StoreResult(Outcome.CATALOG_DOWN, "catalog commit failed"),
+                                   attrs)
         verified = [o.site for o in outcomes if o.ok]
         if result.outcome is Outcome.DUPLICATE:
             # Another association committed these very bytes first: ours confirm them.
@@ -242,7 +243,8 @@ class IngestService:
             log.error("C-STORE from %s refused (object %s): %s (%s)", req.calling_ae, tok,
                       f"{len(verified)} verified copies, ingest.min_copies = {self.min_copies}"
                       if verified else "no verified copy", reasons)
-            return StoreResult(Outcome.NO_COPY, reasons)
+            # Described: the refusal is audited under its study (and the watch alerts).
+            return self._described(StoreResult(Outcome.NO_COPY, reasons), attrs)
         failed = [o.site for o in outcomes if not o.ok and o.site in pending.attempted]
         instance_id = result.instance_id
 
@@ -288,7 +290,8 @@ class IngestService:
             log.error("C-STORE from %s refused (object %s): %d verified copies of a re-sent "
                       "object, ingest.min_copies = %d", req.calling_ae, tok, len(verified),
                       self.min_copies)
-            return StoreResult(Outcome.NO_COPY, "too few verified copies")
+            return self._described(StoreResult(Outcome.NO_COPY, "too few verified copies"),
+                                   attrs)
         now = self.clock()
         self._settle(lambda tx: tx.settle(instance_id, verified=verified, failed=[], now=now))
         log.info("duplicate of stored object %s from %s acknowledged", tok, req.calling_ae)

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import func, select, true
 
-from archive import jobs
+from archive import break_glass, jobs
 from archive.app.catalog_backup import newest
 from archive.app.rpo import exposure
 from archive.app.scheduled import schedule_of
@@ -162,6 +162,8 @@ def collect(settings: Settings, catalog: Catalog, sites: list[Backend],
         "catalog_backups": backups,
         # Audit records the ATNA collector has not taken yet (they wait in the trail).
         "atna": atna,
+        # Break-glass access: sealed, open (until when, why) or broken (make a new seal).
+        "emergency": break_glass.state(settings.data_dir),
         # Studies a retrieve needed from DR volumes, waiting for `restore --queued`.
         "restore_queue": {"studies": len(queued), "volumes": sorted(
             {b for row in queued for b in json.loads(row)})},

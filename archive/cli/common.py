@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING
 
 from archive import atna, audit, auth
@@ -24,8 +25,12 @@ def authorize(settings: Settings, permission: str, verb: str, *,
     atna.install(settings)
     catalog = open_catalog(settings)
     try:
-        actor = auth.authenticate(catalog, settings.accounts, settings.config_path,
-                                  allow_must_change=allow_must_change)
+        phrase = os.environ.get("PACSVAULT_EMERGENCY")
+        if phrase:                  # break glass: the sealed emergency admin, in its window
+            actor = _emergency_actor(catalog, settings, phrase)
+        else:
+            actor = auth.authenticate(catalog, settings.accounts, settings.config_path,
+                                      allow_must_change=allow_must_change)
         auth.current_actor.set(actor.name)
         note_config(catalog, settings, actor.name)
         try:
@@ -39,6 +44,19 @@ def authorize(settings: Settings, permission: str, verb: str, *,
     finally:
         catalog.close()
     return actor
+
+
+def _emergency_actor(catalog, settings: Settings, phrase: str) -> "auth.Actor":  # noqa: ANN001
+    from archive import break_glass
+    try:
+        if not break_glass.active(settings.data_dir, phrase):
+            raise break_glass.BreakGlassError("the emergency window is not open (or has "
+                                              "ended): 'pacsvault emergency open --reason ...'")
+    except break_glass.BreakGlassError:
+        audit.record_quietly(catalog, audit.Event("login-failed", "failure", break_glass.ACTOR,
+                                                  audit.host(), detail={"break_glass": True}))
+        raise
+    return auth.Actor(break_glass.ACTOR, "admin", accounts=True)
 
 
 def note_config(catalog, settings: Settings, actor: str) -> None:  # noqa: ANN001

@@ -9,6 +9,7 @@ from archive.cli import (
     catalog,
     dr,
     drill,
+    emergency,
     find,
     jobs,
     peers,
@@ -53,4 +54,5 @@ cli.add_command(users.login)
 cli.add_command(users.logout)
 cli.add_command(audit.audit)
 cli.add_command(catalog.catalog)
+cli.add_command(emergency.emergency)
 

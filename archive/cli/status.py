@@ -77,6 +77,13 @@ def status(ctx: click.Context, as_json: bool, config: str | None) -> None:
     console.print("newest catalog backup: " + ("; ".join(
         f"{place} {b['name']} ({b['age_s'] / 3600:.1f} h old)" if b and b.get("age_s") is not None
         else f"{place} none" for place, b in cb.items()) or "none anywhere"))
+    em = st.get("emergency") or {}
+    if em.get("state") == "open":
+        console.print(f"[red]EMERGENCY ACCESS OPEN until {em['until']} ({em['reason']}): "
+                      "review 'pacsvault audit --user break-glass'[/]")
+    elif em.get("state") == "broken":
+        console.print("[yellow]the emergency seal was used: an admin makes a new one "
+                      "('pacsvault emergency seal')[/]")
     atna = st.get("atna")
     if atna and atna["waiting"]:
         console.print(f"[yellow]{atna['waiting']} audit records not yet taken by the ATNA "

@@ -196,9 +196,23 @@ class S3Settings(_Strict):
     connect_timeout: float = Field(10, gt=0)
     read_timeout: float = Field(60, gt=0)
     path_style: bool = True             # bucket in the path: MinIO, Ceph, SeaweedFS
+    # Plain http:// to an endpoint off this host sends the credentials' signatures and
+    # every bundle (patient data) in the clear: refused unless the network is trusted.
+    allow_plain_http: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> "S3Settings":
+        if self.endpoint_url:
+            from urllib.parse import urlsplit
+            u = urlsplit(self.endpoint_url)
+            if u.scheme not in ("http", "https") or not u.hostname:
+                raise ValueError(f"endpoint_url {self.endpoint_url!r} is not an http(s) URL")
+            if u.scheme == "http" and not is_loopback(u.hostname) \
+                    and not self.allow_plain_http:
+                raise ValueError(f"endpoint_url {self.endpoint_url!r} is plain HTTP to another "
+                                 "host: bundles (patient data) would cross the network "
+                                 "unencrypted; use https://, or set allow_plain_http = true "
+                                 "only on a network you trust")
         if self.sse != "aws:kms" and self.kms_key_id:
             raise ValueError("kms_key_id needs sse = 'aws:kms'")
         if self.object_lock_mode != "none" and self.retain_days < 1:
@@ -338,6 +352,12 @@ class AlertSettings(_Strict):
     # A unix socket path, or host:port for UDP ([v6]:port for IPv6).
     syslog_address: str = "/dev/log"
     syslog_facility: SYSLOG_FACILITIES = "daemon"
+    # The daemon's watch (archive/app/watch.py): how often it looks, and its thresholds.
+    watch_interval_s: float = Field(60, ge=1, le=3600)
+    catalog_backup_max_age_h: float = Field(26, gt=0)       # the newest on a site is older
+    failed_logins: int = Field(10, ge=1)                    # log-in failures within ...
+    failed_logins_window_min: float = Field(15, gt=0)       # ... this many minutes
+    offsite_after_days: float = Field(7, ge=0)              # a sealed volume still on site
 
     @model_validator(mode="before")
     @classmethod

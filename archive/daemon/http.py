@@ -106,6 +106,17 @@ def _scrub_and_jobs(st: dict[str, Any]):  # noqa: ANN202
     yield n
     yield b
     yield age
+    w = GaugeMetricFamily("pacsvault_watch_condition",
+                          "1 for each condition the daemon's watch sees now (archive/app/watch.py)",
+                          labels=["condition", "place"])
+    for key in st.get("watch", []):
+        kind, _, place = key.partition(":")
+        w.add_metric([kind, place], 1.0)
+    yield w
+    if st.get("atna"):
+        yield GaugeMetricFamily("pacsvault_atna_records_waiting",
+                                "Audit records the ATNA collector has not taken yet",
+                                value=st["atna"]["waiting"])
 
 
 class AccountGate:

@@ -23,6 +23,9 @@ class Received:
             st = a["studies"].setdefault(result.study_uid, {"patient_id": result.patient_id,
                                                             "stored": 0, "refused": 0})
             st["stored" if result.acknowledged else "refused"] += 1
+            if result.outcome.value in ("no_copy", "catalog_down"):
+                # Refused for want of a verified copy or of the catalog: the watch alerts.
+                st["no_copy"] = st.get("no_copy", 0) + 1
 
     def flush(self, key: Hashable, catalog) -> None:  # noqa: ANN001
         with self.lock:
@@ -33,4 +36,5 @@ class Received:
             audit.record_quietly(catalog, audit.Event(
                 "object-received", "failure" if st["refused"] else "success", a["who"][0],
                 a["who"][1], st["patient_id"], uid,
-                {"stored": st["stored"], "refused": st["refused"]}))
+                {"stored": st["stored"], "refused": st["refused"],
+                 **({"no_copy": st["no_copy"]} if st.get("no_copy") else {})}))

@@ -27,16 +27,17 @@ from archive.app.find import FindService
 from archive.app.ingest import IngestService
 from archive.app.retrieve import MoveService
 from archive.app.status import collect
+from archive.app.watch import Watch
 from archive.config.paths import site_risks
 from archive.config.schema import Settings
 from archive.daemon.dicom_scp import configure_pynetdicom, start_listener
 from archive.daemon.engine_scp import EngineListener
 from archive.daemon.http import AccountGate
-from archive.instance_lock import hold_instance_lock
 from archive.daemon.ports import check_free
 from archive.daemon.scheduler import start_scheduler
 from archive.daemon.tls import server_context, warn_if_key_exposed
 from archive.errors import ConfigError
+from archive.instance_lock import hold_instance_lock
 from archive.peers import PeerRegistry
 from replication.in_flight import settle_in_flight
 from replication.mirror import MirrorWriter
@@ -185,6 +186,7 @@ class Supervisor:
         self.stop = threading.Event()
         self._procs: dict[int, mp.Process] = {}
         self._ctx = mp.get_context("spawn")
+        self.watch: Watch | None = None
 
     def _spawn(self, index: int, ready: "mp.Queue") -> None:
         p = self._ctx.Process(target=worker_main, name=f"pacsvault-dicom-{index}",
@@ -203,6 +205,13 @@ class Supervisor:
                 repair_missing(catalog, sites, scratch)
             except Exception:
                 log.exception("repair pass failed; will retry")
+
+    def _watch_loop(self) -> None:
+        while not self.stop.wait(self.settings.alerts.watch_interval_s):
+            try:
+                self.watch.check()
+            except Exception:
+                log.exception("watch failed; will look again")
 
     def run(self) -> int:
 
@@ -236,6 +245,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
 
+        self.watch = Watch(s, catalog, sites, lambda a: send_alert(s.alerts, a))
         http = web_ingest = None
         if self.http_port:
             http, web_ingest = self._start_web(catalog, sites, http_tls)
@@ -262,6 +272,7 @@ class Supervisor:
         repair = threading.Thread(target=self._repair_loop, args=(catalog, sites),
                                   name="repair", daemon=True)
         repair.start()
+        threading.Thread(target=self._watch_loop, name="watch", daemon=True).start()
 
         scheduler = start_scheduler(s, self.stop)
         while not self.stop.wait(1.0):
@@ -291,6 +302,10 @@ class Supervisor:
         s = self.settings
         tier = open_object_tier_or_none(s)
         snapshot = _StatusSnapshot(lambda: collect(s, catalog, sites, tier=tier), self.stop)
+
+        def current() -> dict:                # the watch's conditions as of now
+            return {**snapshot.get(), "watch": self.watch.conditions() if self.watch else []}
+
         spool = s.ingest.spool_dir / "http"
         spool.mkdir(mode=0o750, exist_ok=True)
         mirror = MirrorWriter(open_sites(s), timeout_s=s.ingest.site_timeout_s,
@@ -300,7 +315,7 @@ class Supervisor:
                             scratch=spool / "wado", alert=lambda a: send_alert(s.alerts, a))
         service = DicomWebService(catalog, mover, ingest, max_matches=s.dicom.max_query_matches,
                                   case_insensitive_pn=s.dicom.query_case_insensitive_pn)
-        app = WebApp(snapshot.get, AccountGate(catalog, s.accounts), service, spool=spool,
+        app = WebApp(current, AccountGate(catalog, s.accounts), service, spool=spool,
                      stow_max_bytes=s.http.stow_max_bytes)
         server = WebServer(app, s.http.bind, self.http_port, http_tls,
                            max_concurrency=s.http.max_concurrency,

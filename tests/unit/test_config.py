@@ -68,6 +68,12 @@ def test_default_has_a_directory_object_tier_and_a_policy(tmp_path):
     ("[objects]\nkind = 's3'\n[objects.s3]\nbucket = 'b'\nprefix = '../x'\n", "prefix"),
     ("[objects]\nkind = 's3'\n[objects.s3]\nbucket = 'b'\naccess_key = 'AKIA'\n",
      "objects.s3.access_key"),   # keys never in the file: only the names of variables
+    ("[objects]\nkind = 's3'\n[objects.s3]\nbucket = 'b'\n"
+     "endpoint_url = 'http://10.0.0.5:8333'\n", "plain HTTP to another host"),
+    ("[objects]\nkind = 's3'\n[objects.s3]\nbucket = 'b'\n"
+     "endpoint_url = 'http://s3.storage-provider.example'\n", "plain HTTP to another host"),
+    ("[objects]\nkind = 's3'\n[objects.s3]\nbucket = 'b'\nendpoint_url = 'ftp://x'\n",
+     "not an http(s) URL"),
     ("[lifecycle]\nschedule = 'every night'\n", "lifecycle.schedule"),
     ("[lifecycle]\nnever_migrate_studies = ['1.2.abc']\n", "lifecycle.never_migrate_studies"),
     ("[[lifecycle.rules]]\nname = 'all'\n", "no condition"),
@@ -93,3 +99,11 @@ def test_production_example_config_is_valid():
     s = load_settings(p)
     assert s.objects.kind == "s3" and s.objects.s3.object_lock_mode == "COMPLIANCE"
     assert [r.name for r in s.lifecycle.rules] == ["older-than-2-years", "untouched-for-a-year"]
+
+
+def test_plain_http_to_the_object_tier_only_on_loopback_or_when_trusted(tmp_path):
+    base = "[objects]\nkind = 's3'\n[objects.s3]\nbucket = 'pv'\n"
+    for ok in ("endpoint_url = 'http://localhost:8333'\n", "endpoint_url = 'http://[::1]:9000'\n",
+               "endpoint_url = 'https://s3.storage-provider.example'\n",
+               "endpoint_url = 'http://10.0.0.5:8333'\nallow_plain_http = true\n"):
+        assert load_settings(write(tmp_path, base + ok)).objects.s3.bucket == "pv"
