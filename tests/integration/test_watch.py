@@ -10,9 +10,11 @@ from datetime import timedelta
 
 import pytest
 
+from archive import audit
 from archive.alerts import send_alert
 from archive.app.ingest import IngestService, StoreRequest
 from archive.app.watch import Watch
+from archive.audit import Event
 from archive.auth import create_user
 from archive.catalog.models import DrVolume, User
 from archive.clock import utcnow
@@ -22,8 +24,6 @@ from tests.support.daemon import Daemon, free_port, run_cli
 from tests.support.dataset import make_ct_series
 from tests.support.tiering import Install
 from tests.unit.test_alerts import Receiver
-from archive import audit
-from archive.audit import Event
 
 
 @pytest.fixture
