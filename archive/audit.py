@@ -182,10 +182,10 @@ def ensure_key(path: Path) -> None:
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _write_new(path, secrets.token_hex(32) + "\n")
+    write_new_secret(path, secrets.token_hex(32) + "\n")
 
 
-def _write_new(path: Path, text: str) -> None:
+def write_new_secret(path: Path, text: str) -> None:
     """A small secret file, created (never replaced), 0600, on disk before we go on."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -233,7 +233,7 @@ def _signing_key(key_file: Path, rec_id: int) -> bytes:
     if keyed_from(key_file) is None:
         mark = mark_path(key_file)
         try:
-            _write_new(mark, f"keyed-from {rec_id}\n")
+            write_new_secret(mark, f"keyed-from {rec_id}\n")
         except FileExistsError:       # another process set it first: use theirs
             pass
         else:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -122,18 +121,10 @@ def install_audit_key(data_dir: Path, sealed: Path, identities: list) -> Path | 
         key_file.rename(kept)
     if mark.exists():
         mark.rename(mark.with_name(f"{mark.name}.replaced-{stamp}"))
-    _write_secret(key_file, doc["key_file"])
+    audit.write_new_secret(key_file, doc["key_file"])
     if isinstance(doc.get("chain_file"), str):
-        _write_secret(mark, doc["chain_file"])
+        audit.write_new_secret(mark, doc["chain_file"])
     return kept
-
-
-def _write_secret(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def mark_absent_copies(catalog: Catalog, sites: list[Backend],
