@@ -41,7 +41,8 @@ if ((WITH_TESTS)); then
     apt_install dcmtk:storescu orthanc:/usr/sbin/Orthanc \
         orthanc-dicomweb:/usr/share/orthanc/plugins/libOrthancDicomWeb.so \
         postgresql:/usr/lib/postgresql/15/bin/initdb age:age zstd:zstd procps:pgrep strace:strace \
-        rsyslog:/usr/sbin/rsyslogd rsyslog-gnutls:/usr/share/doc/rsyslog-gnutls/copyright
+        rsyslog:/usr/sbin/rsyslogd rsyslog-gnutls:/usr/share/doc/rsyslog-gnutls/copyright \
+        sqlite3:sqlite3
 fi
 
 if [[ ! -x .venv/bin/python ]]; then
